@@ -1,0 +1,75 @@
+"""Inverted log-Mel features (paper Sec. 4.2, after Sahidullah et al. 2015) and plain log-Mel.
+
+The inverted Mel filterbank is the Mel filterbank mirrored in frequency: the filter that the
+Mel scale places at frequency ``f`` is placed at ``sr/2 - f``. Resolution is then finest at
+high frequencies, where machine sounds carry much of their information.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+import torchaudio.functional as AF
+
+FEATURE_KINDS = ("inverted_logmel", "logmel")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Settings of the spectral front end. ``version`` changes whenever any field changes."""
+
+    kind: str = "inverted_logmel"
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 128
+    log_floor: float = 1e-10  # power floor before the log: -100 dB
+    resample: str = "resample"  # or "reject" (see asd.audio)
+    channels: str = "downmix"  # or "reject"
+    min_frames: int = 64  # shorter clips cannot give one training crop
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+
+    @property
+    def version(self) -> str:
+        """Short content hash of the settings: stored with every feature row."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a centred STFT of ``num_samples`` samples."""
+        return 1 + num_samples // self.hop_length
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, inverted: bool) -> torch.Tensor:
+    """[n_fft//2+1, n_mels] triangular filters (torchaudio, HTK Mel scale, 0 Hz .. Nyquist).
+
+    ``inverted=True`` mirrors the bank in frequency (bin k -> bin n_freqs-1-k) and reverses
+    the filter order, so filters still run from low to high frequency.
+    """
+    fb = AF.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate,
+                            norm=None, mel_scale="htk")
+    return fb.flip(0).flip(1).contiguous() if inverted else fb
+
+
+def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """|STFT|^2 with a periodic Hann window, centred frames with reflect padding: [..., F, T]."""
+    window = torch.hann_window(n_fft, dtype=wave.dtype, device=wave.device)
+    spec = torch.stft(wave, n_fft, hop_length, window=window, center=True,
+                      pad_mode="reflect", return_complex=True)
+    return spec.abs().pow(2)
+
+
+def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored)."""
+    fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel")
+    power = power_spectrogram(wave, cfg.n_fft, cfg.hop_length)
+    mel = torch.matmul(power.transpose(-1, -2), fb.to(power.dtype)).transpose(-1, -2)
+    return 10.0 * torch.log10(mel.clamp_min(cfg.log_floor))

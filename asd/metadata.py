@@ -1,0 +1,172 @@
+"""Clip metadata of DCASE-style trees (DCASE 2022 Task 2 naming, also 2023 and user trees).
+
+File names, split on ``_``::
+
+    section_<id>_<domain>_<split>_<label>_<index>[_<attribute string>].wav   (dev train/test, eval train)
+    section_<id>_test_<index>.wav                                            (eval test: no labels)
+
+The attribute string is everything after the sixth field; it may be empty. Machine types,
+section ids and attribute strings are read from the tree, never from a fixed list.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DOMAINS = ("source", "target")
+SPLITS = ("train", "test")
+LABELS = ("normal", "anomaly")
+
+_LABELLED = re.compile(
+    r"^section_(?P<section>[0-9A-Za-z]+)_(?P<domain>source|target)_(?P<split>train|test)_"
+    r"(?P<label>normal|anomaly)_(?P<index>\d+)(?:_(?P<attribute>.*))?$"
+)
+_UNLABELLED = re.compile(r"^section_(?P<section>[0-9A-Za-z]+)_test_(?P<index>\d+)$")
+
+
+class ClipNameError(ValueError):
+    """A file name that does not follow the DCASE naming scheme."""
+
+
+@dataclass(frozen=True)
+class ClipMeta:
+    """Everything the file name (and the tree it sits in) says about one clip.
+
+    ``domain``, ``label`` and ``attribute`` are ``None`` for unlabelled eval test clips.
+    ``path`` is relative to the data root (``<machine>/<split>/<file>.wav``).
+    """
+
+    path: str
+    machine: str
+    section: str
+    split: str
+    domain: str | None
+    label: str | None
+    index: int
+    attribute: str | None
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.label is not None
+
+    @property
+    def attribute_class(self) -> tuple[str, str, str, str] | None:
+        """(machine, section, domain, attribute string): the class the method learns."""
+        if self.domain is None:
+            return None
+        return (self.machine, self.section, self.domain, self.attribute or "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_clip_name(file_name: str, machine: str, split_dir: str | None = None) -> ClipMeta:
+    """Parse one DCASE file name. ``split_dir`` is the folder it sits in (train/test), if known.
+
+    Raises ``ClipNameError`` naming the file when the name does not parse or disagrees
+    with the folder it was found in.
+    """
+    stem = os.path.basename(file_name)
+    if not stem.lower().endswith(".wav"):
+        raise ClipNameError(f"{file_name}: not a .wav file")
+    stem = stem[: -len(".wav")]
+    base = os.path.basename(file_name)
+    m = _LABELLED.match(stem)
+    if m:
+        meta = ClipMeta(
+            path=f"{machine}/{split_dir or m['split']}/{base}",
+            machine=machine,
+            section=m["section"],
+            split=m["split"],
+            domain=m["domain"],
+            label=m["label"],
+            index=int(m["index"]),
+            attribute=m["attribute"] or "",
+        )
+    else:
+        m = _UNLABELLED.match(stem)
+        if not m:
+            raise ClipNameError(
+                f"{file_name}: cannot parse the DCASE clip name; expected "
+                "'section_XX_<source|target>_<train|test>_<normal|anomaly>_NNNN[_attributes].wav' "
+                "or 'section_XX_test_NNNN.wav'"
+            )
+        meta = ClipMeta(
+            path=f"{machine}/{split_dir or 'test'}/{base}", machine=machine, section=m["section"], split="test",
+            domain=None, label=None, index=int(m["index"]), attribute=None,
+        )
+    if split_dir is not None and split_dir != meta.split:
+        raise ClipNameError(f"{file_name}: name says split '{meta.split}' but it lies in '{split_dir}/'")
+    return meta
+
+
+def read_attributes_csv(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Read ``attributes_XX.csv`` (``file_name,d1p,d1v[,d2p,d2v,...]``).
+
+    Returns ``{relative file name: {parameter: value}}``. Raises ``ValueError`` naming the
+    file on a missing header or a row with an odd number of parameter/value cells.
+    """
+    out: dict[str, dict[str, str]] = {}
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or not rows[0] or rows[0][0] != "file_name":
+        raise ValueError(f"{path}: expected a header starting with 'file_name'")
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not row[0]:
+            continue
+        cells = [c for c in row[1:]]
+        while cells and cells[-1] == "":
+            cells.pop()
+        if len(cells) % 2:
+            raise ValueError(f"{path}:{lineno}: parameter/value cells do not pair up: {row}")
+        out[row[0]] = {cells[i]: cells[i + 1] for i in range(0, len(cells), 2)}
+    return out
+
+
+@dataclass
+class Discovery:
+    """Result of walking a data root: parsed clips plus the files that did not parse."""
+
+    clips: list[ClipMeta]
+    unparsed: list[tuple[str, str]]  # (relative path, reason)
+    attributes: dict[str, dict[str, str]]  # from every attributes_XX.csv, keyed by relative name
+
+
+def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> Discovery:
+    """Walk ``<root>/<machine>/<split>/*.wav`` of a dev_data or eval_data tree.
+
+    Every ``.wav`` found is either in ``clips`` or in ``unparsed`` with the reason, so that
+    counts always add up. Sorted by path for determinism.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist or is not a directory")
+    clips: list[ClipMeta] = []
+    unparsed: list[tuple[str, str]] = []
+    attributes: dict[str, dict[str, str]] = {}
+    for machine_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for csv_path in sorted(machine_dir.glob("attributes_*.csv")):
+            attributes.update(read_attributes_csv(csv_path))
+        for split in splits:
+            split_dir = machine_dir / split
+            if not split_dir.is_dir():
+                continue
+            for wav in sorted(split_dir.iterdir()):
+                if not wav.is_file() or wav.suffix.lower() != ".wav":
+                    continue
+                rel = f"{machine_dir.name}/{split}/{wav.name}"
+                try:
+                    clips.append(parse_clip_name(wav.name, machine_dir.name, split))
+                except ClipNameError as err:
+                    unparsed.append((rel, str(err)))
+    return Discovery(clips=clips, unparsed=unparsed, attributes=attributes)
+
+
+def attribute_class_ids(clips: list[ClipMeta]) -> dict[tuple[str, str, str, str], int]:
+    """Dense, deterministic ids for the attribute classes present in ``clips`` (sorted)."""
+    classes = sorted({c.attribute_class for c in clips if c.attribute_class is not None})
+    return {cls: i for i, cls in enumerate(classes)}

@@ -1,0 +1,66 @@
+"""The one command-line entry point: ``asd <subcommand> ...`` (also ``python -m pipelines``).
+
+Each subcommand lives in its own module, which exposes ``register(subparsers)``: it adds its
+parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
+Modules are imported lazily by name so that ``asd --help`` does not import Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that registers it (order = order in --help)
+SUBCOMMANDS = {
+    "synth": "pipelines.synth.cli",
+    "extract": "pipelines.extract",
+    "train": "pipelines.train",
+    "score": "pipelines.score",
+    "predict": "pipelines.predict",
+    "run": "pipelines.run",
+    "retrain": "pipelines.retrain",
+    "submit": "pipelines.submit",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asd",
+        description="Anomalous sound detection with robust prototype learning, on Ray and MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, module in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            # cheap placeholder so that `asd --help` lists every command without importing it
+            sub.add_parser(name, help=_HELP.get(name, ""), add_help=False)
+            continue
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+_HELP = {
+    "synth": "generate synthetic machine sounds in the DCASE 2022 layout",
+    "extract": "extract inverted log-Mel features into the Parquet feature store (Ray Data)",
+    "train": "pre-train or fine-tune the embedding network (Ray Train)",
+    "score": "score test clips, compute DCASE metrics, log to MLflow and register the model",
+    "predict": "score WAV files with a registered or local model",
+    "run": "run the whole pipeline from a config",
+    "retrain": "retrain on newly arrived recordings and promote if not worse",
+    "submit": "submit the whole pipeline to a Ray cluster as a Ray Job",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    if command not in SUBCOMMANDS:
+        parser.parse_args(argv)  # prints help / usage error
+        return 2
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
