@@ -24,14 +24,15 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The parser with subcommand ``load`` fully registered; the others only listed."""
     parser = argparse.ArgumentParser(
         prog="asd",
         description="Anomalous sound detection with robust prototype learning, on Ray and MLflow.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module in SUBCOMMANDS.items():
-        if only is not None and name != only:
+        if name != load:
             # cheap placeholder so that `asd --help` lists every command without importing it
             sub.add_parser(name, help=_HELP.get(name, ""), add_help=False)
             continue
@@ -54,7 +55,7 @@ _HELP = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    parser = build_parser(load=command if command in SUBCOMMANDS else None)
     if command not in SUBCOMMANDS:
         parser.parse_args(argv)  # prints help / usage error
         return 2

@@ -106,14 +106,14 @@ class ScoreConfig:
     embedding: str = "whole"  # "whole" clip or mean over "windows" of crop_frames
     window_hop: int = 32
     covariance: str = "pooled"
-    shrinkage: float = 0.1
+    shrinkage: float | str = "ledoit-wolf"  # or a fixed ratio in [0, 1] (see asd.backend)
     threshold_quantile: float = 0.9
     batch_size: int = 32
 
 
 @dataclass
-class AEConfig:
-    """The official DCASE 2022 autoencoder baseline (one model per machine type)."""
+class AEBaselineConfig:
+    """The official DCASE 2022 autoencoder baseline (one model per machine type, log-Mel input)."""
 
     frames: int = 5
     hidden: int = 128
@@ -152,7 +152,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
-    ae: AEConfig = field(default_factory=AEConfig)
+    ae: AEBaselineConfig = field(default_factory=AEBaselineConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 

@@ -1,0 +1,162 @@
+"""The official AE baseline through the same pipeline: Ray Train (DDP) training of one dense
+autoencoder per machine type on plain log-Mel frame vectors, scored by the scoring job
+(mean reconstruction error per clip, gamma threshold per section, DCASE metrics)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from asd.baseline_ae import AEConfig, DenseAutoencoder, clip_scores, frame_vectors, reconstruction_error
+from pipelines.config import PipelineConfig, from_dict, to_dict
+
+AE_FILE = "ae.pt"
+
+
+def _ae_config(cfg: PipelineConfig) -> AEConfig:
+    return AEConfig(n_mels=cfg.features.n_mels, frames=cfg.ae.frames, hidden=cfg.ae.hidden,
+                    bottleneck=cfg.ae.bottleneck)
+
+
+def _epoch_vectors(features, frames: int, per_clip: int | None, g: torch.Generator) -> torch.Tensor:
+    """All frame vectors of the clips, or ``per_clip`` random ones per clip (CPU budgets)."""
+    parts = []
+    for f in features:
+        v = frame_vectors(f, frames)
+        if per_clip is not None and per_clip < v.shape[0]:
+            v = v[torch.randperm(v.shape[0], generator=g)[:per_clip]]
+        parts.append(v)
+    return torch.cat(parts)
+
+
+def ae_train_loop(loop_cfg: dict) -> None:
+    """Every worker trains every machine's AE on its shard of the clips; DDP averages gradients."""
+    import ray.train
+
+    from pipelines.store import load_split
+    from pipelines.train import _dist, _mean_across
+
+    cfg: PipelineConfig = from_dict(PipelineConfig, loop_cfg["config"])
+    rank, world, all_reduce = _dist()
+    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
+    data = load_split(loop_cfg["store"], "train", feature_version=cfg.features.version)
+    machines = sorted(data.meta["machine"].unique())
+    acfg = _ae_config(cfg)
+    torch.manual_seed(cfg.train.seed)
+    models = {m: DenseAutoencoder(acfg) for m in machines}
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / AE_FILE, weights_only=True)
+            start = json.loads((Path(d) / "meta.json").read_text())["epochs"]
+        for m in machines:
+            models[m].load_state_dict(state[m])
+    wrapped = {m: (ray.train.torch.prepare_model(models[m], move_to_device=False) if world > 1 else models[m])
+               for m in machines}
+    opts = {m: torch.optim.Adam(wrapped[m].parameters(), lr=cfg.ae.lr) for m in machines}
+    shards = {m: [data.features[i] for i in data.meta.index[data.meta["machine"] == m] if i % world == rank]
+              for m in machines}
+    for epoch in range(start, cfg.ae.epochs):
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + rank)
+        metrics = {"epoch": epoch}
+        for m in machines:
+            vectors = _epoch_vectors(shards[m], acfg.frames, cfg.ae.vectors_per_clip, g)
+            # equal step counts on every rank (DDP): the smallest shard decides
+            n = torch.tensor([float(vectors.shape[0])])
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            order = torch.randperm(vectors.shape[0], generator=g)[: int(n)]
+            model, total, steps = wrapped[m], 0.0, 0
+            model.train()
+            for s in range(0, len(order), cfg.ae.batch_size):
+                batch = vectors[order[s:s + cfg.ae.batch_size]]
+                if batch.shape[0] < 2:  # batch norm needs two vectors
+                    continue
+                loss = reconstruction_error(model, batch).mean()
+                opts[m].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[m].step()
+                total, steps = total + float(loss), steps + 1
+            metrics[f"loss/{m}"] = _mean_across(total / max(steps, 1), all_reduce, world)
+        metrics["loss"] = sum(v for k, v in metrics.items() if k.startswith("loss/")) / len(machines)
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        if loop_cfg.get("mlflow_run_id"):
+            from pipelines.tracking import log_epoch_metrics
+
+            log_epoch_metrics(loop_cfg["tracking_uri"], loop_cfg["mlflow_run_id"], "ae", metrics, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            save_ae(d, models, cfg, epoch + 1)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def save_ae(directory, models: dict, cfg: PipelineConfig, epochs: int) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({m: mod.state_dict() for m, mod in models.items()}, directory / AE_FILE)
+    (directory / "meta.json").write_text(json.dumps(
+        {"stage": "ae", "ae": asdict(_ae_config(cfg)), "features": asdict(cfg.features),
+         "machines": sorted(models), "epochs": epochs, "train_config": to_dict(cfg)}, indent=2))
+    return directory
+
+
+def load_ae(directory) -> tuple[dict[str, DenseAutoencoder], dict]:
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    state = torch.load(directory / AE_FILE, weights_only=True)
+    models = {}
+    for m, sd in state.items():
+        models[m] = DenseAutoencoder(AEConfig(**meta["ae"]))
+        models[m].load_state_dict(sd)
+        models[m].eval()
+    return models, meta
+
+
+def run_ae_training(cfg: PipelineConfig, *, store, out_dir, mlflow_run_id=None, tracking_uri=None,
+                    run_name: str | None = None) -> Path:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import init_ray
+
+    if cfg.features.kind != "logmel":
+        raise ValueError("the AE baseline uses plain log-Mel features: set features.kind=logmel")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    trainer = TorchTrainer(
+        ae_train_loop,
+        train_loop_config={"config": to_dict(cfg), "store": str(Path(store).resolve()),
+                           "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=run_name or f"ae-{cfg.digest()}",
+                             storage_path=str((Path(cfg.run_dir) / "ray_results").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"AE training finished without a checkpoint: {result.error}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in (AE_FILE, "meta.json"):
+            (out / name).write_bytes((Path(d) / name).read_bytes())
+    return out
+
+
+def ae_scores(models: dict, table, frames: int) -> torch.Tensor:
+    """Mean reconstruction error of every clip of a ClipTable, with its machine's model."""
+    scores = torch.full((len(table.features),), float("nan"), dtype=torch.float64)
+    for m, rows in table.meta.groupby("machine"):
+        if m not in models:
+            raise ValueError(f"no AE was trained for machine type {m!r}")
+        scores[rows.index.to_numpy()] = clip_scores(models[m], [table.features[i] for i in rows.index], frames)
+    return scores

@@ -1,0 +1,99 @@
+"""``asd submit``: run the whole pipeline (or a retrain) on a Ray cluster as a Ray Job.
+
+Equivalent to ``ray job submit --working-dir . -- python -m pipelines.run --config <cfg>``,
+with the runtime environment the job needs (the project as working dir without data, venv
+or runs; MLflow and Ray settings as environment variables), then follows the job's logs and
+exits with its status. The driver of the job runs on the head node, so paths in the config
+(``run_dir``, ``data.root``) must be valid there and, on multi-node clusters, on shared
+storage that every node mounts (see README: running on a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Never upload these: large, machine-specific, or produced by runs.
+EXCLUDES = [".venv/", "runs/", "data/", "features/", "mlruns/", "mlartifacts/", "*.db",
+            ".git/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Environment variables forwarded to the job when set here.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "RAY_AUTH_MODE")
+
+
+def job_entrypoint(command: str, config: str, overrides: list[str], python: str = "python") -> str:
+    """The job's shell command: ``python -m pipelines.<command> --config ... --set ...``."""
+    module = {"run": "pipelines.run", "retrain": "pipelines.retrain"}[command]
+    parts = [python, "-m", module, "--config", config]
+    for o in overrides:
+        parts += ["--set", o]
+    return shlex.join(parts)
+
+
+def runtime_env(working_dir: Path = PROJECT_ROOT, extra_env: dict | None = None) -> dict:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.update(extra_env or {})
+    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
+
+
+def submit(address: str, entrypoint: str, *, env: dict | None = None, follow: bool = True,
+           timeout_s: float | None = None, submission_id: str | None = None) -> tuple[str, str]:
+    """Submit the job; with ``follow`` print its logs until it ends. Returns (job id, status)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env),
+                               submission_id=submission_id)
+    print(f"submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)
+    if not follow:
+        return job_id, str(client.get_job_status(job_id))
+    status = wait_for_job(client, job_id, timeout_s=timeout_s, echo=True)
+    return job_id, status
+
+
+def wait_for_job(client, job_id: str, *, timeout_s: float | None = None, echo: bool = False,
+                 poll_s: float = 2.0) -> str:
+    """Poll until the job reaches a terminal state, printing new log output as it comes."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if echo:
+            logs = client.get_job_logs(job_id)
+            if len(logs) > shown:
+                sys.stdout.write(logs[shown:])
+                sys.stdout.flush()
+                shown = len(logs)
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"Ray job {job_id} still {status} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("submit", help="submit the whole pipeline to a Ray cluster as a Ray Job",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                   help="Ray dashboard/job address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--job", choices=["run", "retrain"], default="run", help="what to run (default: run)")
+    p.add_argument("--config", "-c", default="demo", help="config name or YAML path (inside the project)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--python", default="python",
+                   help="interpreter on the cluster (default: the cluster's `python`)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI the job must use (reachable from the cluster)")
+    p.add_argument("--no-follow", action="store_true", help="submit and return without following logs")
+    p.add_argument("--timeout", type=float, help="give up following after this many seconds")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    env = {"MLFLOW_TRACKING_URI": args.mlflow_uri} if args.mlflow_uri else None
+    entry = job_entrypoint(args.job, args.config, args.overrides, args.python)
+    job_id, status = submit(args.address, entry, env=env, follow=not args.no_follow, timeout_s=args.timeout)
+    print(f"Ray job {job_id}: {status}")
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_follow or status == "SUCCEEDED") else 1
