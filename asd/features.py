@@ -71,5 +71,6 @@ def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored)."""
     fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel")
     power = power_spectrogram(wave, cfg.n_fft, cfg.hop_length)
-    mel = torch.matmul(power.transpose(-1, -2), fb.to(power.dtype)).transpose(-1, -2)
+    fb = fb.to(device=power.device, dtype=power.dtype)
+    mel = torch.matmul(power.transpose(-1, -2), fb).transpose(-1, -2)
     return 10.0 * torch.log10(mel.clamp_min(cfg.log_floor))

@@ -40,12 +40,16 @@ class BalancedBatchSampler:
         queue: list[int] = []
         for _ in range(self.batches_per_epoch):
             chosen: list[int] = []
+            deferred: list[int] = []
             while len(chosen) < self.n_classes:
                 if not queue:
                     queue = self.classes[torch.randperm(len(self.classes), generator=g)].tolist()
                 c = queue.pop()
-                if c not in chosen:
+                if c in chosen:
+                    deferred.append(c)  # already in this batch: keep its visit for the next batch
+                else:
                     chosen.append(c)
+            queue.extend(reversed(deferred))  # popped first by the next batch
             yield torch.cat([self._draw(self.members[c], g) for c in chosen])
 
     def _draw(self, members: torch.Tensor, g: torch.Generator) -> torch.Tensor:

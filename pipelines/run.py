@@ -107,10 +107,12 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
             summary["stages"]["score"] = {"skipped": True, **(book.get("score") or {})}
         else:
             from pipelines.registry import log_scoring
+            from pipelines.retrain import freeze_eval_set
             from pipelines.score import results_markdown, run_scoring
 
             t0 = time.perf_counter()
             result = run_scoring(cfg, model_dir, store, score_dir, ground_truth_root=root)
+            freeze_eval_set(run_dir, result.scores["path"].tolist())  # retraining compares on these
             reg = log_scoring(cfg, result)
             book.record("score", score_digest, official_score=result.official_score,
                         model_version=reg.get("version"), model_uri=reg.get("model_uri"))

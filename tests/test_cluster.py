@@ -1,0 +1,104 @@
+"""Cluster side: ray_cluster.yaml against Ray's own schema, and the tiny pipeline submitted as a
+Ray Job to a real local head started with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cluster_config_matches_ray_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    # a CPU head and a GPU worker type, with autoscaling bounds and pinned installs
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]
+    assert "GPU" not in head["resources"]
+    gpu_types = [n for n in nodes.values() if n["resources"].get("GPU", 0) > 0]
+    assert gpu_types and all(n["max_workers"] >= n["min_workers"] for n in gpu_types)
+    assert any("requirements.txt" in c for c in config["setup_commands"])
+
+
+def test_cluster_config_schema_rejects_a_broken_config():
+    """The validation above can fail: a config without a provider is rejected."""
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    del config["provider"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(config, schema)
+
+
+def test_job_entrypoint_and_runtime_env():
+    from pipelines.submit import job_entrypoint, runtime_env
+
+    entry = job_entrypoint("run", "tiny", ["run_dir=/tmp/x y"], python="/v/bin/python")
+    assert entry == "/v/bin/python -m pipelines.run --config tiny --set 'run_dir=/tmp/x y'"
+    env = runtime_env()
+    assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"]
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """`ray start --head` on loopback from this venv (auth disabled: a loopback test cluster)."""
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+           f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.submit import job_entrypoint, runtime_env, wait_for_job
+
+    address, env = local_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    name = "asd-job-test"
+    entry = job_entrypoint("run", "tiny", [f"run_dir={run_dir}", f"data.root={data}",
+                                           f"mlflow.registered_model={name}"], python=sys.executable)
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env(
+        extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}))
+    status = wait_for_job(client, job_id, timeout_s=900)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["asd-tiny"], filter_string="tags.pipeline = 'tiny'",
+                              output_format="list")
+    assert runs and runs[0].info.status == "FINISHED"
+    champion = mlflow.MlflowClient(mlflow_server).get_model_version_by_alias(name, "champion")
+    assert champion.version == "1"
+    assert (run_dir / "results.md").is_file() and (run_dir / "scoring" / "submission").is_dir()
