@@ -68,7 +68,7 @@ def fit_sections(train_meta: pd.DataFrame, train_emb: torch.Tensor, cfg: Pipelin
     """One backend per (machine, section), prototypes of both domains, gamma threshold."""
     sections: dict[str, SectionModel] = {}
     for (machine, section), rows in train_meta.groupby(["machine", "section"], sort=True):
-        idx = torch.as_tensor(rows.index.to_numpy())
+        idx = torch.tensor(rows.index.to_numpy())
         keys = sorted(rows["attribute_class"].unique().tolist())
         class_index = torch.as_tensor(rows["attribute_class"].map({k: i for i, k in enumerate(keys)}).to_numpy())
         model = fit_section(train_emb[idx], class_index, class_keys=keys,
@@ -88,7 +88,7 @@ def score_clips(test_meta: pd.DataFrame, test_emb: torch.Tensor,
         if key not in sections:
             raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
         sm = sections[key]
-        scores, nearest = sm.score(test_emb[torch.as_tensor(rows.index.to_numpy())])
+        scores, nearest = sm.score(test_emb[torch.tensor(rows.index.to_numpy())])
         out.loc[rows.index, "score"] = scores.numpy()
         out.loc[rows.index, "decision"] = decide(scores, sm.threshold).numpy()
         out.loc[rows.index, "nearest_attribute"] = [str(k) for k in sm.nearest_keys(nearest)]
@@ -182,7 +182,10 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
     scored.to_csv(out_dir / "scores.csv", index=False)
     torch.save({k: v.state_dict() for k, v in sections.items()}, out_dir / SECTIONS_FILE)
     if meta.get("stage") != "ae":
+        from pipelines.pyfunc_model import write_settings
+
         copy_model(model_dir, out_dir / "model")
+        write_settings(cfg, out_dir)  # what predictions need to embed exactly as this job did
     if results:
         rows = M.results_table(results)
         M.write_table_csv(rows, out_dir / "results.csv")
@@ -198,11 +201,6 @@ def results_markdown(results: list) -> str:
     """The paper's Table 1 row, then per-section detail."""
     return ("## Results (paper's Table 1 layout)\n\n" + M.to_markdown([M.paper_row(results)])
             + "\n\n## Per section\n\n" + M.to_markdown(M.results_table(results)) + "\n")
-
-
-def load_sections(path: str | Path) -> dict[str, SectionModel]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: SectionModel.from_state_dict(v) for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,0 +1,218 @@
+"""``asd predict``: score WAV files with a registered or local model.
+
+    asd predict --model models:/asd-prototype@champion --machine valve --section 00 a.wav b.wav
+    asd predict --model runs/demo/scoring dev_data/valve/test/section_00_*.wav
+
+Prints one line per clip, ``path<TAB>score<TAB>decision<TAB>nearest_attribute`` or
+``path<TAB>ERROR: reason`` (``--json``: one JSON document). Without ``--machine``/``--section``
+they are read from the DCASE file name and its folders (``<machine>/test/section_00_...wav``).
+Exit status: 0 all clips scored, 1 some clip failed (the others are still printed), 2 usage
+error (model not found, unknown machine/section, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://", "s3://",
+                    "gs://", "file:")
+
+
+class UsageError(Exception):
+    pass
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="score WAV files with a registered or local model",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", "-m", required=True,
+                   help="models:/<name>@<alias> or models:/<name>/<version> (registry), runs:/..., "
+                        "or a local folder: a logged pyfunc model (holds MLmodel) or an "
+                        "`asd score` output folder (model/ + sections.pt)")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, "
+                                          "else the one of --config)")
+    p.add_argument("--config", "-c", default=None,
+                   help="config used for the default tracking URI and, for a scoring folder without "
+                        "scoring.json, the embedding settings (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable)")
+    p.add_argument("--machine", help="machine type of every clip (default: from the folder names)")
+    p.add_argument("--section", help="section id of every clip, e.g. 00 (default: from the file name)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of TSV lines")
+    p.add_argument("clips", nargs="+", metavar="WAV", help="audio files to score")
+    p.set_defaults(func=main_args)
+
+
+# ----------------------------------------------------------------------------- model loading
+def _config(args):
+    from pipelines.config import load_config
+
+    return load_config(args.config or "demo", args.overrides)
+
+
+def load_predictor(model: str, tracking_uri: str | None = None, config=None):
+    """(AsdPyfuncModel, description) for a registry URI or a local folder; UsageError if not found."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from pipelines.pyfunc_model import AsdPyfuncModel
+
+    local = Path(model)
+    if not model.startswith(REGISTRY_SCHEMES):
+        if not local.exists():
+            raise UsageError(f"--model {model}: no such file or folder (a registry model is "
+                             "models:/<name>@<alias> or models:/<name>/<version>)")
+        if (local / "MLmodel").is_file():
+            return _load_pyfunc(str(local.resolve())), str(local)
+        if (local / "sections.pt").is_file() and (local / "model" / "model.pt").is_file():
+            settings = None
+            if not (local / "scoring.json").is_file() and config is not None:
+                from pipelines.pyfunc_model import scoring_settings
+
+                settings = scoring_settings(config)
+            return AsdPyfuncModel.from_dir(local, settings), str(local)
+        raise UsageError(f"--model {model}: neither a logged MLflow model (MLmodel) nor an "
+                         "`asd score` output folder (model/model.pt + sections.pt)")
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and config is not None:
+        from pipelines.tracking import tracking_uri as cfg_uri
+
+        uri = cfg_uri(config)
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    return _load_pyfunc(model, where=uri), model
+
+
+def _load_pyfunc(uri: str, where: str | None = None):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.pyfunc_model import AsdPyfuncModel
+
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except MlflowException as err:
+        at = f" at {where}" if where else ""
+        raise UsageError(f"cannot load model {uri}{at}: {_first_line(err)}") from err
+    except OSError as err:
+        raise UsageError(f"cannot load model {uri}: {err}") from err
+    inner = loaded.unwrap_python_model()
+    if not isinstance(inner, AsdPyfuncModel):
+        raise UsageError(f"{uri} is not an ASD prototype model ({type(inner).__name__})")
+    return inner
+
+
+def _first_line(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- clip metadata
+def infer_machine_section(path: str | Path, machine: str | None = None,
+                          section: str | None = None) -> tuple[str, str]:
+    """Machine from ``<machine>/<train|test>/file.wav`` (or the parent folder), section from the
+    DCASE file name; explicit values win. Raises ValueError when one cannot be inferred."""
+    from asd.metadata import ClipNameError, parse_clip_name
+
+    p = Path(path)
+    if machine is None:
+        parent = p.resolve().parent if p.parent == Path(".") else p.parent
+        folder = parent.parent if parent.name in ("train", "test") else parent
+        machine = folder.name or None
+        if machine is None:
+            raise ValueError("cannot infer the machine type from the folders; pass --machine")
+    if section is None:
+        try:
+            section = parse_clip_name(p.name, machine).section
+        except ClipNameError as err:
+            raise ValueError(f"cannot infer the section ({err}); pass --section") from err
+    return machine, section
+
+
+# ----------------------------------------------------------------------------- main
+def predict_files(predictor, clips: list[str], machine: str | None = None,
+                  section: str | None = None) -> list[dict]:
+    """One record per clip: path, machine, section, score, decision, nearest_attribute, error."""
+    import pandas as pd
+
+    from pipelines.pyfunc_model import normalize_section
+
+    records, rows = [], []
+    for clip in clips:
+        rec = {"path": clip, "machine": None, "section": None, "score": None, "decision": None,
+               "nearest_attribute": None, "error": None}
+        try:
+            m, s = infer_machine_section(clip, machine, section)
+            rec["machine"], rec["section"] = m, normalize_section(s)
+            rows.append({"machine": m, "section": rec["section"], "path": clip, "_i": len(records)})
+        except ValueError as err:
+            rec["error"] = str(err)
+        records.append(rec)
+    if rows:
+        df = pd.DataFrame(rows).set_index("_i")
+        out = predictor.predict(None, df)
+        for i, row in out.iterrows():
+            rec = records[int(i)]
+            if row["error"] is not None and not (isinstance(row["error"], float) and math.isnan(row["error"])):
+                rec["error"] = str(row["error"])
+                continue
+            rec["score"] = float(row["score"])
+            rec["decision"] = int(row["decision"])
+            rec["nearest_attribute"] = row["nearest_attribute"]
+    return records
+
+
+def main_args(args) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr readable
+    try:
+        config = _config(args)
+    except Exception as err:  # a broken explicit --config is a usage error; the default is optional
+        if args.config or args.overrides:
+            print(f"asd predict: {err}", file=sys.stderr)
+            return 2
+        config = None
+    try:
+        predictor, described = load_predictor(args.model, args.tracking_uri, config)
+        _check_explicit(predictor, args.machine, args.section)
+    except UsageError as err:
+        print(f"asd predict: {err}", file=sys.stderr)
+        return 2
+    records = predict_files(predictor, args.clips, args.machine, args.section)
+    failed = sum(r["error"] is not None for r in records)
+    if args.json:
+        print(json.dumps({"model": described, "clips": records, "failed": failed}, indent=2))
+    else:
+        for r in records:
+            if r["error"] is not None:
+                print(f"{r['path']}\tERROR: {r['error']}")
+            else:
+                print(f"{r['path']}\t{r['score']:.6f}\t{r['decision']}\t{r['nearest_attribute']}")
+    sys.stdout.flush()
+    if failed:
+        print(f"asd predict: {failed} of {len(records)} clip(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _check_explicit(predictor, machine: str | None, section: str | None) -> None:
+    """An explicit --machine/--section the model does not know is a usage error."""
+    from pipelines.pyfunc_model import normalize_section
+
+    known = predictor.known_sections()
+    if machine is not None and not any(k.startswith(f"{machine}/") for k in known):
+        raise UsageError(f"the model knows no machine type {machine!r}; it knows "
+                         f"{', '.join(sorted({k.split('/')[0] for k in known}))}")
+    if section is not None:
+        try:
+            s = normalize_section(section)
+        except ValueError as err:
+            raise UsageError(f"--section {section!r}: {err}") from err
+        if machine is not None and f"{machine}/section_{s}" not in known:
+            raise UsageError(f"the model knows no section {s} of {machine}; it knows "
+                             f"{', '.join(k for k in known if k.startswith(machine + '/'))}")
+        if machine is None and not any(k.endswith(f"/section_{s}") for k in known):
+            raise UsageError(f"the model knows no section {s}; it knows {', '.join(known)}")

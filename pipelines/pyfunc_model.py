@@ -1,0 +1,249 @@
+"""The trained detector as an MLflow pyfunc: network + per-section scoring backends.
+
+Artifacts (see :func:`pipelines.registry.log_pyfunc_model`):
+
+* ``model``    — the network folder (``model.pt`` state dict + ``meta.json``: model and feature
+  settings, attribute classes), loaded with :func:`pipelines.checkpoints.load_model`;
+* ``sections`` — ``sections.pt``: every (machine, section)'s prototypes, precision (inverse
+  covariance), threshold and class keys (:class:`asd.backend.SectionModel` state dicts);
+* ``settings`` — ``scoring.json``: how the scoring job embedded clips (``embedding`` "whole" or
+  "windows", ``window_hop``, ``crop_frames``, ``batch_size``) and the element type of the
+  feature store (``feature_dtype``), so that a prediction repeats the scoring job's numbers.
+
+Input: a ``pandas.DataFrame`` with ``machine``, ``section`` ("00"; ints are zero-padded) and
+either ``path`` (a WAV file) or ``waveform`` (1-D float samples at the model's sample rate; an
+optional ``sample_rate`` column resamples). Output: one row per input row (same index) with
+``score`` (min Mahalanobis distance), ``decision`` (1 anomalous, 0 normal), ``nearest_attribute``
+and ``error`` (None, or why the row could not be scored; the other rows are still scored).
+
+Loads with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` when the ``asd`` and
+``pipelines`` packages are importable; :meth:`AsdPyfuncModel.from_dir` loads the same thing
+from a local ``asd score`` output folder without MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow.pyfunc  # noqa: E402
+
+SETTINGS_FILE = "scoring.json"
+SECTIONS_FILE = "sections.pt"
+MODEL_DIR = "model"
+DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "batch_size": 32,
+                    "feature_dtype": "float32"}
+
+
+def section_key(machine: str, section: str) -> str:
+    """Same key as :func:`pipelines.score.section_key`."""
+    return f"{machine}/section_{section}"
+
+
+def normalize_section(section) -> str:
+    """``0``/``"0"``/``"00"``/``"section_00"``/``0.0`` -> ``"00"``; other ids as strings."""
+    if section is None or (isinstance(section, float) and math.isnan(section)):
+        raise ValueError("section is missing")
+    if isinstance(section, (bool, np.bool_)):
+        raise ValueError(f"section must be an id like '00', got {section!r}")
+    if isinstance(section, (int, np.integer)):
+        return f"{int(section):02d}"
+    if isinstance(section, (float, np.floating)):
+        if float(section).is_integer():
+            return f"{int(section):02d}"
+        raise ValueError(f"section must be an id like '00', got {section!r}")
+    text = str(section).strip()
+    if text.startswith("section_"):
+        text = text[len("section_"):]
+    if not text:
+        raise ValueError("section is empty")
+    return text.zfill(2) if text.isdigit() else text
+
+
+def scoring_settings(cfg) -> dict:
+    """The embedding settings of a :class:`pipelines.config.PipelineConfig` (what predictions need)."""
+    return {
+        "embedding": cfg.score.embedding,
+        "window_hop": int(cfg.score.window_hop),
+        "crop_frames": int(cfg.train.crop_frames),
+        "batch_size": int(cfg.score.batch_size),
+        "feature_dtype": str(cfg.extract.dtype),
+        "feature_version": cfg.features.version,
+        "threshold_quantile": float(cfg.score.threshold_quantile),
+    }
+
+
+def write_settings(cfg, directory: str | Path) -> Path:
+    """Write ``scoring.json`` (the settings of ``cfg``) into ``directory``."""
+    path = Path(directory) / SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scoring_settings(cfg), indent=2, sort_keys=True))
+    return path
+
+
+def load_sections(path: str | Path) -> dict:
+    from asd.backend import SectionModel
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: SectionModel.from_state_dict(v) for k, v in state.items()}
+
+
+class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
+    """Network + per-section prototypes/precision/threshold; scores WAV files or waveforms."""
+
+    def __init__(self) -> None:
+        self.model = None
+        self.meta: dict = {}
+        self.features = None
+        self.sections: dict = {}
+        self.settings: dict = dict(DEFAULT_SETTINGS)
+
+    # ------------------------------------------------------------------ loading
+    def load_context(self, context) -> None:
+        self._load(context.artifacts)
+
+    def _load(self, artifacts: dict) -> None:
+        from pipelines.checkpoints import feature_config, load_model
+
+        torch.set_grad_enabled(False)
+        self.model, self.meta = load_model(artifacts[MODEL_DIR])
+        self.features = feature_config(self.meta)
+        self.sections = load_sections(artifacts["sections"])
+        settings = dict(DEFAULT_SETTINGS)
+        if artifacts.get("settings") and Path(artifacts["settings"]).is_file():
+            settings.update(json.loads(Path(artifacts["settings"]).read_text()))
+        if settings["embedding"] not in ("whole", "windows"):
+            raise ValueError(f"embedding must be 'whole' or 'windows', got {settings['embedding']!r}")
+        self.settings = settings
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, settings: dict | None = None) -> "AsdPyfuncModel":
+        """Load from an ``asd score`` output folder (``model/``, ``sections.pt``, ``scoring.json``).
+
+        ``settings`` fills in for a missing ``scoring.json`` (else the defaults: whole clips)."""
+        directory = Path(directory)
+        if not (directory / MODEL_DIR / "model.pt").is_file() or not (directory / SECTIONS_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a scoring output folder "
+                                    f"(needs {MODEL_DIR}/model.pt and {SECTIONS_FILE})")
+        self = cls()
+        settings_file = directory / SETTINGS_FILE
+        self._load({MODEL_DIR: directory / MODEL_DIR, "sections": directory / SECTIONS_FILE,
+                    "settings": settings_file if settings_file.is_file() else None})
+        if settings and not settings_file.is_file():
+            self.settings.update(settings)
+        return self
+
+    def known_sections(self) -> list[str]:
+        return sorted(self.sections)
+
+    # ------------------------------------------------------------------ features
+    def clip_features(self, path=None, waveform=None, sample_rate=None) -> torch.Tensor:
+        """[n_mels, T] features of one clip, as the feature store holds them."""
+        from asd.audio import AudioFormatError, load_audio
+        from asd.features import log_mel
+
+        f = self.features
+        if path is not None and not _missing(path):
+            wave, _ = load_audio(os.fspath(path), f.sample_rate, resample=f.resample, channels=f.channels)
+        elif waveform is not None and not _missing(waveform):
+            wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).reshape(-1)
+            if wave.numel() == 0:
+                raise AudioFormatError("empty waveform (0 samples)")
+            if not torch.isfinite(wave).all():
+                raise AudioFormatError("waveform contains NaN or infinite samples")
+            sr = f.sample_rate if _missing(sample_rate) else int(sample_rate)
+            if sr != f.sample_rate:
+                if f.resample == "reject":
+                    raise AudioFormatError(f"sample rate {sr} Hz, expected {f.sample_rate} Hz")
+                import torchaudio.functional as AF
+
+                wave = AF.resample(wave, sr, f.sample_rate)
+        else:
+            raise ValueError("row has neither a 'path' nor a 'waveform'")
+        feats = log_mel(wave.float().contiguous(), f)
+        dtype = getattr(torch, str(self.settings.get("feature_dtype", "float32")), torch.float32)
+        if dtype != torch.float32:  # the scoring job reads features back from a store of this type
+            feats = feats.to(dtype).to(torch.float32)
+        need = int(self.settings["crop_frames"]) if self.settings["embedding"] == "windows" else 1
+        need = max(need, int(getattr(f, "min_frames", 1) or 1))
+        if feats.shape[-1] < need:
+            raise AudioFormatError(f"clip too short: {feats.shape[-1]} frames, the model needs {need}")
+        return feats
+
+    def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Embeddings [N, D] exactly as the scoring job computes them (whole clip or window mean)."""
+        from asd.training import embed_clips
+
+        windows = self.settings["embedding"] == "windows"
+        return embed_clips(self.model, features, range(len(features)), int(self.settings["batch_size"]),
+                           window=int(self.settings["crop_frames"]) if windows else None,
+                           hop=int(self.settings["window_hop"]))
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if self.model is None:
+            raise RuntimeError("model not loaded: use mlflow.pyfunc.load_model or AsdPyfuncModel.from_dir")
+        from asd.backend import decide
+
+        df = _as_frame(model_input)
+        n = len(df)
+        score, decision = [math.nan] * n, [None] * n
+        nearest_attr, error = [None] * n, [None] * n
+        by_key: dict[str, list[tuple[int, int]]] = {}  # section -> (row position, feature index)
+        features: list[torch.Tensor] = []
+        for pos, (_, row) in enumerate(df.iterrows()):
+            try:
+                machine = row.get("machine")
+                if _missing(machine) or not str(machine).strip():
+                    raise ValueError("machine is missing")
+                key = section_key(str(machine).strip(), normalize_section(row.get("section")))
+                if key not in self.sections:
+                    raise KeyError(f"unknown machine/section {key}; the model knows "
+                                   f"{', '.join(self.known_sections()) or 'none'}")
+                feats = self.clip_features(row.get("path"), row.get("waveform"), row.get("sample_rate"))
+            except Exception as err:  # one bad row must not stop the others
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                error[pos] = str(msg) or type(err).__name__
+                continue
+            by_key.setdefault(key, []).append((pos, len(features)))
+            features.append(feats)
+        if features:
+            emb = self.embed(features)
+            for key, items in by_key.items():
+                sm = self.sections[key]
+                scores, nearest = sm.score(emb[torch.as_tensor([i for _, i in items])])
+                decisions = decide(scores, sm.threshold).tolist()
+                for (pos, _), s, d, k in zip(items, scores.tolist(), decisions, sm.nearest_keys(nearest)):
+                    score[pos], decision[pos], nearest_attr[pos] = float(s), int(d), str(k)
+        return pd.DataFrame({
+            "score": pd.Series(score, index=df.index, dtype="float64"),
+            "decision": pd.Series(decision, index=df.index, dtype=object),
+            "nearest_attribute": pd.Series(nearest_attr, index=df.index, dtype=object),
+            "error": pd.Series(error, index=df.index, dtype=object),
+        }, index=df.index)
+
+
+def _missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return False
+
+
+def _as_frame(model_input) -> pd.DataFrame:
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict):
+        return pd.DataFrame(model_input)
+    if isinstance(model_input, list):
+        return pd.DataFrame(model_input)
+    raise TypeError(f"expected a pandas.DataFrame (machine, section, path|waveform), got {type(model_input)}")

@@ -1,0 +1,72 @@
+"""Shared, generic test helpers. Keep this file small: module-specific helpers belong in the test file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+REAL_AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "real_audio"
+
+
+@pytest.fixture
+def write_wav():
+    """``write_wav(path, samples, sr) -> Path``: write a numpy array with scipy.io.wavfile.
+
+    int16 arrays become 16-bit PCM, float32 arrays IEEE-float WAV; [n] is mono, [n, ch] is
+    ``ch`` channels. Parent folders are created. Independent of soundfile, which asd.audio uses.
+    """
+
+    def _write(path: str | os.PathLike, samples: np.ndarray, sr: int = 16000) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wavfile.write(str(path), sr, np.asarray(samples))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def real_audio_dir() -> Path:
+    """Folder of the real DCASE clips shared by the project (never copied into the repo); the test
+    is skipped when it is absent."""
+    env = os.environ.get("ASD_REAL_AUDIO_DIR")
+    folder = Path(env) if env else REAL_AUDIO_DIR
+    if not folder.is_dir() or not any(folder.glob("*.wav")):
+        pytest.skip(f"real DCASE clips not available at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI (``http://127.0.0.1:<port>``) of a real ``mlflow server`` started for the session with
+    infra/mlflow_server.sh: SQLite backend and proxied artifacts in a tmp folder, a free port,
+    same Python as the tests. Stopped (its whole process group) at the end of the session."""
+    import socket
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "infra" / "mlflow_server.sh"
+    if not script.is_file():
+        pytest.skip(f"{script} is missing")
+    state = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    cmd = ["bash", str(script), "--port", str(port), "--dir", str(state), "--python", sys.executable,
+           "--background", "--timeout", "180"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    if proc.returncode != 0:
+        log = state / "server.log"
+        tail = log.read_text()[-3000:] if log.is_file() else ""
+        pytest.fail(f"mlflow server did not start:\n{proc.stdout}\n{proc.stderr}\n{tail}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", str(script), "--stop", "--dir", str(state)], capture_output=True,
+                       text=True, timeout=60, env=env)
