@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,8 @@ def load_audio(
         data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else name,
                            dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
-        raise AudioFormatError(f"{name}: cannot decode audio: {err}") from err
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "<bytes>", str(err))
+        raise AudioFormatError(f"{name}: cannot decode audio: {reason}") from err
     frames, n_channels = data.shape
     if frames == 0:
         raise AudioFormatError(f"{name}: empty audio (0 samples)")

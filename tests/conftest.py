@@ -11,6 +11,13 @@ from scipy.io import wavfile
 
 REAL_AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "real_audio"
 
+# Ray workers unpickle functions defined in test modules by module name: put tests/ on the
+# path of every process Ray starts from here (they inherit this environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 @pytest.fixture
 def write_wav():
@@ -70,3 +77,15 @@ def mlflow_server(tmp_path_factory):
     finally:
         subprocess.run(["bash", str(script), "--stop", "--dir", str(state)], capture_output=True,
                        text=True, timeout=60, env=env)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, like CI) for every test that needs it; stopped at the end."""
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

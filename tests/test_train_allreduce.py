@@ -51,16 +51,7 @@ def _worker(cfg):
     ray.train.report({"done": 1})
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    # workers unpickle _worker by module name: put this folder on their path
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    yield
-    ray.shutdown()
-
-
-def test_two_workers_equal_one_process(ray_local, tmp_path):
+def test_two_workers_equal_one_process(ray_session, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

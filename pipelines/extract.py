@@ -1,0 +1,403 @@
+"""``asd extract``: decode WAV clips and compute their features on Ray Data, into the Parquet store.
+
+1. Discover every ``.wav`` under ``<root>/{dev_data,eval_data}/<machine>/{train,test}/`` (or a single
+   ``<dataset>/<machine>/<split>`` tree) and parse its name (:mod:`asd.metadata`); names that do not
+   parse go to the quarantine table.
+2. Diff against the manifest of the current feature version: a clip whose path, size and mtime
+   match is already present; a clip whose stat changed is re-hashed, and re-extracted only if its
+   content changed. New clips are hashed while they are extracted.
+3. The pending clips, grouped by (dataset, machine, section, split) into shards of
+   ``batch_size`` clips, are one Ray Data row each; a task decodes, computes the features
+   (:func:`asd.features.log_mel`) and writes its shard file itself, so feature matrices never
+   travel through the driver. Each task returns one small status row per clip.
+4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
+   (changed or deleted files), and removes files no manifest row points at.
+
+Every discovered clip ends up extracted, already present, or quarantined (with the reason), and
+the summary says so: discovered = extracted + already present + quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asd.features import FeatureConfig
+from asd.metadata import ClipMeta, discover_clips
+from pipelines import store as S
+
+log = logging.getLogger("asd.extract")
+DATASETS = ("dev_data", "eval_data")
+
+
+class ExtractError(RuntimeError):
+    """Nothing to extract from, or nothing usable: the run cannot produce a feature store."""
+
+
+@dataclass
+class ExtractSummary:
+    discovered: int = 0
+    extracted: int = 0
+    already_present: int = 0
+    quarantined: int = 0
+    removed: int = 0  # stale rows dropped: files deleted or changed since the last run
+    seconds: float = 0.0
+    feature_version: str = ""
+    store: str = ""
+    quarantine: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run's new ones
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def counts(self) -> dict[str, int]:
+        return {"discovered": self.discovered, "extracted": self.extracted,
+                "already_present": self.already_present, "quarantined": self.quarantined,
+                "removed": self.removed}
+
+    def text(self) -> str:
+        return (f"extract: {self.discovered} discovered = {self.extracted} extracted + "
+                f"{self.already_present} already present + {self.quarantined} quarantined"
+                f" ({self.removed} stale rows removed); {self.seconds:.1f} s, "
+                f"{self.clips_per_s:.1f} clips/s; store {self.store} (features v-{self.feature_version})")
+
+
+# ----------------------------------------------------------------------------- discovery
+@dataclass
+class Found:
+    """One discovered file: its parsed metadata (None when the name does not parse) and stat."""
+
+    path: str  # relative to the data root
+    dataset: str
+    meta: ClipMeta | None
+    reason: str | None
+    attributes: dict | None
+    size: int
+    mtime_ns: int
+
+
+def dataset_dirs(root: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """(data root, dataset folders): ``root/dev_data`` and ``root/eval_data`` when present; a root
+    that is itself a dataset folder (``.../dev_data`` or any ``<name>/<machine>/<split>`` tree)
+    counts as one dataset under its parent."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ExtractError(f"data root {root} does not exist or is not a directory")
+    found = [root / d for d in DATASETS if (root / d).is_dir()]
+    return (root, found) if found else (root.parent, [root])
+
+
+def discover(root: str | os.PathLike) -> tuple[Path, list[Found]]:
+    data_root, datasets = dataset_dirs(root)
+    out: list[Found] = []
+    for ds in datasets:
+        disc = discover_clips(ds)
+        for c in disc.clips:
+            st = (ds / c.path).stat()
+            out.append(Found(f"{ds.name}/{c.path}", ds.name, c, None, disc.attributes.get(c.path),
+                             st.st_size, st.st_mtime_ns))
+        for rel, reason in disc.unparsed:
+            st = (ds / rel).stat()
+            out.append(Found(f"{ds.name}/{rel}", ds.name, None, reason, None, st.st_size, st.st_mtime_ns))
+    out.sort(key=lambda f: f.path)
+    return data_root, out
+
+
+# ----------------------------------------------------------------------------- the Ray Data task
+def _row_meta(clip: dict) -> dict:
+    m = clip["meta"]
+    attribute_class = None if m["domain"] is None else "/".join(
+        (m["machine"], m["section"], m["domain"], m["attribute"] or ""))
+    return {"path": clip["path"], "dataset": clip["dataset"], "machine": m["machine"],
+            "section": m["section"], "domain": m["domain"], "split": m["split"], "label": m["label"],
+            "index": m["index"], "attribute": m["attribute"], "attribute_class": attribute_class,
+            "attributes_json": json.dumps(clip["attributes"]) if clip["attributes"] else None}
+
+
+def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: str) -> list[dict]:
+    """Ray Data ``flat_map`` task: one shard of clips in, one status row per clip out.
+
+    Reads each file once (hash + decode from the same bytes), computes features, writes the
+    shard's Parquet file (only the usable clips) atomically under its deterministic name."""
+    import numpy as np
+    import torch
+
+    from asd.audio import AudioFormatError, load_audio
+    from asd.features import log_mel
+
+    torch.set_num_threads(1)  # parallelism comes from the number of tasks
+    fcfg = FeatureConfig(**features)
+    spec = json.loads(row["shard"])
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    statuses, rows, flat = [], [], []
+    for clip in spec["clips"]:
+        status = {"path": clip["path"], "size": clip["size"], "mtime_ns": clip["mtime_ns"],
+                  "content_hash": None, "status": "quarantined", "reason": None, "n_frames": -1, "shard": None}
+        statuses.append(status)
+        try:
+            data = Path(data_root, clip["path"]).read_bytes()
+            status["content_hash"] = S.content_hash(data)
+            wave, info = load_audio(data, fcfg.sample_rate, resample=fcfg.resample, channels=fcfg.channels)
+            feats = log_mel(wave, fcfg)
+            if feats.shape[-1] < fcfg.min_frames:
+                raise AudioFormatError(f"too short: {feats.shape[-1]} frames "
+                                       f"({wave.numel() / fcfg.sample_rate:.2f} s), need {fcfg.min_frames}")
+        except (AudioFormatError, OSError) as err:
+            status["reason"] = str(err).replace("<bytes>: ", "")
+            continue
+        status.update(status="extracted", n_frames=int(feats.shape[-1]))
+        rows.append({**_row_meta(clip), "content_hash": status["content_hash"],
+                     "feature_version": fcfg.version, "n_mels": int(feats.shape[0]),
+                     "n_frames": int(feats.shape[-1]), "source_sample_rate": info.sample_rate,
+                     "source_channels": info.channels, "resampled": info.resampled,
+                     "downmixed": info.downmixed})
+        flat.append(feats.numpy().astype(np_dtype).reshape(-1))
+    if rows:
+        name = S.shard_name([(r["path"], r["content_hash"]) for r in rows], fcfg.version, dtype)
+        rel = f"{spec['partition']}/{name}"
+        write_shard(Path(vdir) / rel, rows, flat, dtype)
+        for st in statuses:
+            if st["status"] == "extracted":
+                st["shard"] = rel
+    return statuses
+
+
+def write_shard(path: Path, rows: list[dict], flat: list, dtype: str) -> None:
+    import numpy as np
+
+    schema = S.shard_schema(dtype)
+    cols = {name: pa.array([r[name] for r in rows], type=schema.field(name).type)
+            for name in schema.names if name != "features"}
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)
+    values = pa.array(np.concatenate(flat)) if flat else pa.array([], type=schema.field("features").type.value_type)
+    cols["features"] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    S.write_table_atomic(pa.table([cols[n] for n in schema.names], schema=schema), path)
+
+
+# ----------------------------------------------------------------------------- the driver
+def _clip_payload(f: Found) -> dict:
+    return {"path": f.path, "dataset": f.dataset, "size": f.size, "mtime_ns": f.mtime_ns,
+            "attributes": f.attributes, "meta": f.meta.to_dict()}
+
+
+def _shards(pending: list[Found], batch_size: int) -> list[str]:
+    groups: dict[str, list[Found]] = {}
+    for f in pending:
+        m = f.meta
+        groups.setdefault(S.partition_dir(f.dataset, m.machine, m.section, m.split), []).append(f)
+    specs = []
+    for partition, clips in sorted(groups.items()):
+        for i in range(0, len(clips), batch_size):
+            specs.append(json.dumps({"partition": partition,
+                                     "clips": [_clip_payload(c) for c in clips[i:i + batch_size]]}))
+    return specs
+
+
+def _run_tasks(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfig, dtype: str,
+               concurrency: int | None, ray_address: str | None, ray_num_cpus: int | None) -> list[dict]:
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(ray_address, ray_num_cpus)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items([{"shard": s} for s in specs], override_num_blocks=len(specs))
+    ds = ds.flat_map(extract_shard, num_cpus=1,
+                     compute=ray.data.TaskPoolStrategy(size=min(concurrency or cpus, len(specs))),
+                     fn_kwargs={"data_root": str(data_root.resolve()), "vdir": str(vdir.resolve()),
+                                "features": asdict(fcfg), "dtype": dtype})
+    return ds.take_all()
+
+
+def _hash_file(path: Path) -> str:
+    return S.content_hash(path.read_bytes())
+
+
+def extract(root: str | os.PathLike, store: str | os.PathLike, features: FeatureConfig | None = None, *,
+            dtype: str = "float16", batch_size: int = 64, concurrency: int | None = None,
+            ray_address: str | None = None, ray_num_cpus: int | None = None) -> ExtractSummary:
+    """Bring the store up to date with the data tree under ``root``; see the module docstring."""
+    t0 = time.perf_counter()
+    fcfg = features or FeatureConfig()
+    if dtype not in S.FEATURE_DTYPES:
+        raise ValueError(f"extract dtype must be one of {S.FEATURE_DTYPES}, got {dtype!r}")
+    store = Path(store)
+    version = fcfg.version
+    vdir = S.version_dir(store, version)
+    settings = {"features": asdict(fcfg), "dtype": dtype}
+    settings_file = vdir / "features.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()).get("dtype") != dtype:
+        log.warning("element type changed to %s: re-extracting every clip of version %s", dtype, version)
+        import shutil
+
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
+
+    data_root, found = discover(root)
+    summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store))
+    if not found:
+        raise ExtractError(f"no .wav clips under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
+                           "*.wav (DCASE layout) or <dataset>/<machine>/<split>/*.wav")
+    manifest = S.read_manifest(vdir).set_index("path", drop=False)
+    quarantine = S.read_quarantine(vdir).set_index("path", drop=False)
+
+    pending: list[Found] = []
+    keep_q: list[dict] = []
+    refreshed: dict[str, tuple[int, int]] = {}  # same content, new stat
+    stale: set[str] = set(manifest.index) - {f.path for f in found}  # deleted files
+    for f in found:
+        if f.path in manifest.index:
+            old = manifest.loc[f.path]
+            if (old["size"], old["mtime_ns"]) == (f.size, f.mtime_ns):
+                summary.already_present += 1
+                continue
+            if _hash_file(data_root / f.path) == old["content_hash"]:
+                refreshed[f.path] = (f.size, f.mtime_ns)
+                summary.already_present += 1
+                continue
+            stale.add(f.path)
+        elif f.path in quarantine.index:
+            q = quarantine.loc[f.path]
+            if (q["size"], q["mtime_ns"]) == (f.size, f.mtime_ns):
+                keep_q.append(q.to_dict())
+                summary.quarantined += 1
+                continue
+        if f.meta is None:
+            rec = {"path": f.path, "content_hash": _hash_file(data_root / f.path), "size": f.size,
+                   "mtime_ns": f.mtime_ns, "reason": f.reason, "feature_version": version,
+                   "recorded_at": time.time()}
+            keep_q.append(rec)
+            summary.quarantine.append((f.path, f.reason))
+            summary.quarantined += 1
+            continue
+        pending.append(f)
+
+    new_rows = []
+    if pending:
+        specs = _shards(pending, max(1, batch_size))
+        log.info("extracting %d clips in %d shards (%d already present)", len(pending), len(specs),
+                 summary.already_present)
+        for st in _run_tasks(specs, data_root, vdir, fcfg, dtype, concurrency, ray_address, ray_num_cpus):
+            if st["status"] == "extracted":
+                new_rows.append(st)
+                summary.extracted += 1
+            else:
+                keep_q.append({"path": st["path"], "content_hash": st["content_hash"], "size": st["size"],
+                               "mtime_ns": st["mtime_ns"], "reason": st["reason"],
+                               "feature_version": version, "recorded_at": time.time()})
+                summary.quarantine.append((st["path"], st["reason"]))
+                summary.quarantined += 1
+
+    manifest = _drop_stale(manifest, stale, vdir, version, dtype)
+    summary.removed = len(stale)
+    for path, (size, mtime) in refreshed.items():
+        manifest.loc[path, ["size", "mtime_ns"]] = [size, mtime]
+    if new_rows:
+        by_path = {f.path: f for f in pending}
+        added = pd.DataFrame([{
+            "path": r["path"], "dataset": by_path[r["path"]].dataset, "machine": by_path[r["path"]].meta.machine,
+            "section": by_path[r["path"]].meta.section, "split": by_path[r["path"]].meta.split,
+            "domain": by_path[r["path"]].meta.domain, "label": by_path[r["path"]].meta.label,
+            "content_hash": r["content_hash"], "size": r["size"], "mtime_ns": r["mtime_ns"],
+            "n_frames": r["n_frames"], "shard": r["shard"]} for r in new_rows])
+        manifest = pd.concat([manifest.reset_index(drop=True), added], ignore_index=True)
+    S.write_manifest(vdir, manifest.reset_index(drop=True))
+    S.write_quarantine(vdir, pd.DataFrame(keep_q, columns=S.QUARANTINE_SCHEMA.names))
+    _remove_orphans(vdir, set(manifest["shard"]))
+    S.record_store(store, version, settings)
+    summary.seconds = time.perf_counter() - t0
+    total = summary.extracted + summary.already_present + summary.quarantined
+    assert total == summary.discovered, f"clip accounting broke: {summary.counts()}"
+    if summary.extracted + summary.already_present == 0:
+        raise ExtractError(f"none of the {summary.discovered} clips under {root} is usable; reasons are in "
+                           f"{vdir / S.QUARANTINE}, e.g. {summary.quarantine[:1] or keep_q[:1]}")
+    return summary
+
+
+def _drop_stale(manifest: pd.DataFrame, stale: set[str], vdir: Path, version: str, dtype: str) -> pd.DataFrame:
+    """Remove rows of deleted or changed files: rewrite their shards without them (new names)."""
+    if not stale:
+        return manifest
+    gone = manifest.loc[sorted(stale & set(manifest.index))]
+    for shard in sorted(gone["shard"].unique()):
+        table = pq.read_table(vdir / shard)
+        live = pa.array([p not in stale for p in table.column("path").to_pylist()])
+        table = table.filter(live)
+        moved = manifest["shard"] == shard
+        if table.num_rows:
+            members = list(zip(table.column("path").to_pylist(), table.column("content_hash").to_pylist()))
+            rel = f"{Path(shard).parent.as_posix()}/{S.shard_name(members, version, dtype)}"
+            S.write_table_atomic(table, vdir / rel)
+            manifest.loc[moved, "shard"] = rel
+    return manifest.drop(index=sorted(stale & set(manifest.index)))
+
+
+def _remove_orphans(vdir: Path, live: set[str]) -> None:
+    """Shard files no manifest row points at (interrupted runs, rewritten shards) and temp files."""
+    for f in vdir.rglob("*.parquet"):
+        rel = f.relative_to(vdir).as_posix()
+        if f.parent != vdir and rel not in live:
+            f.unlink()
+    for f in vdir.rglob(".tmp-*"):
+        f.unlink()
+
+
+def pending_clips(root: str | os.PathLike, store: str | os.PathLike, features: FeatureConfig | None = None
+                  ) -> list[str]:
+    """Relative paths of discovered clips the store has not seen with their current size and mtime:
+    the cheap check (no hashing, no Ray) that tells a scheduled retrain whether to start."""
+    fcfg = features or FeatureConfig()
+    vdir = S.version_dir(store, fcfg.version)
+    _, found = discover(root)
+    seen = {}
+    for table in (S.read_manifest(vdir), S.read_quarantine(vdir)):
+        seen.update({p: (s, m) for p, s, m in zip(table["path"], table["size"], table["mtime_ns"])})
+    return [f.path for f in found if seen.get(f.path) != (f.size, f.mtime_ns)]
+
+
+# ----------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    from pipelines.config import add_config_arguments
+
+    p = subparsers.add_parser("extract", help="extract features into the Parquet feature store (Ray Data)",
+                              description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
+    p.add_argument("--data", help="data root holding dev_data/ and/or eval_data/, or one such folder "
+                                  "(default: data.root of the config)")
+    p.add_argument("--store", help="feature store folder (default: extract.store of the config)")
+    p.add_argument("--address", help="Ray cluster to join ('auto', ray://...); default: ray.address or a local Ray")
+    p.add_argument("--show-quarantine", action="store_true", help="print every quarantined clip and why")
+    p.set_defaults(func=main_args)
+
+
+def main_args(args) -> int:
+    from pipelines.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.overrides)
+    store = Path(args.store) if args.store else cfg.path(cfg.extract.store)
+    try:
+        summary = extract(args.data or cfg.data.root, store, cfg.features, dtype=cfg.extract.dtype,
+                          batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
+                          ray_address=args.address or cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+    except ExtractError as err:
+        print(f"extract: error: {err}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    if args.show_quarantine:
+        q = S.store_quarantine(store, cfg.features.version)
+        for path, reason in zip(q["path"], q["reason"]):
+            print(f"quarantined\t{path}\t{reason}")
+    elif summary.quarantined:
+        print(f"{summary.quarantined} clip(s) quarantined; list them with --show-quarantine")
+    return 0
