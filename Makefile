@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean-demo help
+.PHONY: setup test demo bench-setup clean-demo help
 
 help:
 	@echo "make demo   - set up .venv, then run the whole pipeline on the synthetic demo data (CPU)"
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/asd run --config demo
+
+bench-setup: $(STAMP)
+	$(PY) -m pip install -q -r benchmarks/requirements.txt
 
 clean-demo:
 	rm -rf runs/demo data/demo

@@ -193,7 +193,7 @@ def shard_files(store: str | os.PathLike, split: str | None = None,
 def _features_of(column: pa.ChunkedArray, n_mels: np.ndarray, n_frames: np.ndarray) -> list[torch.Tensor]:
     """Zero-copy view of the list column, one float32 conversion, then per-clip [n_mels, T] views."""
     flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else pa.array([])
-    values = torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+    values = torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype(np.float32))  # owned, writable
     sizes = (n_mels.astype(np.int64) * n_frames.astype(np.int64)).tolist()
     return [v.view(int(m), int(t)) for v, m, t in zip(torch.split(values, sizes), n_mels, n_frames)]
 

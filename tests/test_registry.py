@@ -3,19 +3,16 @@ the pyfunc model, registry aliases, and ``asd predict``.
 
 The trained model and the scoring result are built here (a tiny untrained-but-normalised
 EmbeddingNet on synthetic DCASE-named clips), so the test does not depend on the training job.
-The scoring result comes from the real ``pipelines.score.run_scoring``: on features extracted by
-``pipelines.extract`` when that module exists, else on features computed in-process and served
-by a stand-in ``pipelines.store.load_split``.
+The scoring result comes from the real ``pipelines.score.run_scoring`` on features extracted by
+``pipelines.extract`` into a real Parquet store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -95,25 +92,6 @@ def make_model(root: Path, out: Path, fcfg: FeatureConfig) -> Path:
     return save_model(out, net, meta)
 
 
-def _stand_in_store(root: Path, fcfg: FeatureConfig) -> types.ModuleType:
-    """A ``pipelines.store`` with ``load_split`` over features computed here (no Parquet)."""
-
-    def load_split(store, split, feature_version=None):
-        clips = discover_clips(root / "dev_data", splits=(split,)).clips
-        rows, feats = [], []
-        for c in clips:
-            path = root / "dev_data" / c.path
-            rows.append({"path": str(path), "dataset": "dev_data", "machine": c.machine,
-                         "section": c.section, "domain": c.domain, "split": c.split, "label": c.label,
-                         "attribute": c.attribute, "attribute_class": "/".join(c.attribute_class)})
-            feats.append(_features(path, fcfg))
-        return types.SimpleNamespace(meta=pd.DataFrame(rows), features=feats)
-
-    mod = types.ModuleType("pipelines.store")
-    mod.load_split = load_split
-    return mod
-
-
 def _resolve(path: str, root: Path) -> str:
     for cand in (Path(path), root / path, root / "dev_data" / path):
         if cand.is_file():
@@ -133,7 +111,7 @@ def _restore_mlflow_uris(saved: dict) -> None:
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def setup(mlflow_server, tmp_path_factory):
+def setup(mlflow_server, ray_session, tmp_path_factory):
     """Data, model, scoring result, and two log_scoring calls against the server."""
     from pipelines.score import run_scoring
 
@@ -152,22 +130,10 @@ def setup(mlflow_server, tmp_path_factory):
     cfg.mlflow.registered_model = MODEL_NAME
     store, out = cfg.path(cfg.extract.store), base / "scoring"
 
-    real_store = (importlib.util.find_spec("pipelines.store") is not None
-                  and importlib.util.find_spec("pipelines.extract") is not None)
-    if real_store:
-        from pipelines.extract import extract
+    from pipelines.extract import extract
 
-        ray = sys.modules.get("ray")
-        ray_was_up = bool(ray and ray.is_initialized())
-        extract(root, store, cfg.features, dtype=cfg.extract.dtype, batch_size=16,
-                concurrency=None, ray_address=None, ray_num_cpus=2)
-        if not ray_was_up and "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()
-        result = run_scoring(cfg, model_dir, store, out, ground_truth_root=root)
-    else:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setitem(sys.modules, "pipelines.store", _stand_in_store(root, fcfg))
-            result = run_scoring(cfg, model_dir, store, out, ground_truth_root=root)
+    extract(root, store, cfg.features, dtype=cfg.extract.dtype, batch_size=16, ray_num_cpus=2)
+    result = run_scoring(cfg, model_dir, store, out, ground_truth_root=root)
 
     reg1 = registry.log_scoring(cfg, result)
     c = MlflowClient(mlflow_server)
@@ -176,7 +142,7 @@ def setup(mlflow_server, tmp_path_factory):
     try:
         yield types.SimpleNamespace(cfg=cfg, result=result, root=root, uri=mlflow_server,
                                     reg1=reg1, reg2=reg2, first_aliases=aliases_after_first,
-                                    client=c, real_store=real_store)
+                                    client=c)
     finally:
         _restore_mlflow_uris(saved)
 

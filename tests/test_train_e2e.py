@@ -57,6 +57,12 @@ def test_pretrain_then_finetune_two_workers(tiny_store):
     emb = embed_table(model, test, cfg, use_ray=False)
     assert emb.shape == (len(test.features), cfg.model.embedding_dim)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-4, rtol=0)
+    # the Ray Data actor pool (used for large stores) gives the same embeddings as in-process
+    for mode in ("whole", "windows"):
+        cfg.score.embedding = mode
+        torch.testing.assert_close(embed_table(model, test, cfg, use_ray=True),
+                                   embed_table(model, test, cfg, use_ray=False), atol=1e-5, rtol=0)
+    cfg.score.embedding = "whole"
 
 
 def test_worker_failure_resumes_from_checkpoint(tiny_store, tmp_path):

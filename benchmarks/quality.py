@@ -1,0 +1,183 @@
+"""The paper's Tables 1-3 on the synthetic benchmark, through the real pipeline.
+
+Every variant is a full ``run_pipeline`` (Ray Data extraction, Ray Train, scoring, MLflow run and
+registry) on one shared data tree and feature store, for several training seeds:
+
+* Table 1: AE baseline, pre-train only, fine-tune without pre-train, fine-tune with pre-train;
+* Table 2: MPE ratio m in {none, 50%, 25%, 12.5%}, pre-training only;
+* Table 3: NPE lambda range in {none, [0,.25], [.25,.5], [.5,.75], [.75,1]}, pre-train + fine-tune
+  (the pre-trained model of each seed is shared by the Table 3 variants, as in the paper);
+* test-time embedding: whole clip against the mean over 64-frame windows, same trained model.
+
+Prints the tables (mean ± std over seeds, in %), says which differences to the reference row
+exceed the spread, and writes ``<out>/quality.json``, ``<out>/quality.md`` and a bar chart per table.
+
+    .venv/bin/python benchmarks/quality.py --config demo --seeds 0 1 2 --out benchmarks/results/quality-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from asd import metrics as M
+from pipelines.config import load_config
+
+TABLES = {
+    "table1": [
+        ("AE baseline", ["method=ae", "features.kind=logmel"]),
+        ("Pre-train only", ["finetune.enabled=false"]),
+        ("Fine-tune (w/o pre-train)", ["pretrain.enabled=false"]),
+        ("Fine-tune (w/ pre-train)", []),
+    ],
+    "table2": [
+        ("w/o MPE", ["finetune.enabled=false", "pretrain.mpe_ratio=null"]),
+        ("m = 50%", ["finetune.enabled=false", "pretrain.mpe_ratio=0.5"]),
+        ("m = 25%", ["finetune.enabled=false", "pretrain.mpe_ratio=0.25"]),
+        ("m = 12.5%", ["finetune.enabled=false", "pretrain.mpe_ratio=0.125"]),
+    ],
+    "table3": [
+        ("w/o NPE", ["finetune.npe_lambda=null"]),
+        ("[0, 0.25]", ["finetune.npe_lambda=[0.0,0.25]"]),
+        ("[0.25, 0.5]", ["finetune.npe_lambda=[0.25,0.5]"]),
+        ("[0.5, 0.75]", ["finetune.npe_lambda=[0.5,0.75]"]),
+        ("[0.75, 1]", ["finetune.npe_lambda=[0.75,1.0]"]),
+    ],
+    "embedding": [
+        ("whole clip", ["score.embedding=whole"]),
+        ("64-frame windows", ["score.embedding=windows"]),
+    ],
+}
+REFERENCE = {"table1": "AE baseline", "table2": "w/o MPE", "table3": "w/o NPE", "embedding": "whole clip"}
+# Stages a table takes from the seed's full-method run of Table 1 instead of training them again
+# (same digests, so run_pipeline skips them): Table 3 varies only fine-tuning, the embedding
+# comparison only scoring.
+REUSE = {"table3": ("pretrain",), "embedding": ("pretrain", "finetune")}
+DONOR = "table1-fine-tune-w-pre-train"
+
+
+def run_variant(config: str, base: Path, table: str, name: str, overrides: list[str], seed: int,
+                common: list[str]) -> dict:
+    from pipelines.run import run_pipeline
+    from pipelines.score import labelled_results
+
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    run_dir = base / "runs" / f"{table}-{slug}-seed{seed}"
+    cfg = load_config(config, [*common, f"run_dir={run_dir}", f"train.seed={seed}",
+                               f"mlflow.registered_model=quality-{table}-{slug}", *overrides])
+    donor = base / "runs" / f"{DONOR}-seed{seed}"
+    for stage in REUSE.get(table, ()):
+        for part in (f"models/{stage}", f"stages/{stage}.json"):
+            src, dst = donor / part, run_dir / part
+            if src.exists() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    t0 = time.perf_counter()
+    summary = run_pipeline(cfg)
+    scores = pd.read_csv(run_dir / "scoring" / "scores.csv", dtype={"section": str})
+    row = M.paper_row(labelled_results(scores), method=name)
+    return {"table": table, "variant": name, "seed": seed, "seconds": time.perf_counter() - t0,
+            "mlflow_run_id": summary["parent_run_id"], **row}
+
+
+def aggregate(rows: list[dict], table: str) -> tuple[str, list[str]]:
+    df = pd.DataFrame([r for r in rows if r["table"] == table])
+    cols = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "mlflow_run_id", "method")]
+    order = [n for n, _ in TABLES[table] if n in set(df["variant"])]
+    mean = df.groupby("variant")[cols].mean().loc[order]
+    std = df.groupby("variant")[cols].std(ddof=1).loc[order].fillna(0.0)
+    n_seeds = df.groupby("variant")["seed"].nunique().loc[order]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for v in order:
+        cells = [f"{100 * mean.loc[v, c]:.2f} ± {100 * std.loc[v, c]:.2f}" for c in cols]
+        lines.append(f"| {v} | {n_seeds.loc[v]} | " + " | ".join(cells) + " |")
+    notes = []
+    ref = REFERENCE[table]
+    if ref in mean.index:
+        for v in order:
+            if v == ref:
+                continue
+            diff = mean.loc[v, "Overall"] - mean.loc[ref, "Overall"]
+            spread = std.loc[v, "Overall"] + std.loc[ref, "Overall"]
+            verdict = "larger than" if abs(diff) > spread else "within"
+            notes.append(f"{v} vs {ref}: Overall {100 * diff:+.2f} points, {verdict} the spread "
+                         f"(sum of std {100 * spread:.2f})")
+    return "\n".join(lines), notes
+
+
+def bar_chart(rows: list[dict], table: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame([r for r in rows if r["table"] == table])
+    machines = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "mlflow_run_id",
+                                                   "method", "Source AUC", "Target AUC", "pAUC")]
+    order = [n for n, _ in TABLES[table] if n in set(df["variant"])]
+    mean = df.groupby("variant")[machines].mean().loc[order]
+    std = df.groupby("variant")[machines].std(ddof=1).loc[order].fillna(0.0)
+    x = np.arange(len(machines))
+    width = 0.8 / max(1, len(order))
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(machines)), 4))
+    for i, v in enumerate(order):
+        ax.bar(x + i * width, 100 * mean.loc[v], width, yerr=100 * std.loc[v], label=v, capsize=2)
+    ax.set_xticks(x + width * (len(order) - 1) / 2, machines, rotation=20)
+    ax.set_ylabel("harmonic mean (%)")
+    ax.set_ylim(40, 100)
+    ax.axhline(50, color="grey", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{table}: per machine type (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
+    ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override applied to every variant (e.g. data.root=...)")
+    args = ap.parse_args()
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / "work"
+    cfg = load_config(args.config, args.overrides)
+    data_root = Path(cfg.data.root).resolve()
+    common = [*args.overrides, f"data.root={data_root}", f"extract.store={base / 'features'}",
+              f"mlflow.tracking_uri=sqlite:///{base / 'mlflow.db'}", "mlflow.experiment=asd-quality"]
+    results_file = out / "quality.json"
+    rows = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
+    done = {(r["table"], r["variant"], r["seed"]) for r in rows}
+    for table in sorted(args.tables, key=lambda t: t != "table1"):  # table1 first: table3 reuses it
+        for seed in args.seeds:
+            for name, overrides in TABLES[table]:
+                if (table, name, seed) in done:
+                    continue  # resumable: finished variants are kept
+                print(f"== {table} / {name} / seed {seed}", flush=True)
+                rows.append(run_variant(args.config, base, table, name, overrides, seed, common))
+                results_file.write_text(json.dumps({
+                    "config": args.config, "overrides": args.overrides, "machine": platform.node(),
+                    "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=2, default=str))
+    report = [f"# Quality benchmark: config `{args.config}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}\n"]
+    for table in args.tables:
+        text, notes = aggregate(rows, table)
+        bar_chart(rows, table, out / f"{table}.png")
+        report += [f"## {table}\n", text, ""] + [f"- {n}" for n in notes] + [f"\n![{table}]({table}.png)\n"]
+    (out / "quality.md").write_text("\n".join(report))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
