@@ -240,8 +240,7 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
         import shutil
 
         shutil.rmtree(vdir)
-    vdir.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    S.write_json_if_changed(settings_file, settings)
 
     data_root, found = discover(root)
     summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,16 +129,23 @@ def read_quarantine(vdir: Path) -> pd.DataFrame:
     return pq.read_table(f).to_pandas() if f.is_file() else QUARANTINE_SCHEMA.empty_table().to_pandas()
 
 
+def _write_if_changed(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
+    """Sorted by path, no pandas metadata, and not rewritten when the content is the same: a
+    re-run that finds nothing new leaves every file of the store untouched."""
+    frame = frame.sort_values("path", kind="stable")
+    table = pa.table({f.name: pa.array([None if pd.isna(v) else v for v in frame[f.name]], type=f.type)
+                      for f in schema}, schema=schema)
+    if path.is_file() and pq.read_table(path).equals(table):
+        return
+    write_table_atomic(table, path)
+
+
 def write_manifest(vdir: Path, manifest: pd.DataFrame) -> None:
-    manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
-    write_table_atomic(pa.Table.from_pandas(manifest, schema=MANIFEST_SCHEMA, preserve_index=False),
-                       vdir / MANIFEST)
+    _write_if_changed(manifest, MANIFEST_SCHEMA, vdir / MANIFEST)
 
 
 def write_quarantine(vdir: Path, quarantine: pd.DataFrame) -> None:
-    quarantine = quarantine.sort_values("path", kind="stable").reset_index(drop=True)
-    write_table_atomic(pa.Table.from_pandas(quarantine, schema=QUARANTINE_SCHEMA, preserve_index=False),
-                       vdir / QUARANTINE)
+    _write_if_changed(quarantine, QUARANTINE_SCHEMA, vdir / QUARANTINE)
 
 
 def store_manifest(store: str | os.PathLike, feature_version: str | None = None) -> pd.DataFrame:
@@ -239,10 +245,15 @@ def split_dataset(store: str | os.PathLike, split: str, feature_version: str | N
     return ray.data.read_parquet([str(f) for f in files])
 
 
+def write_json_if_changed(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def record_store(store: str | os.PathLike, feature_version: str, settings: dict) -> None:
-    f = Path(store) / STORE_FILE
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".tmp-{os.getpid()}-{STORE_FILE}")
-    tmp.write_text(json.dumps({"feature_version": feature_version, "updated": time.time(), **settings},
-                              indent=2))
-    os.replace(tmp, f)
+    write_json_if_changed(Path(store) / STORE_FILE, {"feature_version": feature_version, **settings})
