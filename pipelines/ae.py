@@ -15,6 +15,7 @@ from asd.baseline_ae import AEConfig, DenseAutoencoder, clip_scores, frame_vecto
 from pipelines.config import PipelineConfig, from_dict, to_dict
 
 AE_FILE = "ae.pt"
+OPTIM_FILE = "ae_optim.pt"  # Adam state of every machine's AE, so a resumed run continues exactly
 
 
 def _ae_config(cfg: PipelineConfig) -> AEConfig:
@@ -38,7 +39,7 @@ def ae_train_loop(loop_cfg: dict) -> None:
     import ray.train
 
     from pipelines.store import load_split
-    from pipelines.train import _dist, _mean_across
+    from pipelines.train import HISTORY_FILE, _dist, _mean_across
 
     cfg: PipelineConfig = from_dict(PipelineConfig, loop_cfg["config"])
     rank, world, all_reduce = _dist()
@@ -48,17 +49,21 @@ def ae_train_loop(loop_cfg: dict) -> None:
     acfg = _ae_config(cfg)
     torch.manual_seed(cfg.train.seed)
     models = {m: DenseAutoencoder(acfg) for m in machines}
-    start = 0
+    start, history, optim_state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / AE_FILE, weights_only=True)
+            optim_state = torch.load(Path(d) / OPTIM_FILE, weights_only=True)
             start = json.loads((Path(d) / "meta.json").read_text())["epochs"]
+            history = json.loads((Path(d) / HISTORY_FILE).read_text())
         for m in machines:
             models[m].load_state_dict(state[m])
     wrapped = {m: (ray.train.torch.prepare_model(models[m], move_to_device=False) if world > 1 else models[m])
                for m in machines}
     opts = {m: torch.optim.Adam(wrapped[m].parameters(), lr=cfg.ae.lr) for m in machines}
+    for m in (machines if optim_state else ()):
+        opts[m].load_state_dict(optim_state[m])
     shards = {m: [data.features[i] for i in data.meta.index[data.meta["machine"] == m] if i % world == rank]
               for m in machines}
     for epoch in range(start, cfg.ae.epochs):
@@ -86,6 +91,7 @@ def ae_train_loop(loop_cfg: dict) -> None:
                 total, steps = total + float(loss), steps + 1
             metrics[f"loss/{m}"] = _mean_across(total / max(steps, 1), all_reduce, world)
         metrics["loss"] = sum(v for k, v in metrics.items() if k.startswith("loss/")) / len(machines)
+        history.append(metrics)
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -95,6 +101,8 @@ def ae_train_loop(loop_cfg: dict) -> None:
             log_epoch_metrics(loop_cfg["tracking_uri"], loop_cfg["mlflow_run_id"], "ae", metrics, epoch)
         with tempfile.TemporaryDirectory() as d:
             save_ae(d, models, cfg, epoch + 1)
+            torch.save({m: o.state_dict() for m, o in opts.items()}, Path(d) / OPTIM_FILE)
+            (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -126,6 +134,7 @@ def run_ae_training(cfg: PipelineConfig, *, store, out_dir, mlflow_run_id=None, 
     from ray.train.torch import TorchTrainer
 
     from pipelines.ray_runtime import init_ray
+    from pipelines.train import HISTORY_FILE, write_history
 
     if cfg.features.kind != "logmel":
         raise ValueError("the AE baseline uses plain log-Mel features: set features.kind=logmel")
@@ -149,6 +158,7 @@ def run_ae_training(cfg: PipelineConfig, *, store, out_dir, mlflow_run_id=None, 
     with result.checkpoint.as_directory() as d:
         for name in (AE_FILE, "meta.json"):
             (out / name).write_bytes((Path(d) / name).read_bytes())
+        write_history(json.loads((Path(d) / HISTORY_FILE).read_text()), out)
     return out
 
 

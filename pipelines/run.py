@@ -108,7 +108,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         else:
             from pipelines.registry import log_scoring
             from pipelines.retrain import freeze_eval_set
-            from pipelines.score import results_markdown, run_scoring
+            from pipelines.score import method_label, results_markdown, run_scoring
 
             t0 = time.perf_counter()
             result = run_scoring(cfg, model_dir, store, score_dir, ground_truth_root=root)
@@ -119,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
             summary["stages"]["score"] = {"seconds": time.perf_counter() - t0,
                                           "official_score": result.official_score, **reg}
             if result.results:
-                (run_dir / "results.md").write_text(results_markdown(result.results))
+                (run_dir / "results.md").write_text(results_markdown(result.results, method_label(cfg)))
         summary["seconds"] = time.perf_counter() - t_start
         mlflow.log_metric("pipeline_seconds", summary["seconds"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -189,7 +189,7 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
     if results:
         rows = M.results_table(results)
         M.write_table_csv(rows, out_dir / "results.csv")
-        (out_dir / "results.md").write_text(results_markdown(results))
+        (out_dir / "results.md").write_text(results_markdown(results, method_label(cfg)))
     n = len(train.features) + len(test.features)
     (out_dir / "timing.json").write_text(json.dumps(
         {"clips": n, "embed_seconds": embed_seconds, "clips_per_s": n / max(embed_seconds, 1e-9)}))
@@ -197,9 +197,20 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
     return ScoringResult(scored, sections, results, out_dir)
 
 
-def results_markdown(results: list) -> str:
+def method_label(cfg: PipelineConfig) -> str:
+    """The row name of the paper's Table 1 that this configuration reproduces."""
+    if cfg.method == "ae":
+        return "AE baseline"
+    if not cfg.finetune.enabled:
+        return "Pre-train only"
+    if cfg.finetune.from_scratch or not cfg.pretrain.enabled:
+        return "Fine-tune (w/o pre-train)"
+    return "Fine-tune (w/ pre-train)"
+
+
+def results_markdown(results: list, method: str = "proposed") -> str:
     """The paper's Table 1 row, then per-section detail."""
-    return ("## Results (paper's Table 1 layout)\n\n" + M.to_markdown([M.paper_row(results)])
+    return ("## Results (paper's Table 1 layout)\n\n" + M.to_markdown([M.paper_row(results, method)])
             + "\n\n## Per section\n\n" + M.to_markdown(M.results_table(results)) + "\n")
 
 
@@ -235,6 +246,6 @@ def _main(args) -> int:
 
         log_scoring(cfg, result)
     if result.results:
-        print(results_markdown(result.results))
+        print(results_markdown(result.results, method_label(cfg)))
     print(f"submission files: {out / 'submission'}")
     return 0

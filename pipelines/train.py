@@ -35,6 +35,7 @@ from pipelines.config import PipelineConfig, add_config_arguments, from_dict, lo
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")
 STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"  # every epoch's metrics, carried in each checkpoint (survives resumes)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -104,12 +105,13 @@ def train_loop(loop_cfg: dict) -> None:
                                 weight_decay=sc.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sc.lr_milestones, sc.lr_gamma)
 
-    start_epoch, resumed_from = 0, -1
+    start_epoch, resumed_from, history = 0, -1, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location=device, weights_only=True))
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / HISTORY_FILE).read_text())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -182,10 +184,12 @@ def train_loop(loop_cfg: dict) -> None:
             samples_per_s=_mean_across(seen / train_seconds, all_reduce, world) * world,
             epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed_from,
         )
-        _report(epoch, model, optimizer, scheduler, metrics, rank, loop_cfg, cfg, stage, class_keys)
+        history.append(metrics)
+        _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, stage, class_keys)
 
 
-def _report(epoch, model, optimizer, scheduler, metrics, rank, loop_cfg, cfg, stage, class_keys):
+def _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, stage, class_keys):
+    metrics = history[-1]
     import ray.train
 
     if rank != 0:
@@ -199,6 +203,7 @@ def _report(epoch, model, optimizer, scheduler, metrics, rank, loop_cfg, cfg, st
         save_model(d, model, _model_meta(cfg, stage, class_keys, epoch + 1))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch, "torch_rng": torch.get_rng_state()}, Path(d) / STATE_FILE)
+        (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -265,10 +270,16 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
         raise RuntimeError(f"{stage} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         out = copy_model(d, out_dir)
-    history = result.metrics_dataframe
-    if history is not None:
-        history.to_csv(Path(out) / "history.csv", index=False)
+        history = json.loads((Path(d) / HISTORY_FILE).read_text())
+    write_history(history, out)
     return out
+
+
+def write_history(history: list[dict], out_dir: Path) -> None:
+    """Per-epoch metrics as ``history.csv`` beside the model."""
+    import pandas as pd
+
+    pd.DataFrame(history).to_csv(Path(out_dir) / "history.csv", index=False)
 
 
 # ----------------------------------------------------------------------------- CLI
