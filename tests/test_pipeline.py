@@ -1,0 +1,102 @@
+"""The whole pipeline on the `tiny` preset against a real MLflow server on 127.0.0.1: one command
+runs every stage, a re-run skips what is up to date, and scheduled retraining extracts exactly
+the clips of a data drop, registers a challenger and records its decision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory, mlflow_server, ray_session):
+    from pipelines.run import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config("tiny", [f"run_dir={root / 'run'}", f"data.root={root / 'data'}",
+                               f"mlflow.tracking_uri={mlflow_server}",
+                               "mlflow.registered_model=asd-pipeline-test",
+                               "mlflow.experiment=asd-pipeline-test"])
+    summary = run_pipeline(cfg)
+    return cfg, summary
+
+
+def test_run_executes_every_stage(tiny_pipeline):
+    cfg, summary = tiny_pipeline
+    stages = summary["stages"]
+    assert set(stages) == {"extract", "pretrain", "finetune", "score"}
+    assert stages["extract"]["extracted"] == stages["extract"]["discovered"] > 0
+    assert 0.0 < stages["score"]["official_score"] <= 1.0
+    run_dir = Path(cfg.run_dir)
+    assert (run_dir / "results.md").is_file() and (run_dir / "frozen_eval_set.json").is_file()
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.data.tags["stage"] for r in children} >= {"extract", "pretrain", "finetune", "score"}
+    assert client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion").version == "1"
+
+
+def test_rerun_skips_up_to_date_stages(tiny_pipeline):
+    from pipelines.run import run_pipeline
+
+    cfg, _ = tiny_pipeline
+    again = run_pipeline(cfg)
+    assert again["stages"]["extract"]["extracted"] == 0
+    for stage in ("pretrain", "finetune", "score"):
+        assert again["stages"][stage].get("skipped") is True, stage
+
+
+def test_retrain_on_a_data_drop(tiny_pipeline):
+    from pipelines.retrain import retrain
+    from pipelines.synth.generate import add_drop
+
+    cfg, _ = tiny_pipeline
+    added = add_drop(Path(cfg.data.root), "target", count=2, seed=5)
+    added = [p for p in added if p.endswith(".wav")]
+    assert added
+    out = retrain(cfg)
+    assert out["new_clips"] == len(added) and out["extracted"] == len(added)
+    assert str(out["version"]) == "2" and str(out["parent_version"]) == "1"
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    v2 = client.get_model_version(cfg.mlflow.registered_model, "2")
+    assert v2.tags["retrain_decision"] in ("promoted", "kept_champion")
+    assert v2.tags["parent_version"] == "1" and v2.tags["data_manifest_digest"]
+    assert float(v2.tags["champion_official_score"]) == pytest.approx(out["champion_score"])
+    challenger = client.get_model_version_by_alias(cfg.mlflow.registered_model, "challenger")
+    assert challenger.version == "2"
+    champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    promoted = out["challenger_score"] >= out["champion_score"] - cfg.retrain.tolerance
+    assert champion.version == ("2" if promoted else "1")
+    assert v2.tags["retrain_decision"] == ("promoted" if promoted else "kept_champion")
+    if promoted:
+        previous = client.get_model_version_by_alias(cfg.mlflow.registered_model, "previous_champion")
+        assert previous.version == "1"
+
+    # nothing new: a second retrain does nothing and registers nothing
+    again = retrain(cfg)
+    assert again["status"] == "nothing_to_do"
+    versions = client.search_model_versions(f"name = '{cfg.mlflow.registered_model}'")
+    assert len(versions) == 2
+
+
+def test_retrain_lock_prevents_overlap(tiny_pipeline):
+    from pipelines.retrain import RetrainLocked, retrain, run_lock
+
+    cfg, _ = tiny_pipeline
+    with run_lock(Path(cfg.run_dir) / "retrain.lock"):
+        with pytest.raises(RetrainLocked):
+            retrain(cfg)
+
+
+def test_summary_is_json(tiny_pipeline):
+    cfg, _ = tiny_pipeline
+    data = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    assert data["parent_run_id"]

@@ -1,0 +1,371 @@
+"""Tests of the synthetic DCASE 2022 generator (pipelines/synth): layout, names, attribute tables,
+audio format, determinism, domain attributes, anomaly signal, eval ground truth and data drops."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asd.metadata import discover_clips, read_attributes_csv
+from asd.metrics import ground_truth_file_name, read_ground_truth
+from pipelines.synth.generate import PRESETS, add_drop, generate, next_value
+from pipelines.synth.machines import MACHINE_TYPES, MACHINES
+
+TINY = PRESETS["tiny"]
+
+
+def _hashes(root: Path, pattern: str = "*") -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob(pattern)) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "tiny"
+    summary = generate(TINY, root, seed=0, workers=2, eval_data=True)
+    return root, summary
+
+
+def _small(**kw):
+    base = dict(machines=("valve",), dev_sections=("00",), eval_sections=("03",), seconds=1.0,
+                source_train=3, target_train=2, test_per_group=1)
+    return dataclasses.replace(TINY, **{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_presets_have_the_documented_sizes():
+    assert set(PRESETS) >= {"tiny", "demo", "dcase2022"}
+    full = PRESETS["dcase2022"]
+    assert set(full.machines) == set(MACHINE_TYPES) and len(MACHINE_TYPES) == 7
+    assert (full.dev_sections, full.eval_sections) == (("00", "01", "02"), ("03", "04", "05"))
+    assert (full.source_train, full.target_train, full.test_per_group, full.seconds) == (990, 10, 50, 10.0)
+    demo = PRESETS["demo"]
+    assert (demo.source_train, demo.target_train, demo.test_per_group, demo.seconds) == (50, 5, 10, 10.0)
+    assert set(demo.machines) == set(MACHINE_TYPES)
+    assert (TINY.machines, TINY.dev_sections, TINY.eval_sections) == (("fan", "valve"), ("00", "01"), ("03",))
+    assert (TINY.seconds, TINY.source_train, TINY.target_train, TINY.test_per_group) == (3.0, 16, 4, 6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TINY.seconds = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("machine", MACHINE_TYPES)
+def test_section_specs_have_disjoint_domains(machine):
+    for section in ("00", "01", "02", "03", "04", "05"):
+        spec = MACHINES[machine].spec(section)
+        src = {tuple(a.items()) for a in spec.values("source")}
+        tgt = {tuple(a.items()) for a in spec.values("target")}
+        assert len(src) >= 2 and len(tgt) >= 1 and not src & tgt
+        names = [x for combo in spec.source + spec.target for x in combo] + list(spec.params)
+        assert all("_" not in x for x in names)  # the name's attribute string must split into pairs
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_layout_and_counts(tiny):
+    root, summary = tiny
+    found = discover_clips(root / "dev_data")
+    assert found.unparsed == []
+    counts = Counter((c.machine, c.section, c.split, c.domain, c.label) for c in found.clips)
+    expected = {}
+    for m in TINY.machines:
+        for s in TINY.dev_sections:
+            expected[(m, s, "train", "source", "normal")] = TINY.source_train
+            expected[(m, s, "train", "target", "normal")] = TINY.target_train
+            for d in ("source", "target"):
+                for lab in ("normal", "anomaly"):
+                    expected[(m, s, "test", d, lab)] = TINY.test_per_group
+    assert dict(counts) == expected
+    groups = defaultdict(list)
+    for c in found.clips:
+        groups[(c.machine, c.section, c.split, c.domain, c.label)].append(c.index)
+    for key, idx in groups.items():  # indices count per (section, domain, split, label)
+        assert sorted(idx) == list(range(len(idx))), key
+    assert all(re.search(r"_\d{4}_", Path(c.path).name) for c in found.clips)
+    n_eval = len(TINY.machines) * len(TINY.eval_sections) * (TINY.source_train + TINY.target_train
+                                                              + 4 * TINY.test_per_group)
+    assert summary.written == len(found.clips) + n_eval and summary.skipped == 0
+    assert summary.counts["dev_data/fan/train"] == len(TINY.dev_sections) * (TINY.source_train + TINY.target_train)
+
+
+def test_names_agree_with_attribute_tables(tiny):
+    root, _ = tiny
+    for data in ("dev_data", "eval_data"):
+        found = discover_clips(root / data)
+        labelled = [c for c in found.clips if c.is_labelled]
+        assert labelled
+        for c in labelled:
+            row = found.attributes[c.path]  # every labelled clip has a row
+            assert "_".join(f"{p}_{v}" for p, v in row.items()) == c.attribute
+        assert set(found.attributes) == {c.path for c in labelled}  # and no row without a clip
+        for csv_path in (root / data).glob("*/attributes_*.csv"):
+            header = csv_path.read_text().splitlines()[0]
+            assert re.fullmatch(r"file_name(,d\dp,d\dv)+", header)
+            rows = read_attributes_csv(csv_path)
+            section = csv_path.stem.split("_")[1]
+            assert rows and all(Path(name).name.startswith(f"section_{section}_") for name in rows)
+
+
+def test_audio_format_and_level(tiny):
+    root, _ = tiny
+    wavs = sorted(root.rglob("*.wav"))
+    assert len(wavs) == 264
+    for wav in wavs:
+        info = sf.info(str(wav))
+        assert (info.samplerate, info.channels, info.subtype, info.format) == (16000, 1, "PCM_16", "WAV")
+        assert info.frames == int(TINY.seconds * 16000)
+        x, _ = sf.read(str(wav), dtype="int16")
+        peak = int(np.abs(x.astype(np.int32)).max())
+        assert 300 < peak < 32767, wav.name  # audible, never clipped
+    assert not list(root.rglob("*.part"))
+
+
+def test_source_and_target_attributes_never_overlap(tiny):
+    root, _ = tiny
+    found = discover_clips(root / "dev_data")
+    values = defaultdict(lambda: defaultdict(set))
+    for c in found.clips:
+        values[(c.machine, c.section, c.split)][c.domain].add(c.attribute)
+    for key, by_domain in values.items():
+        assert not by_domain["source"] & by_domain["target"], key
+        if key[2] == "train":  # enough attribute classes for a tiny model to train on
+            assert len(by_domain["source"]) >= 2 and len(by_domain["target"]) >= 1, key
+
+
+@pytest.mark.parametrize("section", ["00", "01", "02"])
+def test_target_domain_normals_sound_different(section):
+    """The attribute really changes the sound: a leave-one-out nearest neighbour on a simple
+    statistic tells source from target normal clips (first value of each domain; chance 0.5)."""
+    from pipelines.synth.machines import SR, keyed_rng, render_clip
+
+    for machine in MACHINE_TYPES:
+        spec = MACHINES[machine].spec(section)
+        x, y = [], []
+        for domain in ("source", "target"):
+            for i in range(6):
+                clip = render_clip(machine, section, spec.values(domain)[0], anomaly=None, strength=0.0,
+                                   snr_db=6.0, rng=keyed_rng("domain-test", machine, section, domain, i), n=6 * SR)
+                x.append(_band_stats(clip))
+                y.append(domain)
+        z = np.array(x)
+        z = (z - z.mean(0)) / (z.std(0) + 0.1)
+        dist = ((z[:, None] - z[None]) ** 2).sum(-1)
+        np.fill_diagonal(dist, np.inf)
+        accuracy = np.mean(np.array(y)[dist.argmin(1)] == np.array(y))
+        assert accuracy >= 0.75, (machine, accuracy)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tiny, tmp_path):
+    root, _ = tiny
+    generate(TINY, tmp_path / "again", seed=0, workers=1, eval_data=True)
+    assert _hashes(tmp_path / "again") == _hashes(root)
+
+
+def test_different_seed_differs(tmp_path):
+    a = generate(_small(), tmp_path / "a", seed=1, workers=1)
+    generate(_small(), tmp_path / "b", seed=2, workers=1)
+    ha, hb = _hashes(tmp_path / "a", "*.wav"), _hashes(tmp_path / "b", "*.wav")
+    assert set(ha) == set(hb) and len(ha) == a.written
+    assert all(ha[k] != hb[k] for k in ha)
+    assert (tmp_path / "a/dev_data/valve/attributes_00.csv").read_bytes() == \
+        (tmp_path / "b/dev_data/valve/attributes_00.csv").read_bytes()
+
+
+def test_existing_files_are_kept(tmp_path):
+    root = tmp_path / "d"
+    first = generate(_small(), root, seed=3, workers=1, eval_data=True)
+    before = _hashes(root)
+    again = generate(_small(), root, seed=3, workers=1, eval_data=True)
+    assert again.written == 0 and again.skipped == first.written and _hashes(root) == before
+    victim = sorted((root / "dev_data/valve/test").glob("*.wav"))[0]
+    victim.unlink()
+    (root / "dev_data/valve/attributes_00.csv").unlink()
+    other = sorted((root / "dev_data/valve/train").glob("*.wav"))[0]
+    other.write_bytes(b"not overwritten")
+    refill = generate(_small(), root, seed=3, workers=1, eval_data=True)
+    assert refill.written == 1
+    after = _hashes(root)
+    assert after.pop(str(other.relative_to(root))) != before.pop(str(other.relative_to(root)))
+    assert after == before  # the missing clip and table came back identical, nothing else changed
+
+
+# ----------------------------------------------------------------------------- anomalies
+
+
+def _band_stats(y: np.ndarray, n_fft: int = 512) -> np.ndarray:
+    """A simple clip statistic: level, spectral shape and std over frames of 32 log band energies
+    (dB), and the log modulation spectrum of the frame energy in 16 bands from 0.2 to 10 Hz (rhythm)."""
+    frames = y[: len(y) // n_fft * n_fft].reshape(-1, n_fft) * np.hanning(n_fft)
+    power = np.abs(np.fft.rfft(frames, axis=1)[:, 1:]) ** 2
+    bands = 10 * np.log10(power.reshape(len(power), 32, -1).mean(axis=2) + 1e-12)
+    env = bands.mean(axis=1) - bands.mean()
+    mod = np.abs(np.fft.rfft(env * np.hanning(len(env)), 2048)) ** 2
+    f = np.fft.rfftfreq(2048, n_fft / 16000)
+    edges = np.geomspace(0.2, 10, 17)
+    mod_bands = [10 * np.log10(mod[(f >= lo) & (f < hi)].mean() + 1e-12) for lo, hi in zip(edges[:-1], edges[1:])]
+    level = bands.mean()
+    return np.concatenate([[level], bands.mean(0) - level, bands.std(0), mod_bands])
+
+
+def _auc(normal, anomalous) -> float:
+    n, a = np.asarray(normal), np.asarray(anomalous)
+    return float(((a[:, None] > n[None, :]).sum() + 0.5 * (a[:, None] == n[None, :]).sum()) / (len(a) * len(n)))
+
+
+def test_obvious_anomalies_differ_from_normal_clips(tmp_path):
+    preset = _small(machines=("fan", "valve", "gearbox"), seconds=4.0, source_train=10, target_train=0,
+                    test_per_group=8, anomaly_strength=(0.9, 1.0), snr_db=(6.0, 12.0))
+    root = tmp_path / "obvious"
+    generate(preset, root, seed=0, workers=2)
+    found = discover_clips(root / "dev_data")
+    stats = {c.path: _band_stats(sf.read(str(root / "dev_data" / c.path), dtype="float32")[0]) for c in found.clips}
+    for machine in preset.machines:
+        clips = [c for c in found.clips if c.machine == machine and c.domain == "source"]
+        ref = np.stack([stats[c.path] for c in clips if c.split == "train"])
+        mu, sd = ref.mean(0), ref.std(0) + 0.5
+        score = {c.path: float(np.mean(((stats[c.path] - mu) / sd) ** 2)) for c in clips if c.split == "test"}
+        normal = [score[c.path] for c in clips if c.split == "test" and c.label == "normal"]
+        anomalous = [score[c.path] for c in clips if c.split == "test" and c.label == "anomaly"]
+        assert np.mean(anomalous) > np.mean(normal) and _auc(normal, anomalous) >= 0.75, machine
+
+
+# ----------------------------------------------------------------------------- eval data
+
+
+def test_eval_layout_and_ground_truth(tiny):
+    root, _ = tiny
+    found = discover_clips(root / "eval_data")
+    assert found.unparsed == []
+    for machine in TINY.machines:
+        for section in TINY.eval_sections:
+            test = sorted(Path(c.path).name for c in found.clips
+                          if c.machine == machine and c.section == section and c.split == "test")
+            assert test == [f"section_{section}_test_{i:04d}.wav" for i in range(4 * TINY.test_per_group)]
+            assert all(c.label is None and c.domain is None for c in found.clips if c.split == "test")
+            train = [c for c in found.clips if c.machine == machine and c.section == section and c.split == "train"]
+            assert len(train) == TINY.source_train + TINY.target_train and all(c.is_labelled for c in train)
+            gt = root / "ground_truth_data" / ground_truth_file_name(machine, section)
+            names, y_true, y_domain = read_ground_truth(gt)
+            assert names == test and y_domain is not None
+            assert int(y_true.sum()) == int(y_domain.sum()) == 2 * TINY.test_per_group
+            assert int((y_true & y_domain).sum()) == TINY.test_per_group
+            assert 0 < y_true[: len(y_true) // 2].sum() < len(y_true) // 2  # shuffled: index reveals nothing
+
+
+# ----------------------------------------------------------------------------- data drops
+
+
+@pytest.fixture
+def tree(tiny, tmp_path):
+    root, _ = tiny
+    dst = tmp_path / "tree"
+    for sub in ("dev_data", "eval_data"):
+        shutil.copytree(root / sub, dst / sub)
+    return dst
+
+
+def _drop(root: Path, kind: str, count: int, seed: int = 5):
+    before = _hashes(root / "dev_data", "*.wav")
+    added = add_drop(root, kind, count=count, seed=seed)
+    after = _hashes(root / "dev_data", "*.wav")
+    assert {k: after[k] for k in before} == before  # no existing clip changed
+    new = {str(root / "dev_data" / k) for k in set(after) - set(before)}
+    wavs = [p for p in added if p.endswith(".wav")]
+    assert set(wavs) == new and len(wavs) == len(new)
+    found = discover_clips(root / "dev_data")
+    assert found.unparsed == []
+    rel = {str(Path(p).relative_to(root / "dev_data")) for p in wavs}
+    assert rel <= set(found.attributes)  # the new clips have attribute rows
+    assert all(p.endswith(".csv") for p in set(added) - set(wavs))
+    return [c for c in found.clips if c.path in rel], found
+
+
+def test_drop_target(tree, tmp_path):
+    new, found = _drop(tree, "target", count=2)
+    assert len(new) == 2 * len(TINY.machines) * len(TINY.dev_sections)
+    for c in new:
+        assert (c.split, c.domain, c.label) == ("train", "target", "normal")
+        assert c.index in (TINY.target_train, TINY.target_train + 1)  # indices continue
+        old = {o.attribute for o in found.clips if o.machine == c.machine and o.section == c.section
+               and o.domain == "target" and o.split == "train" and o not in new}
+        assert c.attribute in old
+    twin = tmp_path / "twin"
+    shutil.copytree(tree / "eval_data", twin / "eval_data")
+    shutil.copytree(tree / "dev_data", twin / "dev_data",
+                    ignore=lambda d, names: [n for n in names if "_target_train_" in n and
+                                             int(n.split("_")[5]) >= TINY.target_train])
+    # the twin lacks the dropped clips but has the appended csv rows: the drop writes the same bytes
+    add_drop(twin, "target", count=2, seed=5)
+    assert _hashes(twin / "dev_data", "*.wav") == _hashes(tree / "dev_data", "*.wav")
+
+
+def test_drop_attribute(tree):
+    new, found = _drop(tree, "attribute", count=3)
+    assert len(new) == 3 * len(TINY.machines) * len(TINY.dev_sections)
+    for c in new:
+        assert (c.split, c.domain) == ("train", "target")
+        existing = {o.attribute for o in found.clips if o.machine == c.machine and o.section == c.section
+                    and o not in new}
+        assert c.attribute not in existing
+
+
+def test_drop_section(tree):
+    new, _ = _drop(tree, "section", count=4)
+    by_machine = defaultdict(list)
+    for c in new:
+        by_machine[c.machine].append(c)
+    assert set(by_machine) == set(TINY.machines)
+    for clips in by_machine.values():
+        assert {c.section for c in clips} == {"04"}  # after dev 00, 01 and eval 03
+        kinds = Counter((c.split, c.domain, c.label) for c in clips)
+        assert kinds[("train", "source", "normal")] == 4 and kinds[("train", "target", "normal")] == 1
+        assert all(kinds[("test", d, lab)] == 1 for d in ("source", "target") for lab in ("normal", "anomaly"))
+
+
+def test_drop_rejects_bad_input(tree, tmp_path):
+    with pytest.raises(ValueError):
+        add_drop(tree, "bogus", count=1)
+    with pytest.raises(FileNotFoundError):
+        add_drop(tmp_path / "nothing", "target", count=1)
+
+
+def test_next_value_continues_the_style():
+    assert next_value(["28V", "31V", "37V", "40V"]) == "43V"
+    assert next_value(["00", "01", "02", "03"]) == "04"
+    assert next_value(["1.0", "1.5", "2.0"]) == "2.5"
+    assert next_value(["L1", "L2", "L3", "L4"]) == "L5"
+    assert next_value(["A", "B", "C", "D"]) == "E"
+    assert next_value(["open", "closed"]) == "x1"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli(tmp_path, capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--help"])
+    assert exit_info.value.code == 0
+    out = tmp_path / "cli"
+    rc = main(["synth", "--preset", "tiny", "--out", str(out), "--machines", "valve", "--sections", "00",
+               "--seconds", "1", "--source-train", "2", "--target-train", "1", "--test-per-group", "1",
+               "--anomaly-strength", "0.5", "0.5", "--snr", "0", "0", "--workers", "1", "--eval"])
+    assert rc == 0 and "14 clips written" in capsys.readouterr().out
+    assert (out / "eval_data/valve/test/section_03_test_0003.wav").is_file()
+    assert main(["synth", "--out", str(out), "--drop", "target", "--count", "1", "--workers", "1"]) == 0
+    assert (out / "dev_data/valve/train/section_00_target_train_normal_0001_pat_02.wav").is_file()
+    assert main(["synth", "--out", str(out), "--machines", "lathe"]) == 2
