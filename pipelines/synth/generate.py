@@ -30,8 +30,10 @@ from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, keyed_rng, ren
 
 log = logging.getLogger("asd.synth")
 
-DEFAULT_STRENGTH = (0.1, 1.0)  # anomaly strength, uniform per clip: 0 = none, 1 = obvious
-DEFAULT_SNR_DB = (-3.0, 9.0)  # machine-to-background ratio, uniform per clip
+# Calibrated against the official AE baseline (docs/synthetic-data.md): anomaly strength, uniform per
+# clip (0 = none, 1 = plainly audible), and machine-to-background ratio in dB, uniform per clip.
+DEFAULT_STRENGTH = (0.5, 2.0)
+DEFAULT_SNR_DB = (3.0, 12.0)
 DOMAINS = ("source", "target")
 LABELS = ("normal", "anomaly")
 
