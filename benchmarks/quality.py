@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -60,7 +61,12 @@ REFERENCE = {"table1": "AE baseline", "table2": "w/o MPE", "table3": "w/o NPE", 
 # (same digests, so run_pipeline skips them): Table 3 varies only fine-tuning, the embedding
 # comparison only scoring.
 REUSE = {"table3": ("pretrain",), "embedding": ("pretrain", "finetune")}
-DONOR = "table1-fine-tune-w-pre-train"
+DONOR = ("table1", "Fine-tune (w/ pre-train)")
+
+
+def run_name(table: str, variant: str, seed: int) -> str:
+    slug = re.sub(r"[^0-9a-z]+", "-", variant.lower()).strip("-")
+    return f"{table}-{slug}-seed{seed}"
 
 
 def run_variant(config: str, base: Path, table: str, name: str, overrides: list[str], seed: int,
@@ -68,11 +74,11 @@ def run_variant(config: str, base: Path, table: str, name: str, overrides: list[
     from pipelines.run import run_pipeline
     from pipelines.score import labelled_results
 
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    run_dir = base / "runs" / f"{table}-{slug}-seed{seed}"
+    run_dir = base / "runs" / run_name(table, name, seed)
     cfg = load_config(config, [*common, f"run_dir={run_dir}", f"train.seed={seed}",
-                               f"mlflow.registered_model=quality-{table}-{slug}", *overrides])
-    donor = base / "runs" / f"{DONOR}-seed{seed}"
+                               f"mlflow.registered_model=quality-{run_dir.name[:-len(f'-seed{seed}')]}",
+                               *overrides])
+    donor = base / "runs" / run_name(*DONOR, seed)
     for stage in REUSE.get(table, ()):
         for part in (f"models/{stage}", f"stages/{stage}.json"):
             src, dst = donor / part, run_dir / part
@@ -105,10 +111,13 @@ def aggregate(rows: list[dict], table: str) -> tuple[str, list[str]]:
             if v == ref:
                 continue
             diff = mean.loc[v, "Overall"] - mean.loc[ref, "Overall"]
+            if min(n_seeds.loc[v], n_seeds.loc[ref]) < 2:
+                notes.append(f"{v} vs {ref}: Overall {100 * diff:+.2f} points (one seed: no spread to compare)")
+                continue
             spread = std.loc[v, "Overall"] + std.loc[ref, "Overall"]
             verdict = "larger than" if abs(diff) > spread else "within"
             notes.append(f"{v} vs {ref}: Overall {100 * diff:+.2f} points, {verdict} the spread "
-                         f"(sum of std {100 * spread:.2f})")
+                         f"(sum of the two std {100 * spread:.2f})")
     return "\n".join(lines), notes
 
 
@@ -160,7 +169,8 @@ def main() -> None:
     results_file = out / "quality.json"
     rows = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
     done = {(r["table"], r["variant"], r["seed"]) for r in rows}
-    for table in sorted(args.tables, key=lambda t: t != "table1"):  # table1 first: table3 reuses it
+    order = ("table1", "embedding", "table3", "table2")  # table1 first: the others reuse its models
+    for table in sorted(args.tables, key=order.index):
         for seed in args.seeds:
             for name, overrides in TABLES[table]:
                 if (table, name, seed) in done:
