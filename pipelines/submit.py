@@ -46,13 +46,26 @@ def submit(address: str, entrypoint: str, *, env: dict | None = None, follow: bo
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env),
-                               submission_id=submission_id)
+    job_id = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env),
+                        submission_id=submission_id)
     print(f"submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)
     if not follow:
         return job_id, str(client.get_job_status(job_id))
     status = wait_for_job(client, job_id, timeout_s=timeout_s, echo=True)
     return job_id, status
+
+
+def submit_job(client, *, retry_s: float = 60.0, **kwargs) -> str:
+    """``client.submit_job(**kwargs)``, retried while the head's job agent is still starting
+    (right after ``ray start`` / ``ray up`` the dashboard answers before the agent does)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def wait_for_job(client, job_id: str, *, timeout_s: float | None = None, echo: bool = False,

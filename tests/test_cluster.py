@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -61,18 +64,31 @@ def test_job_entrypoint_and_runtime_env():
 
 
 @pytest.fixture
-def local_head(tmp_path):
+def local_head():
     """`ray start --head` on loopback from this venv (auth disabled: a loopback test cluster)."""
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a short temp dir: Ray's Unix socket paths under it must stay within the 107-byte limit
+    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    # every port free and explicit, so that another Ray on the machine cannot take the agent's
+    agent_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-           f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", *agent_ports,
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        pytest.fail(f"ray start --head failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # only this head's processes (their command lines carry its temp dir): `ray stop` would
+        # also stop every other Ray on the machine
+        for signal in ("-TERM", "-KILL"):
+            subprocess.run(["pkill", signal, "-f", temp], capture_output=True)
+            time.sleep(2)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -80,7 +96,7 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.submit import job_entrypoint, runtime_env, wait_for_job
+    from pipelines.submit import job_entrypoint, runtime_env, submit_job, wait_for_job
 
     address, env = local_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -89,7 +105,7 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     entry = job_entrypoint("run", "tiny", [f"run_dir={run_dir}", f"data.root={data}",
                                            f"mlflow.registered_model={name}"], python=sys.executable)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env(
+    job_id = submit_job(client, entrypoint=entry, runtime_env=runtime_env(
         extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}))
     status = wait_for_job(client, job_id, timeout_s=900)
     logs = client.get_job_logs(job_id)

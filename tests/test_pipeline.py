@@ -100,3 +100,18 @@ def test_summary_is_json(tiny_pipeline):
     cfg, _ = tiny_pipeline
     data = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
     assert data["parent_run_id"]
+
+
+def test_predict_scores_the_real_clips(tiny_pipeline, real_audio_dir, capsys):
+    """Format path only (no quality claim): the real DCASE valve clips through `asd predict` with
+    the champion trained on synthetic valve data; one finite score per clip, in the order given."""
+    from pipelines.cli import main
+
+    cfg, _ = tiny_pipeline
+    clips = sorted(str(p) for p in real_audio_dir.glob("*.wav"))
+    rc = main(["predict", "--model", f"models:/{cfg.mlflow.registered_model}@champion",
+               "--tracking-uri", cfg.mlflow.tracking_uri, "--machine", "valve", "--json", *clips])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["failed"] == 0
+    assert [r["path"] for r in doc["clips"]] == clips
+    assert all(r["section"] == "00" and r["decision"] in (0, 1) and r["score"] > 0 for r in doc["clips"])

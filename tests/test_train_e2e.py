@@ -38,11 +38,12 @@ def test_pretrain_then_finetune_two_workers(tiny_store):
     from pipelines.train import run_training
 
     cfg, store = tiny_store
-    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = 4, [3]
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = 8, [6]
     pre = run_training(cfg, "pretrain", store=store, out_dir=cfg.path("models/pretrain"))
     hist = _history(pre)
-    assert list(hist["epoch"]) == [0, 1, 2, 3]
-    assert hist["loss"].iloc[-1] < hist["loss"].iloc[0]
+    assert list(hist["epoch"]) == list(range(8))
+    # tiny data, few steps per epoch: compare the ends of the run, not two single epochs
+    assert hist["loss"].iloc[-3:].mean() < hist["loss"].iloc[:2].mean(), hist["loss"].tolist()
     assert hist["samples_per_s"].gt(0).all()
 
     fine = run_training(cfg, "finetune", store=store, out_dir=cfg.path("models/finetune"), init_model=pre)
