@@ -103,7 +103,7 @@ class FinetuneConfig:
 
 @dataclass
 class ScoreConfig:
-    embedding: str = "whole"  # "whole" clip or mean over "windows" of crop_frames
+    embedding: str = "windows"  # mean over "windows" of crop_frames, or the "whole" clip (docs/method.md)
     window_hop: int = 32
     covariance: str = "pooled"
     shrinkage: float | str = "ledoit-wolf"  # or a fixed ratio in [0, 1] (see asd.backend)
