@@ -116,8 +116,14 @@ def aggregate(rows: list[dict], table: str) -> tuple[str, list[str]]:
                 continue
             spread = std.loc[v, "Overall"] + std.loc[ref, "Overall"]
             verdict = "larger than" if abs(diff) > spread else "within"
+            # same seed = same data order (and, in Tables 3 and "embedding", the same shared model):
+            # the per-seed difference removes the seed's own noise
+            by_seed = df.pivot_table(index="seed", columns="variant", values="Overall")[[v, ref]].dropna()
+            paired = 100 * (by_seed[v] - by_seed[ref])
+            agree = "same sign in every seed" if (paired > 0).all() or (paired < 0).all() else "signs differ"
             notes.append(f"{v} vs {ref}: Overall {100 * diff:+.2f} points, {verdict} the spread "
-                         f"(sum of the two std {100 * spread:.2f})")
+                         f"(sum of the two std {100 * spread:.2f}); per seed {', '.join(f'{x:+.2f}' for x in paired)}"
+                         f" ({agree})")
     return "\n".join(lines), notes
 
 
@@ -157,6 +163,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override applied to every variant (e.g. data.root=...)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the tables from the runs recorded so far, run nothing")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -170,7 +178,7 @@ def main() -> None:
     rows = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
     done = {(r["table"], r["variant"], r["seed"]) for r in rows}
     order = ("table1", "embedding", "table3", "table2")  # table1 first: the others reuse its models
-    for table in sorted(args.tables, key=order.index):
+    for table in sorted(args.tables, key=order.index) if not args.report_only else ():
         for seed in args.seeds:
             for name, overrides in TABLES[table]:
                 if (table, name, seed) in done:
@@ -181,7 +189,7 @@ def main() -> None:
                     "config": args.config, "overrides": args.overrides, "machine": platform.node(),
                     "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=2, default=str))
     report = [f"# Quality benchmark: config `{args.config}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}\n"]
-    for table in args.tables:
+    for table in [t for t in args.tables if any(r["table"] == t for r in rows)]:
         text, notes = aggregate(rows, table)
         bar_chart(rows, table, out / f"{table}.png")
         report += [f"## {table}\n", text, ""] + [f"- {n}" for n in notes] + [f"\n![{table}]({table}.png)\n"]
