@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,6 +75,8 @@ def _ray_worker(cfg: dict) -> None:
     import ray.train
 
     result = timed_steps(cfg)
+    # Result.metrics is None without a checkpoint (Ray Train V2): hand the figures over in a file
+    Path(cfg["result_file"]).write_text(json.dumps(result))
     ray.train.report(result)
 
 
@@ -83,8 +87,9 @@ def run_ray(cfg: dict) -> dict:
 
     ray.init(num_cpus=max(2, cfg["threads"]), include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}})
+    cfg = {**cfg, "result_file": tempfile.mktemp(suffix=".json")}
     t0 = time.perf_counter()
-    result = TorchTrainer(
+    TorchTrainer(
         _ray_worker, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg["device"] == "cuda",
                                      resources_per_worker={"CPU": cfg["threads"]}),
@@ -92,7 +97,7 @@ def run_ray(cfg: dict) -> dict:
     ).fit()
     wall = time.perf_counter() - t0
     ray.shutdown()
-    return {**result.metrics, "wall_seconds_incl_startup": wall}
+    return {**json.loads(Path(cfg["result_file"]).read_text()), "wall_seconds_incl_startup": wall}
 
 
 def main() -> None:
