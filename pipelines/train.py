@@ -189,8 +189,9 @@ def train_loop(loop_cfg: dict) -> None:
 
 
 def _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, stage, class_keys):
-    metrics = history[-1]
     import ray.train
+
+    metrics = history[-1]
 
     if rank != 0:
         ray.train.report(metrics)
