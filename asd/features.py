@@ -60,17 +60,32 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, inverted: bool) ->
 
 
 def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
-    """|STFT|^2 with a periodic Hann window, centred frames with reflect padding: [..., F, T]."""
+    """|STFT|^2 with a periodic Hann window, centred frames with reflect padding: [..., F, T].
+
+    The same values as ``torch.stft(center=True, pad_mode="reflect")``, computed by framing
+    (``unfold``) + ``rfft`` and squaring real and imaginary parts: about 2.5x faster on one CPU
+    thread than ``torch.stft`` followed by ``abs().pow(2)`` (see docs/method.md)."""
+    return _power_frames(wave, n_fft, hop_length).transpose(-1, -2)
+
+
+def _power_frames(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """:func:`power_spectrogram` with frames first: [..., T, F] (contiguous)."""
+    if wave.shape[-1] <= n_fft // 2:
+        raise ValueError(f"{wave.shape[-1]} samples: reflect padding needs more than n_fft//2 = {n_fft // 2}")
+    lead = wave.shape[:-1]
+    padded = torch.nn.functional.pad(wave.reshape(-1, 1, wave.shape[-1]), (n_fft // 2, n_fft // 2),
+                                     mode="reflect")
     window = torch.hann_window(n_fft, dtype=wave.dtype, device=wave.device)
-    spec = torch.stft(wave, n_fft, hop_length, window=window, center=True,
-                      pad_mode="reflect", return_complex=True)
-    return spec.abs().pow(2)
+    frames = padded[:, 0].unfold(-1, n_fft, hop_length) * window  # [B, T, n_fft]
+    parts = torch.view_as_real(torch.fft.rfft(frames, dim=-1))  # [B, T, F, 2]
+    parts = parts * parts
+    power = parts[..., 0] + parts[..., 1]
+    return power.reshape(*lead, *power.shape[-2:])
 
 
 def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored)."""
     fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel")
-    power = power_spectrogram(wave, cfg.n_fft, cfg.hop_length)
-    fb = fb.to(device=power.device, dtype=power.dtype)
-    mel = torch.matmul(power.transpose(-1, -2), fb).transpose(-1, -2)
-    return 10.0 * torch.log10(mel.clamp_min(cfg.log_floor))
+    power = _power_frames(wave, cfg.n_fft, cfg.hop_length)
+    mel = torch.matmul(power, fb.to(device=power.device, dtype=power.dtype))  # [..., T, n_mels]
+    return (10.0 * torch.log10(mel.clamp_min(cfg.log_floor))).transpose(-1, -2).contiguous()

@@ -13,6 +13,7 @@ import torch
 
 from asd.baseline_ae import AEConfig, DenseAutoencoder, clip_scores, frame_vectors, reconstruction_error
 from pipelines.config import PipelineConfig, from_dict, to_dict
+from pipelines.ray_runtime import prepare_compute_process
 
 AE_FILE = "ae.pt"
 OPTIM_FILE = "ae_optim.pt"  # Adam state of every machine's AE, so a resumed run continues exactly
@@ -43,7 +44,7 @@ def ae_train_loop(loop_cfg: dict) -> None:
 
     cfg: PipelineConfig = from_dict(PipelineConfig, loop_cfg["config"])
     rank, world, all_reduce = _dist()
-    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
+    prepare_compute_process(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
     data = load_split(loop_cfg["store"], "train", feature_version=cfg.features.version)
     machines = sorted(data.meta["machine"].unique())
     acfg = _ae_config(cfg)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from pipelines.ray_runtime import tune_allocator
+
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {
     "synth": "pipelines.synth.cli",
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help / usage error
         return 2
     args = parser.parse_args(argv)
+    tune_allocator()  # the driver computes too: synthesis, in-process embedding, scoring
     return int(args.func(args) or 0)
 
 

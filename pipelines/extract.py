@@ -129,12 +129,12 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
     Reads each file once (hash + decode from the same bytes), computes features, writes the
     shard's Parquet file (only the usable clips) atomically under its deterministic name."""
     import numpy as np
-    import torch
 
     from asd.audio import AudioFormatError, load_audio
     from asd.features import log_mel
+    from pipelines.ray_runtime import prepare_compute_process
 
-    torch.set_num_threads(1)  # parallelism comes from the number of tasks
+    prepare_compute_process(1)  # parallelism comes from the number of tasks
     fcfg = FeatureConfig(**features)
     spec = json.loads(row["shard"])
     np_dtype = np.float16 if dtype == "float16" else np.float32

@@ -92,7 +92,7 @@ def write_settings(cfg, directory: str | Path) -> Path:
 def load_sections(path: str | Path) -> dict:
     from asd.backend import SectionModel
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: SectionModel.from_state_dict(v) for k, v in state.items()}
 
 
@@ -113,7 +113,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
     def _load(self, artifacts: dict) -> None:
         from pipelines.checkpoints import feature_config, load_model
 
-        torch.set_grad_enabled(False)
         self.model, self.meta = load_model(artifacts[MODEL_DIR])
         self.features = feature_config(self.meta)
         self.sections = load_sections(artifacts["sections"])
@@ -216,7 +215,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
             by_key.setdefault(key, []).append((pos, len(features)))
             features.append(feats)
         if features:
-            emb = self.embed(features)
+            emb = self.embed(features)  # embed_clips runs under no_grad
             for key, items in by_key.items():
                 sm = self.sections[key]
                 scores, nearest = sm.score(emb[torch.as_tensor([i for _, i in items])])

@@ -31,6 +31,7 @@ from asd.training import (
 )
 from pipelines.checkpoints import MODEL_FILE, copy_model, load_model, save_model
 from pipelines.config import PipelineConfig, add_config_arguments, from_dict, load_config, to_dict
+from pipelines.ray_runtime import prepare_compute_process
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")
@@ -84,7 +85,7 @@ def train_loop(loop_cfg: dict) -> None:
     tc = cfg.train
     sc = cfg.pretrain if stage == "pretrain" else cfg.finetune
     rank, world, all_reduce = _dist()
-    torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+    prepare_compute_process(tc.threads_per_worker or tc.cpus_per_worker)
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
     data = _load_training_data(loop_cfg)

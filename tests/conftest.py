@@ -89,3 +89,17 @@ def ray_session():
     init_ray(None, num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _global_torch_state_is_left_alone():
+    """A library call that flips process-wide torch state (grad mode, default dtype) breaks
+    the tests that run after it, and a user's own code: fail the test that did it."""
+    import torch
+
+    before = (torch.is_grad_enabled(), torch.get_default_dtype())
+    yield
+    after = (torch.is_grad_enabled(), torch.get_default_dtype())
+    torch.set_grad_enabled(before[0])
+    torch.set_default_dtype(before[1])
+    assert after == before, f"torch global state changed by this test: {before} -> {after}"
