@@ -91,17 +91,20 @@ class EpochPrototypes:
 def epoch_prototypes(model: nn.Module, features: Sequence[torch.Tensor], labels: torch.Tensor,
                      local: Sequence[int], num_classes: int, *, mpe_ratio: float | None,
                      mpe_per_class: int, generator: torch.Generator, all_reduce: AllReduce = no_reduce,
-                     batch_size: int = 32, device: torch.device | str = "cpu") -> EpochPrototypes:
+                     batch_size: int = 32, device: torch.device | str = "cpu",
+                     window: int | None = None, hop: int | None = None) -> EpochPrototypes:
     """The dotted line of the paper's Fig. 1, before every pre-training epoch.
 
     This worker embeds its ``local`` share of all training clips, accumulates Eq. 2 sums and
     counts (and those of the MPE subsets, drawn from the *global* labels with a generator
     seeded identically on every worker), and ``all_reduce`` sums them over workers, so every
     worker ends with the same global prototypes. Every worker must call this, also when its
-    share lacks some classes (their local sums are zero).
+    share lacks some classes (their local sums are zero). ``window``/``hop``: clip embeddings
+    as the window mean of :func:`embed_clips` instead of one pass over the whole clip.
     """
     local_idx = torch.as_tensor(list(local), dtype=torch.long)
-    z = embed_clips(model, features, local_idx.tolist(), batch_size, device).to(torch.float64)
+    z = embed_clips(model, features, local_idx.tolist(), batch_size, device,
+                    window=window, hop=hop).to(torch.float64)
     if z.numel() == 0:
         z = torch.zeros(0, _embedding_dim(model), dtype=torch.float64)
     sums, counts = class_sums(z, labels[local_idx], num_classes)

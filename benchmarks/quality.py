@@ -7,7 +7,9 @@ registry) on one shared data tree and feature store, for several training seeds:
 * Table 2: MPE ratio m in {none, 50%, 25%, 12.5%}, pre-training only;
 * Table 3: NPE lambda range in {none, [0,.25], [.25,.5], [.5,.75], [.75,1]}, pre-train + fine-tune
   (the pre-trained model of each seed is shared by the Table 3 variants, as in the paper);
-* test-time embedding: whole clip against the mean over 64-frame windows, same trained model.
+* test-time embedding: whole clip against the mean over 64-frame windows, same trained model;
+* pre-training prototypes: from whole-clip embeddings against 64-frame window means
+  (``pretrain.prototype_embedding``), pre-training only and pre-train + fine-tune.
 
 Prints the tables (mean ± std over seeds, in %), says which differences to the reference row
 exceed the spread, and writes ``<out>/quality.json``, ``<out>/quality.md`` and a bar chart per table.
@@ -55,13 +57,25 @@ TABLES = {
         ("whole clip", ["score.embedding=whole"]),
         ("64-frame windows", ["score.embedding=windows"]),
     ],
+    "prototypes": [
+        ("pre-train only, whole clips", ["finetune.enabled=false", "pretrain.prototype_embedding=whole"]),
+        ("pre-train only, windows", ["finetune.enabled=false", "pretrain.prototype_embedding=windows"]),
+        ("pre-train + fine-tune, whole clips", ["pretrain.prototype_embedding=whole"]),
+        ("pre-train + fine-tune, windows", ["pretrain.prototype_embedding=windows"]),
+    ],
 }
-REFERENCE = {"table1": "AE baseline", "table2": "w/o MPE", "table3": "w/o NPE", "embedding": "whole clip"}
+# The row each variant is compared with: one per table, or per variant where pairs differ in one setting
+REFERENCE = {"table1": "AE baseline", "table2": "w/o MPE", "table3": "w/o NPE", "embedding": "whole clip",
+             "prototypes": {"pre-train only, windows": "pre-train only, whole clips",
+                            "pre-train + fine-tune, windows": "pre-train + fine-tune, whole clips"}}
 # Stages a table takes from the seed's full-method run of Table 1 instead of training them again
 # (same digests, so run_pipeline skips them): Table 3 varies only fine-tuning, the embedding
 # comparison only scoring.
-REUSE = {"table3": ("pretrain",), "embedding": ("pretrain", "finetune")}
+REUSE = {"table3": ("pretrain",), "embedding": ("pretrain", "finetune"), "prototypes": ("pretrain",)}
 DONOR = ("table1", "Fine-tune (w/ pre-train)")
+# Variants whose donor is another variant (the pre-train-only run with the same prototypes)
+VARIANT_DONOR = {("prototypes", f"pre-train + fine-tune, {kind}"): ("prototypes", f"pre-train only, {kind}")
+                 for kind in ("whole clips", "windows")}
 
 
 def run_name(table: str, variant: str, seed: int) -> str:
@@ -78,7 +92,7 @@ def run_variant(config: str, base: Path, table: str, name: str, overrides: list[
     cfg = load_config(config, [*common, f"run_dir={run_dir}", f"train.seed={seed}",
                                f"mlflow.registered_model=quality-{run_dir.name[:-len(f'-seed{seed}')]}",
                                *overrides])
-    donor = base / "runs" / run_name(*DONOR, seed)
+    donor = base / "runs" / run_name(*VARIANT_DONOR.get((table, name), DONOR), seed)
     for stage in REUSE.get(table, ()):
         for part in (f"models/{stage}", f"stages/{stage}.json"):
             src, dst = donor / part, run_dir / part
@@ -105,11 +119,10 @@ def aggregate(rows: list[dict], table: str) -> tuple[str, list[str]]:
         cells = [f"{100 * mean.loc[v, c]:.2f} ± {100 * std.loc[v, c]:.2f}" for c in cols]
         lines.append(f"| {v} | {n_seeds.loc[v]} | " + " | ".join(cells) + " |")
     notes = []
-    ref = REFERENCE[table]
-    if ref in mean.index:
-        for v in order:
-            if v == ref:
-                continue
+    refs = REFERENCE[table] if isinstance(REFERENCE[table], dict) else {v: REFERENCE[table] for v in order}
+    for v in order:
+        ref = refs.get(v)
+        if ref is not None and ref != v and ref in mean.index:
             diff = mean.loc[v, "Overall"] - mean.loc[ref, "Overall"]
             if min(n_seeds.loc[v], n_seeds.loc[ref]) < 2:
                 notes.append(f"{v} vs {ref}: Overall {100 * diff:+.2f} points (one seed: no spread to compare)")
@@ -177,7 +190,7 @@ def main() -> None:
     results_file = out / "quality.json"
     rows = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
     done = {(r["table"], r["variant"], r["seed"]) for r in rows}
-    order = ("table1", "embedding", "table3", "table2")  # table1 first: the others reuse its models
+    order = ("table1", "embedding", "table3", "table2", "prototypes")  # table1 first: the others reuse its models
     for table in sorted(args.tables, key=order.index) if not args.report_only else ():
         for seed in args.seeds:
             for name, overrides in TABLES[table]:

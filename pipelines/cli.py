@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     tune_allocator()  # the driver computes too: synthesis, in-process embedding, scoring
-    return int(args.func(args) or 0)
+    from pipelines.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:  # a bad --config / --set: the message says it all, no traceback
+        print(f"asd {command}: config error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ class PretrainConfig:
     tau: float = 0.07
     mpe_ratio: float | None = 0.25  # None = without MPE
     mpe_per_class: int = 1  # sub-prototypes per class, redrawn every epoch
+    # clip embeddings behind the epoch prototypes: "whole" clip or the mean of crop-sized
+    # "windows" (hop score.window_hop), as at test time (docs/method.md)
+    prototype_embedding: str = "whole"
+
+    def __post_init__(self) -> None:
+        if self.prototype_embedding not in ("whole", "windows"):
+            raise ValueError(f"pretrain.prototype_embedding must be 'whole' or 'windows', "
+                             f"got {self.prototype_embedding!r}")
 
 
 @dataclass

@@ -229,8 +229,10 @@ def _summarise(manifest) -> object:
     return manifest
 
 
-def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -> dict:
+def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
+                extra_metrics: dict[str, float] | None = None) -> dict:
     """Log a :class:`pipelines.score.ScoringResult` to MLflow and register its pyfunc model.
+    ``extra_metrics`` (e.g. the scoring's peak memory) go to the same run.
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
     ``models:/<name>/<version>``; ``model_uri``/``version`` are None for the AE baseline, which
@@ -256,7 +258,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
         metrics = scoring_metrics(result.results)
         if metrics:
             mlflow.log_metrics(metrics)
-        mlflow.log_metric("test_clips", float(len(result.scores)))
+        mlflow.log_metrics({"test_clips": float(len(result.scores)), **(extra_metrics or {})})
 
         if (out_dir / "submission").is_dir():
             mlflow.log_artifacts(str(out_dir / "submission"), "submission")

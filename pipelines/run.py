@@ -6,6 +6,9 @@ parent run with a nested run per stage. Every stage records the digest of its in
 digest is unchanged and whose output exists is skipped, so re-running after a crash resumes
 instead of starting over (an interrupted training stage resumes from its last epoch
 checkpoint, because its Ray Train run name is derived from the same digest).
+
+Each stage that runs records its wall time and the peak memory of the driver and every process
+it started (``peak_rss_mib``, :mod:`pipelines.monitor`) in the summary and its MLflow run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
+from pipelines.monitor import PeakMemory
 
 log = logging.getLogger("asd.run")
 
@@ -89,13 +93,14 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         store = cfg.path(cfg.extract.store)
         with tracking.stage_run("extract") as run:
             t0 = time.perf_counter()
-            ex = extract(root, store, cfg.features, dtype=cfg.extract.dtype,
-                         batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
-                         ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
-            mlflow.log_metrics({k: float(v) for k, v in ex.counts().items()})
-            mlflow.log_metric("clips_per_s", ex.clips_per_s)
+            with PeakMemory() as peak:
+                ex = extract(root, store, cfg.features, dtype=cfg.extract.dtype,
+                             batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
+                             ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+            mlflow.log_metrics({**{k: float(v) for k, v in ex.counts().items()},
+                                "clips_per_s": ex.clips_per_s, "peak_rss_mib": peak.mib})
             summary["stages"]["extract"] = {"seconds": time.perf_counter() - t0, **ex.counts(),
-                                            "run_id": run.info.run_id}
+                                            "peak_rss_mib": peak.mib, "run_id": run.info.run_id}
         data_digest = manifest_digest(store)
         mlflow.set_tag("data_manifest_digest", data_digest)
 
@@ -111,12 +116,13 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
             from pipelines.score import method_label, results_markdown, run_scoring
 
             t0 = time.perf_counter()
-            result = run_scoring(cfg, model_dir, store, score_dir, ground_truth_root=root)
+            with PeakMemory() as peak:
+                result = run_scoring(cfg, model_dir, store, score_dir, ground_truth_root=root)
             freeze_eval_set(run_dir, result.scores["path"].tolist())  # retraining compares on these
-            reg = log_scoring(cfg, result)
+            reg = log_scoring(cfg, result, extra_metrics={"peak_rss_mib": peak.mib})
             book.record("score", score_digest, official_score=result.official_score,
                         model_version=reg.get("version"), model_uri=reg.get("model_uri"))
-            summary["stages"]["score"] = {"seconds": time.perf_counter() - t0,
+            summary["stages"]["score"] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak.mib,
                                           "official_score": result.official_score, **reg}
             if result.results:
                 (run_dir / "results.md").write_text(results_markdown(result.results, method_label(cfg)))
@@ -153,22 +159,23 @@ def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[P
         else:
             with tracking.stage_run(stage) as run:
                 t0 = time.perf_counter()
-                if stage == "ae":
-                    from pipelines.ae import run_ae_training
+                with PeakMemory() as peak:
+                    if stage == "ae":
+                        from pipelines.ae import run_ae_training
 
-                    run_ae_training(cfg, store=store, out_dir=out, mlflow_run_id=run.info.run_id,
-                                    tracking_uri=uri, run_name=f"ae-{digest}")
-                else:
-                    from pipelines.train import run_training
+                        run_ae_training(cfg, store=store, out_dir=out, mlflow_run_id=run.info.run_id,
+                                        tracking_uri=uri, run_name=f"ae-{digest}")
+                    else:
+                        from pipelines.train import run_training
 
-                    run_training(cfg, stage, store=store, out_dir=out,
-                                 init_model=cfg.path(f"models/{init}") if init else None,
-                                 mlflow_run_id=run.info.run_id, tracking_uri=uri,
-                                 run_name=f"{stage}-{digest}")
+                        run_training(cfg, stage, store=store, out_dir=out,
+                                     init_model=cfg.path(f"models/{init}") if init else None,
+                                     mlflow_run_id=run.info.run_id, tracking_uri=uri,
+                                     run_name=f"{stage}-{digest}")
                 seconds = time.perf_counter() - t0
-                mlflow.log_metric("stage_seconds", seconds)
-            book.record(stage, digest, seconds=seconds)
-            summary["stages"][stage] = {"seconds": seconds, "run_id": run.info.run_id}
+                mlflow.log_metrics({"stage_seconds": seconds, "peak_rss_mib": peak.mib})
+            book.record(stage, digest, seconds=seconds, peak_rss_mib=peak.mib)
+            summary["stages"][stage] = {"seconds": seconds, "peak_rss_mib": peak.mib, "run_id": run.info.run_id}
         upstream, model_dir = digest, out
     return model_dir, upstream
 

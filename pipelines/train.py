@@ -132,6 +132,8 @@ def train_loop(loop_cfg: dict) -> None:
         sampler = BalancedBatchSampler(labels, sc.n_classes, sc.k, per_worker,
                                        seed=tc.seed * 7919 + rank + 1)
 
+    proto_windows = ({"window": tc.crop_frames, "hop": cfg.score.window_hop}
+                     if stage == "pretrain" and sc.prototype_embedding == "windows" else {})
     for epoch in range(start_epoch, sc.epochs):
         if fault.get("epoch") == epoch and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(f"failed at epoch {epoch}\n")
@@ -144,7 +146,8 @@ def train_loop(loop_cfg: dict) -> None:
             protos = epoch_prototypes(
                 core, features, labels, range(rank, len(labels), world), len(class_keys),
                 mpe_ratio=sc.mpe_ratio, mpe_per_class=sc.mpe_per_class, generator=g_shared,
-                all_reduce=all_reduce, batch_size=cfg.score.batch_size, device=device)
+                all_reduce=all_reduce, batch_size=cfg.score.batch_size, device=device,
+                **proto_windows)
             metrics["prototype_drift"] = prototype_drift(previous, protos.class_prototypes)
             previous = protos.class_prototypes
             protos.prototypes = protos.prototypes.to(device)

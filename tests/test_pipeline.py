@@ -41,6 +41,11 @@ def test_run_executes_every_stage(tiny_pipeline):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.data.tags["stage"] for r in children} >= {"extract", "pretrain", "finetune", "score"}
+    for r in children:  # every stage that ran logs the peak memory of its process tree
+        if r.data.tags["stage"] not in stages:
+            continue
+        assert r.data.metrics["peak_rss_mib"] == pytest.approx(stages[r.data.tags["stage"]]["peak_rss_mib"])
+        assert r.data.metrics["peak_rss_mib"] > 100  # at least the driver (torch + mlflow imported)
     assert client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion").version == "1"
 
 
@@ -115,3 +120,11 @@ def test_predict_scores_the_real_clips(tiny_pipeline, real_audio_dir, capsys):
     assert rc == 0 and doc["failed"] == 0
     assert [r["path"] for r in doc["clips"]] == clips
     assert all(r["section"] == "00" and r["decision"] in (0, 1) and r["score"] > 0 for r in doc["clips"])
+
+
+def test_cli_config_error_is_one_clear_line(capsys):
+    from pipelines.cli import main
+
+    rc = main(["train", "--stage", "pretrain", "--config", "tiny", "--set", "pretrain.prototype_embedding=mean"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prototype_embedding" in err and "Traceback" not in err

@@ -80,3 +80,26 @@ def test_single_rank_share_sums_match_loop():
     for c in range(N_CLASSES):
         mean = z[labels == c].mean(0)
         torch.testing.assert_close(protos[c].double(), mean / mean.norm(), atol=1e-5, rtol=0)
+
+
+def test_window_mean_prototypes_match_loop():
+    """``prototype_embedding: windows``: a clip's embedding is the re-normalised mean over its
+    64-frame windows (hop 2 here, the last window aligned to the clip's end), the prototype the
+    normalised class mean of those."""
+    features, labels = _data()
+    model = _model()
+    got = epoch_prototypes(model, features, labels, range(N_CLIPS), N_CLASSES, mpe_ratio=None,
+                           mpe_per_class=1, generator=torch.Generator().manual_seed(7), batch_size=3,
+                           window=64, hop=2).prototypes
+    clip_z = []
+    with torch.no_grad():
+        for f in features:
+            starts = sorted(set(range(0, f.shape[1] - 64 + 1, 2)) | {f.shape[1] - 64})
+            wins = torch.stack([f[:, s:s + 64] for s in starts])
+            m = model(wins[:, None]).double().mean(0)
+            clip_z.append(m / m.norm())
+    z = torch.stack(clip_z)
+    assert not torch.allclose(got, _prototypes(range(N_CLIPS))[0][:N_CLASSES])  # windows matter
+    for c in range(N_CLASSES):
+        mean = z[labels == c].mean(0)
+        torch.testing.assert_close(got[c].double(), mean / mean.norm(), atol=1e-5, rtol=0)
