@@ -111,7 +111,7 @@ def main() -> None:
         out["librosa_loop_clips_per_s"] = librosa_loop(loop_paths, fcfg)
     out["project_loop_1thread_clips_per_s"] = project_loop(loop_paths, fcfg, 1)
     out["project_loop_default_threads_clips_per_s"] = project_loop(loop_paths, fcfg, args.cpus)
-    from pipelines.ray_runtime import tune_allocator
+    from pipelines.compute_process import tune_allocator
 
     out["allocator_tuned"] = tune_allocator()  # irreversible in this process: the default runs come first
     out["project_loop_tuned_1thread_clips_per_s"] = project_loop(loop_paths, fcfg, 1)

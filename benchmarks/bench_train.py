@@ -19,6 +19,7 @@ import torch
 from asd.losses import multi_prototype_loss
 from asd.model import EmbeddingNet, ModelConfig
 from asd.sampler import random_crops
+from pipelines.compute_process import prepare_compute_process
 
 
 def _setup(width: int, n_clips: int, n_classes: int, device: str, channels_last: bool):
@@ -36,8 +37,9 @@ def _setup(width: int, n_clips: int, n_classes: int, device: str, channels_last:
 
 
 def timed_steps(cfg: dict, model_wrapper=None) -> dict:
-    """Run warm-up + measured steps; return samples/s of the measured part."""
-    torch.set_num_threads(cfg["threads"])
+    """Run warm-up + measured steps; return samples/s of the measured part. The process is set up
+    as the pipeline's training workers are (threads, allocator), in both the plain and the Ray run."""
+    prepare_compute_process(cfg["threads"])
     device = cfg["device"]
     features, labels, model, protos, proto_class, opt = _setup(
         cfg["width"], cfg["clips"], cfg["classes"], device, cfg["channels_last"])

@@ -13,7 +13,7 @@ import torch
 
 from asd.baseline_ae import AEConfig, DenseAutoencoder, clip_scores, frame_vectors, reconstruction_error
 from pipelines.config import PipelineConfig, from_dict, to_dict
-from pipelines.ray_runtime import prepare_compute_process
+from pipelines.compute_process import prepare_compute_process
 
 AE_FILE = "ae.pt"
 OPTIM_FILE = "ae_optim.pt"  # Adam state of every machine's AE, so a resumed run continues exactly

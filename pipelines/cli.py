@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from pipelines.ray_runtime import tune_allocator
+from pipelines.compute_process import tune_allocator
 
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {

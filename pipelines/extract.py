@@ -132,7 +132,7 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
 
     from asd.audio import AudioFormatError, load_audio
     from asd.features import log_mel
-    from pipelines.ray_runtime import prepare_compute_process
+    from pipelines.compute_process import prepare_compute_process
 
     prepare_compute_process(1)  # parallelism comes from the number of tasks
     fcfg = FeatureConfig(**features)

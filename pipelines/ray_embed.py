@@ -18,7 +18,7 @@ class _Embedder:
     def __init__(self, model_cfg: dict, state: dict, batch_size: int, window, hop: int, threads: int):
         from asd.model import EmbeddingNet, ModelConfig
 
-        from pipelines.ray_runtime import prepare_compute_process
+        from pipelines.compute_process import prepare_compute_process
 
         prepare_compute_process(threads)
         self.model = EmbeddingNet(ModelConfig(**model_cfg))

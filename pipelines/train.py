@@ -31,7 +31,7 @@ from asd.training import (
 )
 from pipelines.checkpoints import MODEL_FILE, copy_model, load_model, save_model
 from pipelines.config import PipelineConfig, add_config_arguments, from_dict, load_config, to_dict
-from pipelines.ray_runtime import prepare_compute_process
+from pipelines.compute_process import prepare_compute_process
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")

@@ -11,8 +11,7 @@ import dataclasses
 import sys
 import time
 
-from pipelines.synth.generate import (DEFAULT_SNR_DB, DEFAULT_STRENGTH, DROP_KINDS, PRESETS, add_drop, generate,
-                                      tune_malloc)
+from pipelines.synth.generate import DEFAULT_SNR_DB, DEFAULT_STRENGTH, DROP_KINDS, PRESETS, add_drop, generate
 from pipelines.synth.machines import MACHINE_TYPES
 
 
@@ -55,7 +54,6 @@ def register(subparsers) -> None:
 def main_args(args) -> int:
     strength = tuple(args.anomaly_strength) if args.anomaly_strength else None
     snr = tuple(args.snr) if args.snr else None
-    tune_malloc()  # this process may render clips itself (one worker, small drops)
     try:
         if args.drop:
             t0 = time.perf_counter()

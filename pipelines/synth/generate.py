@@ -11,7 +11,6 @@ fills in what is missing. ``add_drop`` writes new clips into an existing dev_dat
 from __future__ import annotations
 
 import csv
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -26,6 +25,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from pipelines.compute_process import tune_allocator
 from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, keyed_rng, render_clip
 
 log = logging.getLogger("asd.synth")
@@ -146,17 +146,6 @@ def write_job(job: ClipJob) -> str:
     return job.path
 
 
-def tune_malloc() -> None:
-    """Let glibc keep freed large blocks instead of unmapping them. Each clip allocates many
-    short-lived ~1 MB arrays; returning them to the OS makes page faults double the cost."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
-
-
 def run_jobs(jobs: list[ClipJob], workers: int | None = None, desc: str = "synth") -> int:
     """Write every job's clip, in a spawn-context process pool when ``workers`` > 1."""
     if not jobs:
@@ -173,7 +162,7 @@ def run_jobs(jobs: list[ClipJob], workers: int | None = None, desc: str = "synth
                 bar.update()
         else:
             chunk = max(1, min(16, len(jobs) // (workers * 8)))
-            with mp.get_context("spawn").Pool(workers, initializer=tune_malloc) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=tune_allocator) as pool:
                 for _ in pool.imap_unordered(write_job, jobs, chunksize=chunk):
                     bar.update()
     return len(jobs)
