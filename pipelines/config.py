@@ -45,7 +45,10 @@ class ExtractConfig:
     store: str = "features"  # Parquet feature store (relative paths are under run_dir)
     dtype: str = "float16"  # feature matrix element type in Parquet
     batch_size: int = 64  # clips per Ray Data batch
-    concurrency: int | None = None  # parallel extraction tasks; None = Ray's CPU count
+    concurrency: int | None = None  # parallel extraction workers; None = Ray's CPU count
+    # Ray Data actor pool (each actor keeps a second shard queued) from this many pending clips;
+    # fewer go to Ray Data tasks, which start faster. None: always tasks (docs/feature-store.md)
+    actor_pool_min_clips: int | None = 4000
 
 
 @dataclass
@@ -80,9 +83,9 @@ class PretrainConfig:
     tau: float = 0.07
     mpe_ratio: float | None = 0.25  # None = without MPE
     mpe_per_class: int = 1  # sub-prototypes per class, redrawn every epoch
-    # clip embeddings behind the epoch prototypes: "whole" clip or the mean of crop-sized
-    # "windows" (hop score.window_hop), as at test time (docs/method.md)
-    prototype_embedding: str = "whole"
+    # clip embeddings behind the epoch prototypes: the mean of crop-sized "windows" (hop
+    # score.window_hop), as at test time, or one pass over the "whole" clip (measured: docs/method.md)
+    prototype_embedding: str = "windows"
 
     def __post_init__(self) -> None:
         if self.prototype_embedding not in ("whole", "windows"):

@@ -7,9 +7,9 @@
    match is already present; a clip whose stat changed is re-hashed, and re-extracted only if its
    content changed. New clips are hashed while they are extracted.
 3. The pending clips, grouped by (dataset, machine, section, split) into shards of
-   ``batch_size`` clips, are one Ray Data row each; a task decodes, computes the features
-   (:func:`asd.features.log_mel`) and writes its shard file itself, so feature matrices never
-   travel through the driver. Each task returns one small status row per clip.
+   ``batch_size`` clips, are one Ray Data row each; an actor of a pool (one per CPU) decodes,
+   computes the features (:func:`asd.features.log_mel`) and writes the shard file itself, so
+   feature matrices never travel through the driver. It returns one small status row per clip.
 4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
    (changed or deleted files), and removes files no manifest row points at.
 
@@ -123,8 +123,29 @@ def _row_meta(clip: dict) -> dict:
             "attributes_json": json.dumps(clip["attributes"]) if clip["attributes"] else None}
 
 
+class ShardExtractor:
+    """Ray Data actor for ``flat_map``: :func:`extract_shard` with the settings of this run."""
+
+    def __init__(self, data_root: str, vdir: str, features: dict, dtype: str) -> None:
+        from pipelines.compute_process import prepare_compute_process
+
+        prepare_compute_process(1)  # parallelism comes from the number of actors
+        self.kwargs = {"data_root": data_root, "vdir": vdir, "features": features, "dtype": dtype}
+
+    def __call__(self, row: dict) -> list[dict]:
+        return extract_shard(row, **self.kwargs)
+
+
+def extract_shard_task(row: dict, **settings) -> list[dict]:
+    """Ray Data task for ``flat_map``: :func:`extract_shard` in a process set up for it."""
+    from pipelines.compute_process import prepare_compute_process
+
+    prepare_compute_process(1)  # parallelism comes from the number of tasks
+    return extract_shard(row, **settings)
+
+
 def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: str) -> list[dict]:
-    """Ray Data ``flat_map`` task: one shard of clips in, one status row per clip out.
+    """One shard of clips in, one status row per clip out.
 
     Reads each file once (hash + decode from the same bytes), computes features, writes the
     shard's Parquet file (only the usable clips) atomically under its deterministic name."""
@@ -132,9 +153,7 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
 
     from asd.audio import AudioFormatError, load_audio
     from asd.features import log_mel
-    from pipelines.compute_process import prepare_compute_process
 
-    prepare_compute_process(1)  # parallelism comes from the number of tasks
     fcfg = FeatureConfig(**features)
     spec = json.loads(row["shard"])
     np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -202,8 +221,9 @@ def _shards(pending: list[Found], batch_size: int) -> list[str]:
     return specs
 
 
-def _run_tasks(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfig, dtype: str,
-               concurrency: int | None, ray_address: str | None, ray_num_cpus: int | None) -> list[dict]:
+def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfig, dtype: str,
+                concurrency: int | None, actors: bool, ray_address: str | None, ray_num_cpus: int | None
+                ) -> list[dict]:
     import ray
 
     from pipelines.ray_runtime import init_ray
@@ -211,13 +231,21 @@ def _run_tasks(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfi
     init_ray(ray_address, ray_num_cpus)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"shard": s} for s in specs], override_num_blocks=len(specs))
-    # Each task is single-threaded and CPU-bound: at most one per CPU (the pool size). The 0.5 CPU
-    # request only gets past Ray Data's resource budget, which on a 2-CPU node lets 1-CPU tasks run
-    # one at a time (measured: 32 x 0.24 s tasks take 6.9 s at num_cpus=1, 4.6 s at 0.5).
-    ds = ds.flat_map(extract_shard, num_cpus=0.5,
-                     compute=ray.data.TaskPoolStrategy(size=min(concurrency or cpus, len(specs))),
-                     fn_kwargs={"data_root": str(data_root.resolve()), "vdir": str(vdir.resolve()),
-                                "features": asdict(fcfg), "dtype": dtype})
+    workers = min(concurrency or cpus, len(specs))
+    settings = {"data_root": str(data_root.resolve()), "vdir": str(vdir.resolve()),
+                "features": asdict(fcfg), "dtype": dtype}
+    if actors:
+        # One single-threaded actor per CPU, each with a second shard queued, so that it starts the
+        # next shard at once: Ray Data's task pool leaves 0.15-0.2 s between a task's end and the
+        # next start on a worker (on 2 CPUs, 64-clip tasks ran 1.1 at a time on average), but
+        # actors take seconds longer to start (measurements: docs/feature-store.md).
+        ds = ds.flat_map(ShardExtractor, num_cpus=1, fn_constructor_kwargs=settings,
+                         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
+    else:
+        # At most one task per CPU (the pool size); the 0.5 CPU request only gets past Ray Data's
+        # resource budget, which on a 2-CPU node runs 1-CPU tasks one at a time.
+        ds = ds.flat_map(extract_shard_task, num_cpus=0.5, fn_kwargs=settings,
+                         compute=ray.data.TaskPoolStrategy(size=workers))
     return ds.take_all()
 
 
@@ -225,9 +253,20 @@ def _hash_file(path: Path) -> str:
     return S.content_hash(path.read_bytes())
 
 
+def extract_from_config(cfg, root: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
+                        ray_address: str | None = None) -> ExtractSummary:
+    """:func:`extract` with a :class:`pipelines.config.PipelineConfig`'s settings (data root,
+    store, features, extraction and Ray settings), each overridable."""
+    e = cfg.extract
+    return extract(root or cfg.data.root, store or cfg.path(e.store), cfg.features, dtype=e.dtype,
+                   batch_size=e.batch_size, concurrency=e.concurrency, actor_pool_min_clips=e.actor_pool_min_clips,
+                   ray_address=ray_address or cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+
+
 def extract(root: str | os.PathLike, store: str | os.PathLike, features: FeatureConfig | None = None, *,
             dtype: str = "float16", batch_size: int = 64, concurrency: int | None = None,
-            ray_address: str | None = None, ray_num_cpus: int | None = None) -> ExtractSummary:
+            actor_pool_min_clips: int | None = 4000, ray_address: str | None = None,
+            ray_num_cpus: int | None = None) -> ExtractSummary:
     """Bring the store up to date with the data tree under ``root``; see the module docstring."""
     t0 = time.perf_counter()
     fcfg = features or FeatureConfig()
@@ -292,7 +331,8 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
         specs = _shards(pending, max(1, batch_size))
         log.info("extracting %d clips in %d shards (%d already present)", len(pending), len(specs),
                  summary.already_present)
-        for st in _run_tasks(specs, data_root, vdir, fcfg, dtype, concurrency, ray_address, ray_num_cpus):
+        actors = actor_pool_min_clips is not None and len(pending) >= actor_pool_min_clips
+        for st in _run_shards(specs, data_root, vdir, fcfg, dtype, concurrency, actors, ray_address, ray_num_cpus):
             if st["status"] == "extracted":
                 new_rows.append(st)
                 summary.extracted += 1
@@ -392,9 +432,7 @@ def main_args(args) -> int:
     cfg = load_config(args.config, args.overrides)
     store = Path(args.store) if args.store else cfg.path(cfg.extract.store)
     try:
-        summary = extract(args.data or cfg.data.root, store, cfg.features, dtype=cfg.extract.dtype,
-                          batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
-                          ray_address=args.address or cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+        summary = extract_from_config(cfg, args.data, store, args.address)
     except ExtractError as err:
         print(f"extract: error: {err}", file=sys.stderr)
         return 1

@@ -88,7 +88,7 @@ def retrain(cfg: PipelineConfig) -> dict:
     import mlflow
 
     from pipelines import registry, tracking
-    from pipelines.extract import extract
+    from pipelines.extract import extract_from_config
     from pipelines.score import ScoringResult, labelled_results, run_scoring
     from pipelines.store import manifest_digest
     from pipelines.train import run_training
@@ -108,9 +108,7 @@ def retrain(cfg: PipelineConfig) -> dict:
         with mlflow.start_run(run_name=f"retrain-{stamp}") as parent:
             mlflow.log_params(tracking.flatten(cfg.to_dict()))
             with tracking.stage_run("extract"):
-                ex = extract(Path(cfg.data.root), store, cfg.features, dtype=cfg.extract.dtype,
-                             batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
-                             ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+                ex = extract_from_config(cfg, store=store)
                 mlflow.log_metrics({k: float(v) for k, v in ex.counts().items()})
             data_digest = manifest_digest(store)
             champion_dir, champion = champion_model_dir(name, work / "champion")

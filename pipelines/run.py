@@ -73,7 +73,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
     import mlflow
 
     from pipelines import tracking
-    from pipelines.extract import extract
+    from pipelines.extract import extract_from_config
     from pipelines.store import manifest_digest
 
     force = set(force or [])
@@ -94,9 +94,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         with tracking.stage_run("extract") as run:
             t0 = time.perf_counter()
             with PeakMemory() as peak:
-                ex = extract(root, store, cfg.features, dtype=cfg.extract.dtype,
-                             batch_size=cfg.extract.batch_size, concurrency=cfg.extract.concurrency,
-                             ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+                ex = extract_from_config(cfg, root, store)
             mlflow.log_metrics({**{k: float(v) for k, v in ex.counts().items()},
                                 "clips_per_s": ex.clips_per_s, "peak_rss_mib": peak.mib})
             summary["stages"]["extract"] = {"seconds": time.perf_counter() - t0, **ex.counts(),
