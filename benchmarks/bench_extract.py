@@ -6,8 +6,10 @@
     ``asd.features.log_mel``), with 1 torch thread and with torch's default threads, first with
     glibc's default allocator settings, then after ``pipelines.ray_runtime.tune_allocator`` (which
     every extraction task applies; the tuned loop is the fair reference for (c));
-(c) ``pipelines.extract.extract``: Ray Data tasks into the Parquet store (hashing, manifest and
-    Parquet writing included; Ray started before the clock, and its start-up reported apart).
+(c) ``pipelines.extract.extract``: Ray Data workers into the Parquet store (hashing, manifest and
+    Parquet writing included; Ray started before the clock, and its start-up reported apart);
+(d) the per-shard work of (c) (read, hash, decode, features, Parquet write), shard after shard in
+    this one process: the same work as (c) without Ray.
 
 Peak memory of (c): the summed RSS of this process and every process it started (Ray's GCS,
 raylet, workers), sampled every 50 ms, for growing subsets of the clips.
@@ -24,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,25 @@ def project_loop(paths: list[Path], fcfg: FeatureConfig, threads: int) -> float:
         wave, _ = load_audio(p, fcfg.sample_rate)
         _ = log_mel(wave, fcfg).numpy().astype(np.float16)
     return len(paths) / (time.perf_counter() - t0)
+
+
+def shard_loop(data: Path, paths: list[Path], fcfg: FeatureConfig, dtype: str, batch_size: int) -> float:
+    """(d) The extraction's own per-shard work (read, hash, decode, features, Parquet write) in this
+    one process, shard after shard: what (c) parallelises, without Ray."""
+    from pipelines.extract import _shards, discover, extract_shard
+
+    torch.set_num_threads(1)
+    wanted = {p.resolve() for p in paths}
+    data_root, found = discover(data)
+    specs = _shards([f for f in found if f.meta and (data_root / f.path).resolve() in wanted], batch_size)
+    out = Path(tempfile.mkdtemp(prefix="bench-shard-loop-"))
+    try:
+        t0 = time.perf_counter()
+        n = sum(len(extract_shard({"shard": s}, str(data_root.resolve()), str(out), asdict(fcfg), dtype))
+                for s in specs)
+        return n / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def compare_dtypes(data: Path, work: Path, fcfg: FeatureConfig, batch_size: int) -> dict:
@@ -116,6 +138,7 @@ def main() -> None:
     out["allocator_tuned"] = tune_allocator()  # irreversible in this process: the default runs come first
     out["project_loop_tuned_1thread_clips_per_s"] = project_loop(loop_paths, fcfg, 1)
     out["project_loop_tuned_default_threads_clips_per_s"] = project_loop(loop_paths, fcfg, args.cpus)
+    out["shard_loop_1process_clips_per_s"] = shard_loop(data, loop_paths, fcfg, args.dtype, args.batch_size)
 
     import ray
 
@@ -137,6 +160,7 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         out["ray_extract"] = runs
         out["dtype_comparison"] = compare_dtypes(data, work, fcfg, args.batch_size)
+        out["ratio_vs_shard_loop"] = runs[-1]["clips_per_s"] / out["shard_loop_1process_clips_per_s"]
         loops = [v for k, v in out.items() if k.startswith("project_loop_")]
         out["ratio_vs_best_project_loop"] = runs[-1]["clips_per_s"] / max(loops)
         out["ratio_vs_tuned_1thread_loop"] = runs[-1]["clips_per_s"] / out["project_loop_tuned_1thread_clips_per_s"]

@@ -38,8 +38,12 @@ def _setup(width: int, n_clips: int, n_classes: int, device: str, channels_last:
 
 def timed_steps(cfg: dict, model_wrapper=None) -> dict:
     """Run warm-up + measured steps; return samples/s of the measured part. The process is set up
-    as the pipeline's training workers are (threads, allocator), in both the plain and the Ray run."""
-    prepare_compute_process(cfg["threads"])
+    as the pipeline's training workers are (threads, allocator), in both the plain and the Ray run,
+    unless ``default_allocator`` asks to measure glibc's default allocator settings."""
+    if cfg["default_allocator"]:
+        torch.set_num_threads(cfg["threads"])
+    else:
+        prepare_compute_process(cfg["threads"])
     device = cfg["device"]
     features, labels, model, protos, proto_class, opt = _setup(
         cfg["width"], cfg["clips"], cfg["classes"], device, cfg["channels_last"])
@@ -115,6 +119,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="alternate plain/Ray this many times")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's allocator settings alone (the pipeline tunes them)")
     args = p.parse_args()
     cfg = vars(args)
     plain, ray_runs = [], []

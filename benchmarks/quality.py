@@ -104,12 +104,12 @@ def run_variant(config: str, base: Path, table: str, name: str, overrides: list[
     scores = pd.read_csv(run_dir / "scoring" / "scores.csv", dtype={"section": str})
     row = M.paper_row(labelled_results(scores), method=name)
     return {"table": table, "variant": name, "seed": seed, "seconds": time.perf_counter() - t0,
-            "mlflow_run_id": summary["parent_run_id"], **row}
+            "date": time.strftime("%Y-%m-%d"), "mlflow_run_id": summary["parent_run_id"], **row}
 
 
 def aggregate(rows: list[dict], table: str) -> tuple[str, list[str]]:
     df = pd.DataFrame([r for r in rows if r["table"] == table])
-    cols = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "mlflow_run_id", "method")]
+    cols = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "date", "mlflow_run_id", "method")]
     order = [n for n, _ in TABLES[table] if n in set(df["variant"])]
     mean = df.groupby("variant")[cols].mean().loc[order]
     std = df.groupby("variant")[cols].std(ddof=1).loc[order].fillna(0.0)
@@ -147,7 +147,7 @@ def bar_chart(rows: list[dict], table: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     df = pd.DataFrame([r for r in rows if r["table"] == table])
-    machines = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "mlflow_run_id",
+    machines = [c for c in df.columns if c not in ("table", "variant", "seed", "seconds", "date", "mlflow_run_id",
                                                    "method", "Source AUC", "Target AUC", "pAUC")]
     order = [n for n, _ in TABLES[table] if n in set(df["variant"])]
     mean = df.groupby("variant")[machines].mean().loc[order]
@@ -201,11 +201,13 @@ def main() -> None:
                 results_file.write_text(json.dumps({
                     "config": args.config, "overrides": args.overrides, "machine": platform.node(),
                     "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=2, default=str))
-    report = [f"# Quality benchmark: config `{args.config}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}\n"]
+    report = [f"# Quality benchmark: config `{args.config}`, seeds {args.seeds}\n"]
     for table in [t for t in args.tables if any(r["table"] == t for r in rows)]:
         text, notes = aggregate(rows, table)
         bar_chart(rows, table, out / f"{table}.png")
-        report += [f"## {table}\n", text, ""] + [f"- {n}" for n in notes] + [f"\n![{table}]({table}.png)\n"]
+        dates = sorted({r.get("date", "unrecorded") for r in rows if r["table"] == table})
+        report += [f"## {table}\n", f"Measured {', '.join(dates)}.\n", text, ""] + [f"- {n}" for n in notes]
+        report += [f"\n![{table}]({table}.png)\n"]
     (out / "quality.md").write_text("\n".join(report))
     print("\n".join(report))
 

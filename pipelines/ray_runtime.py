@@ -26,5 +26,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_state_api_pollers})
+
+
+# Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether the
+# controller is alive once a second, and warns on every failed query: without a dashboard (local
+# Ray above) that is a warning per second of training and nothing else.
+_STATE_API_POLLERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_state_api_pollers() -> None:
+    """``worker_process_setup_hook`` of the local Ray: errors only from :data:`_STATE_API_POLLERS`."""
+    for name in _STATE_API_POLLERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 

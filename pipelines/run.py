@@ -194,6 +194,10 @@ def main_args(args) -> int:
     results = Path(cfg.run_dir) / "results.md"
     if results.is_file():
         print(results.read_text())
+    for stage, info in summary["stages"].items():
+        print(f"  {stage:<9} " + ("up to date, skipped" if info.get("skipped") else
+                                  f"{info['seconds']:7.1f} s, peak memory {info['peak_rss_mib']:,.0f} MiB"
+                                  " (driver + Ray processes)"))
     print(f"pipeline '{cfg.name}' finished in {summary['seconds']:.0f} s; outputs in {cfg.run_dir}/")
     score = summary["stages"].get("score", {})
     if score.get("model_uri"):

@@ -70,7 +70,7 @@ def fit_sections(train_meta: pd.DataFrame, train_emb: torch.Tensor, cfg: Pipelin
     for (machine, section), rows in train_meta.groupby(["machine", "section"], sort=True):
         idx = torch.tensor(rows.index.to_numpy())
         keys = sorted(rows["attribute_class"].unique().tolist())
-        class_index = torch.as_tensor(rows["attribute_class"].map({k: i for i, k in enumerate(keys)}).to_numpy())
+        class_index = torch.tensor(rows["attribute_class"].map({k: i for i, k in enumerate(keys)}).to_numpy("int64"))
         model = fit_section(train_emb[idx], class_index, class_keys=keys,
                             shrinkage=cfg.score.shrinkage, covariance=cfg.score.covariance)
         sections[section_key(machine, section)] = calibrate_threshold(
