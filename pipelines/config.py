@@ -83,8 +83,8 @@ class PretrainConfig:
     tau: float = 0.07
     mpe_ratio: float | None = 0.25  # None = without MPE
     mpe_per_class: int = 1  # sub-prototypes per class, redrawn every epoch
-    # clip embeddings behind the epoch prototypes: the mean of crop-sized "windows" (hop
-    # score.window_hop), as at test time, or one pass over the "whole" clip (measured: docs/method.md)
+    # clip embeddings behind the epoch prototypes: the mean of crop-sized "windows" (hop half a
+    # crop), as at test time, or one pass over the "whole" clip (measured: docs/method.md)
     prototype_embedding: str = "windows"
 
     def __post_init__(self) -> None:

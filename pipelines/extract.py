@@ -7,9 +7,10 @@
    match is already present; a clip whose stat changed is re-hashed, and re-extracted only if its
    content changed. New clips are hashed while they are extracted.
 3. The pending clips, grouped by (dataset, machine, section, split) into shards of
-   ``batch_size`` clips, are one Ray Data row each; an actor of a pool (one per CPU) decodes,
-   computes the features (:func:`asd.features.log_mel`) and writes the shard file itself, so
-   feature matrices never travel through the driver. It returns one small status row per clip.
+   ``batch_size`` clips, are one Ray Data row each; a worker (one per CPU: an actor of a pool
+   for large runs, a task for small ones) decodes, computes the features
+   (:func:`asd.features.log_mel`) and writes the shard file itself, so feature matrices never
+   travel through the driver. It returns one small status row per clip.
 4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
    (changed or deleted files), and removes files no manifest row points at.
 
@@ -329,9 +330,9 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
     new_rows = []
     if pending:
         specs = _shards(pending, max(1, batch_size))
-        log.info("extracting %d clips in %d shards (%d already present)", len(pending), len(specs),
-                 summary.already_present)
         actors = actor_pool_min_clips is not None and len(pending) >= actor_pool_min_clips
+        log.info("extracting %d clips in %d shards on Ray Data %s (%d already present)", len(pending),
+                 len(specs), "actors" if actors else "tasks", summary.already_present)
         for st in _run_shards(specs, data_root, vdir, fcfg, dtype, concurrency, actors, ray_address, ray_num_cpus):
             if st["status"] == "extracted":
                 new_rows.append(st)

@@ -7,7 +7,6 @@ per process, so it is an upper bound on the physical memory the work needs."""
 from __future__ import annotations
 
 import threading
-import time
 
 
 def tree_rss() -> int:

@@ -57,5 +57,5 @@ def embed_with_ray(model, features: list[torch.Tensor], cfg: PipelineConfig, win
         batch_size=cfg.score.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     out = torch.zeros(len(features), model.cfg.embedding_dim)
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        out[torch.from_numpy(batch["i"])] = torch.from_numpy(batch["embedding"])
+        out[torch.tensor(batch["i"])] = torch.tensor(batch["embedding"])  # Ray hands out read-only arrays
     return out

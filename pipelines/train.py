@@ -132,7 +132,8 @@ def train_loop(loop_cfg: dict) -> None:
         sampler = BalancedBatchSampler(labels, sc.n_classes, sc.k, per_worker,
                                        seed=tc.seed * 7919 + rank + 1)
 
-    proto_windows = ({"window": tc.crop_frames, "hop": cfg.score.window_hop}
+    # windows of the training crop, hop crop/2 (the scoring default); both in this stage's digest
+    proto_windows = ({"window": tc.crop_frames, "hop": max(1, tc.crop_frames // 2)}
                      if stage == "pretrain" and sc.prototype_embedding == "windows" else {})
     for epoch in range(start_epoch, sc.epochs):
         if fault.get("epoch") == epoch and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
