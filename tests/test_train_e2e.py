@@ -38,12 +38,13 @@ def test_pretrain_then_finetune_two_workers(tiny_store):
     from pipelines.train import run_training
 
     cfg, store = tiny_store
-    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = 8, [6]
+    # the prototypes move every epoch, so the loss is noisy on tiny data: on 8 epochs it fell in
+    # most runs but not all; 12 epochs (lr step at 9) and the ends of the run compared
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = 12, [9]
     pre = run_training(cfg, "pretrain", store=store, out_dir=cfg.path("models/pretrain"))
     hist = _history(pre)
-    assert list(hist["epoch"]) == list(range(8))
-    # tiny data, few steps per epoch: compare the ends of the run, not two single epochs
-    assert hist["loss"].iloc[-3:].mean() < hist["loss"].iloc[:2].mean(), hist["loss"].tolist()
+    assert list(hist["epoch"]) == list(range(12))
+    assert hist["loss"].iloc[-3:].mean() < hist["loss"].iloc[:3].mean(), hist["loss"].tolist()
     assert hist["samples_per_s"].gt(0).all()
 
     fine = run_training(cfg, "finetune", store=store, out_dir=cfg.path("models/finetune"), init_model=pre)
