@@ -4,8 +4,8 @@
     file by file, in one process (needs ``pip install -r benchmarks/requirements.txt``);
 (b) a single-process loop over the project's own feature function (``asd.audio.load_audio`` +
     ``asd.features.log_mel``), with 1 torch thread and with torch's default threads, first with
-    glibc's default allocator settings, then after ``pipelines.ray_runtime.tune_allocator`` (which
-    every extraction task applies; the tuned loop is the fair reference for (c));
+    glibc's default allocator settings, then after ``pipelines.compute_process.tune_allocator``
+    (which every extraction worker applies; the tuned loop is the fair reference for (c));
 (c) ``pipelines.extract.extract``: Ray Data workers into the Parquet store (hashing, manifest and
     Parquet writing included; Ray started before the clock, and its start-up reported apart);
 (d) the per-shard work of (c) (read, hash, decode, features, Parquet write), shard after shard in
@@ -61,9 +61,10 @@ def project_loop(paths: list[Path], fcfg: FeatureConfig, threads: int) -> float:
 def shard_loop(data: Path, paths: list[Path], fcfg: FeatureConfig, dtype: str, batch_size: int) -> float:
     """(d) The extraction's own per-shard work (read, hash, decode, features, Parquet write) in this
     one process, shard after shard: what (c) parallelises, without Ray."""
+    from pipelines.compute_process import prepare_compute_process
     from pipelines.extract import _shards, discover, extract_shard
 
-    torch.set_num_threads(1)
+    prepare_compute_process(1)  # as an extraction worker
     wanted = {p.resolve() for p in paths}
     data_root, found = discover(data)
     specs = _shards([f for f in found if f.meta and (data_root / f.path).resolve() in wanted], batch_size)
