@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.ray_runtime import TRAIN_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never upload these: large, machine-specific, or produced by runs.
 EXCLUDES = [".venv/", "runs/", "data/", "features/", "mlruns/", "mlartifacts/", "*.db",
@@ -35,7 +37,8 @@ def job_entrypoint(command: str, config: str, overrides: list[str], python: str 
 
 
 def runtime_env(working_dir: Path = PROJECT_ROOT, extra_env: dict | None = None) -> dict:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = dict(TRAIN_ENV)
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     env.update(extra_env or {})
     return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
 

@@ -70,6 +70,18 @@ def _dist():
     return 0, 1, no_reduce
 
 
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's BatchNorm statistics on every rank. DDP broadcasts them at the start of each
+    training forward, but each rank's own last forward of an epoch then updates its copy, so
+    without this the ranks embedded their prototype shares with slightly different networks
+    (and a resumed run, where every rank loads rank 0's checkpoint, trained differently)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _mean_across(value: float, all_reduce, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     all_reduce(t)
@@ -93,6 +105,8 @@ def train_loop(loop_cfg: dict) -> None:
     labels = _class_labels(data.meta, class_keys)
     features = data.features
 
+    # same initial weights on every rank and every run (DDP would broadcast rank 0's anyway)
+    torch.manual_seed(tc.seed)
     model = EmbeddingNet(cfg.model)
     if loop_cfg.get("init_model"):
         model.load_state_dict(torch.load(Path(loop_cfg["init_model"]) / MODEL_FILE,
@@ -144,6 +158,7 @@ def train_loop(loop_cfg: dict) -> None:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         if stage == "pretrain":
+            _broadcast_buffers(core)
             protos = epoch_prototypes(
                 core, features, labels, range(rank, len(labels), world), len(class_keys),
                 mpe_ratio=sc.mpe_ratio, mpe_per_class=sc.mpe_per_class, generator=g_shared,

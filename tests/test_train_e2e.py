@@ -32,27 +32,38 @@ def _history(model_dir: Path) -> pd.DataFrame:
     return pd.read_csv(model_dir / "history.csv")
 
 
-def test_pretrain_then_finetune_two_workers(tiny_store):
+# the loss is measured against prototypes that move every epoch, so on tiny data it climbs for a
+# few epochs before it falls (5 seeds measured): 30 epochs, lr step at 20, the ends compared
+PRETRAIN_EPOCHS, PRETRAIN_MILESTONES = 30, [20]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_store):
+    from pipelines.train import run_training
+
+    cfg, store = tiny_store
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = PRETRAIN_EPOCHS, PRETRAIN_MILESTONES
+    return run_training(cfg, "pretrain", store=store, out_dir=cfg.path("models/pretrain"))
+
+
+def test_pretrain_then_finetune_two_workers(tiny_store, pretrained):
     from pipelines.score import embed_table
     from pipelines.store import load_split
     from pipelines.train import run_training
 
     cfg, store = tiny_store
-    # the prototypes move every epoch, so the loss is noisy on tiny data: on 8 epochs it fell in
-    # most runs but not all; 12 epochs (lr step at 9) and the ends of the run compared
-    cfg.pretrain.epochs, cfg.pretrain.lr_milestones = 12, [9]
-    pre = run_training(cfg, "pretrain", store=store, out_dir=cfg.path("models/pretrain"))
-    hist = _history(pre)
-    assert list(hist["epoch"]) == list(range(12))
-    assert hist["loss"].iloc[-3:].mean() < hist["loss"].iloc[:3].mean(), hist["loss"].tolist()
+    hist = _history(pretrained)
+    assert list(hist["epoch"]) == list(range(PRETRAIN_EPOCHS))
+    assert hist["loss"].iloc[-3:].mean() < hist["loss"].iloc[:3].mean() - 0.1, hist["loss"].tolist()
     assert hist["samples_per_s"].gt(0).all()
 
-    fine = run_training(cfg, "finetune", store=store, out_dir=cfg.path("models/finetune"), init_model=pre)
+    fine = run_training(cfg, "finetune", store=store, out_dir=cfg.path("models/finetune"),
+                        init_model=pretrained)
     assert len(_history(fine)) == cfg.finetune.epochs
     model, meta = load_model(fine)
     assert meta["stage"] == "finetune" and meta["epochs"] == cfg.finetune.epochs
     # fine-tuning started from the pre-trained weights: the input statistics carried over
-    pre_model, _ = load_model(pre)
+    pre_model, _ = load_model(pretrained)
     torch.testing.assert_close(model.input_mean, pre_model.input_mean)
     # the scoring code embeds with the checkpoint: unit-length embeddings for every test clip
     test = load_split(store, "test", feature_version=cfg.features.version)
@@ -67,11 +78,15 @@ def test_pretrain_then_finetune_two_workers(tiny_store):
     cfg.score.embedding = "whole"
 
 
-def test_worker_failure_resumes_from_checkpoint(tiny_store, tmp_path):
+def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, tmp_path):
+    """A worker fails at epoch 2 of a 4-epoch run; the restarted group resumes from the epoch-1
+    checkpoint, and every epoch's loss equals the uninterrupted run's (same seed and schedule):
+    the weights, optimizer, scheduler and random streams all came back, and two runs of one
+    config train the same model."""
     from pipelines.train import run_training
 
     cfg, store = tiny_store
-    cfg.pretrain.epochs, cfg.train.max_failures = 4, 1
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones, cfg.train.max_failures = 4, PRETRAIN_MILESTONES, 1
     marker = tmp_path / "failed-once"
     out = run_training(cfg, "pretrain", store=store, out_dir=tmp_path / "model", run_name="fault-test",
                        fault={"epoch": 2, "rank": 1, "marker": str(marker)})
@@ -83,3 +98,5 @@ def test_worker_failure_resumes_from_checkpoint(tiny_store, tmp_path):
     assert after["epoch"].tolist() == [2, 3]
     _, meta = load_model(out)
     assert meta["epochs"] == cfg.pretrain.epochs
+    uninterrupted = _history(pretrained)["loss"].iloc[:4].tolist()
+    assert hist["loss"].tolist() == uninterrupted
