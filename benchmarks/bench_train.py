@@ -20,6 +20,7 @@ from asd.losses import multi_prototype_loss
 from asd.model import EmbeddingNet, ModelConfig
 from asd.sampler import random_crops
 from pipelines.compute_process import prepare_compute_process
+from pipelines.ray_runtime import TRAIN_ENV
 
 
 def _setup(width: int, n_clips: int, n_classes: int, device: str, channels_last: bool):
@@ -92,7 +93,7 @@ def run_ray(cfg: dict) -> dict:
     from ray.train.torch import TorchTrainer
 
     ray.init(num_cpus=max(2, cfg["threads"]), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent), **TRAIN_ENV}})
     cfg = {**cfg, "result_file": tempfile.mktemp(suffix=".json")}
     t0 = time.perf_counter()
     TorchTrainer(
@@ -128,7 +129,7 @@ def main() -> None:
         plain.append(timed_steps(cfg)["samples_per_s"])
         ray_runs.append(run_ray(cfg)["samples_per_s"])
     best_plain, best_ray = max(plain), max(ray_runs)
-    print(json.dumps({"config": cfg, "machine": platform.processor() or platform.machine(),
+    print(json.dumps({"config": cfg, "machine": platform.processor() or platform.machine(), **TRAIN_ENV,
                       "plain_samples_per_s": plain, "ray_train_samples_per_s": ray_runs,
                       "overhead_pct_best": 100 * (1 - best_ray / best_plain)}, indent=2))
 
