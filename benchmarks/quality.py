@@ -35,6 +35,8 @@ import pandas as pd
 from asd import metrics as M
 from pipelines.config import load_config
 
+NPE_RANGES = [("w/o NPE", "null"), ("[0, 0.25]", "[0.0,0.25]"), ("[0.25, 0.5]", "[0.25,0.5]"),
+              ("[0.5, 0.75]", "[0.5,0.75]"), ("[0.75, 1]", "[0.75,1.0]")]
 TABLES = {
     "table1": [
         ("AE baseline", ["method=ae", "features.kind=logmel"]),
@@ -48,22 +50,11 @@ TABLES = {
         ("m = 25%", ["finetune.enabled=false", "pretrain.mpe_ratio=0.25"]),
         ("m = 12.5%", ["finetune.enabled=false", "pretrain.mpe_ratio=0.125"]),
     ],
-    "table3": [
-        ("w/o NPE", ["finetune.npe_lambda=null"]),
-        ("[0, 0.25]", ["finetune.npe_lambda=[0.0,0.25]"]),
-        ("[0.25, 0.5]", ["finetune.npe_lambda=[0.25,0.5]"]),
-        ("[0.5, 0.75]", ["finetune.npe_lambda=[0.5,0.75]"]),
-        ("[0.75, 1]", ["finetune.npe_lambda=[0.75,1.0]"]),
-    ],
+    "table3": [(name, [f"finetune.npe_lambda={value}"]) for name, value in NPE_RANGES],
     # Table 3 again, fine-tuning from scratch: on `demo` fine-tuning barely moves the pre-trained
     # model (BENCHMARKS.md), so NPE is also measured where fine-tuning does the learning
-    "table3_scratch": [
-        ("w/o NPE", ["pretrain.enabled=false", "finetune.npe_lambda=null"]),
-        ("[0, 0.25]", ["pretrain.enabled=false", "finetune.npe_lambda=[0.0,0.25]"]),
-        ("[0.25, 0.5]", ["pretrain.enabled=false", "finetune.npe_lambda=[0.25,0.5]"]),
-        ("[0.5, 0.75]", ["pretrain.enabled=false", "finetune.npe_lambda=[0.5,0.75]"]),
-        ("[0.75, 1]", ["pretrain.enabled=false", "finetune.npe_lambda=[0.75,1.0]"]),
-    ],
+    "table3_scratch": [(name, ["pretrain.enabled=false", f"finetune.npe_lambda={value}"])
+                       for name, value in NPE_RANGES],
     # fine-tuning's learning rate from the pre-trained model (the paper: 0.01, then 0.001)
     "finetune_lr": [
         ("lr 0.01", ["finetune.lr=0.01"]),
