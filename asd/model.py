@@ -8,6 +8,7 @@ product weights every time-frequency cell, so the pooled vector is one convex co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,3 +126,45 @@ class EmbeddingNet(nn.Module):
             x = x.unsqueeze(1)
         z = self.project(self.pool(self.feature_map(x)))
         return F.normalize(z, dim=-1)
+
+
+class SyncedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the *global* batch split over
+    data-parallel workers, so that one worker and several train the same network.
+
+    ``sum_over_workers`` sums a tensor over workers and carries gradients (its backward sums
+    the gradients too, as ``torch.distributed.nn.functional.all_reduce`` does); the identity for
+    one worker. ``torch.nn.SyncBatchNorm`` would do this but refuses CPU tensors. Two passes
+    (mean, then the mean squared deviation) keep the variance as accurate as BatchNorm2d's.
+    Evaluation mode is plain BatchNorm2d; the state dict is BatchNorm2d's.
+    """
+
+    sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda t: t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        local = torch.cat([x.sum(dim=(0, 2, 3)), x.new_tensor([x.numel() / x.shape[1]])])
+        total = self.sum_over_workers(local)
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = x - mean.view(1, -1, 1, 1)
+        var = self.sum_over_workers(centred.pow(2).sum(dim=(0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
+        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def sync_batchnorm(model: nn.Module, sum_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """Turn every BatchNorm2d of ``model`` into a :class:`SyncedBatchNorm2d` (in place, same
+    parameters and buffers) that sums its statistics with ``sum_over_workers``."""
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = SyncedBatchNorm2d
+        if isinstance(module, SyncedBatchNorm2d):
+            module.sum_over_workers = sum_over_workers
+    return model

@@ -6,20 +6,87 @@ functions run in one process (identity) or under DDP (torch.distributed.all_redu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from asd.losses import balanced_batch_loss, multi_prototype_loss, npe_loss, prototypical_loss
 from asd.prototypes import class_sums, mpe_membership, prototypes_from_sums, subset_sums
+from asd.sampler import random_crops
 
 AllReduce = Callable[[torch.Tensor], None]
+SumOverWorkers = Callable[[torch.Tensor], torch.Tensor]
 
 
 def no_reduce(t: torch.Tensor) -> None:
     """The all-reduce of a single worker."""
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class Workers:
+    """How this process takes part in data-parallel training; the defaults are one process.
+
+    ``all_reduce`` sums a tensor over workers in place (prototype sums, metrics);
+    ``sum_over_workers`` returns the sum and carries gradients, its backward summing the
+    gradients over workers (``torch.distributed.nn.functional.all_reduce``).
+    """
+
+    rank: int = 0
+    world: int = 1
+    all_reduce: AllReduce = no_reduce
+    sum_over_workers: SumOverWorkers = _identity
+
+    def shares(self, n: int) -> list[int]:
+        """Rows of an n-row global batch each rank computes: contiguous, sizes differ by <= 1."""
+        if n < self.world:
+            raise ValueError(f"a global batch of {n} clips cannot be split over {self.world} workers")
+        return [len(part) for part in torch.arange(n).tensor_split(self.world)]
+
+    def gather_rows(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's ``rows`` stacked in rank order (the global batch), with gradients."""
+        if self.world == 1:
+            return rows
+        start = sum(sizes[: self.rank])
+        total = sum(sizes)
+        before = rows.new_zeros(start, *rows.shape[1:])
+        after = rows.new_zeros(total - start - rows.shape[0], *rows.shape[1:])
+        return self.sum_over_workers(torch.cat([before, rows, after]))
+
+    def mean(self, value: float) -> float:
+        """The mean of a per-worker number over workers."""
+        t = torch.tensor([value], dtype=torch.float64)
+        self.all_reduce(t)
+        return float(t) / self.world
+
+
+def steps_per_epoch(natural: int, epochs: int, min_steps: int | None) -> int:
+    """Optimizer steps in one epoch: the natural count (one pass over the data), raised so that
+    the stage takes at least ``min_steps`` steps in all (small data would otherwise give a
+    handful of updates). Independent of the number of workers."""
+    steps = max(1, natural)
+    if min_steps:
+        steps = max(steps, math.ceil(min_steps / max(1, epochs)))
+    return steps
+
+
+def random_sampling_batches(n_clips: int, batch_size: int, steps: int, generator: torch.Generator
+                            ) -> Iterable[torch.Tensor]:
+    """Pre-training batches: ``steps`` global batches of ``batch_size`` clip indices taken in
+    order from shuffled passes over the data (the next permutation starts when one runs out)."""
+    pending = torch.zeros(0, dtype=torch.long)
+    for _ in range(steps):
+        while pending.numel() < batch_size:
+            pending = torch.cat([pending, torch.randperm(n_clips, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
 
 
 def input_stats(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,3 +217,41 @@ def prototype_drift(previous: torch.Tensor | None, current: torch.Tensor) -> flo
     if previous is None or previous.shape != current.shape:
         return float("nan")
     return float(1.0 - (previous * current).sum(dim=1).mean())
+
+
+def train_epoch(model: nn.Module, features: Sequence[torch.Tensor], labels: torch.Tensor,
+                batches: Iterable[torch.Tensor], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                optimizer: torch.optim.Optimizer, *, crop_frames: int, generator: torch.Generator,
+                workers: Workers = Workers(), device: torch.device | str = "cpu",
+                autocast: contextlib.AbstractContextManager | None = None,
+                channels_last: bool = False) -> tuple[list[float], int]:
+    """One epoch of data-parallel training on *global* batches; returns (loss of every step, clips).
+
+    Every worker is given the same global batches and the same ``generator``, so it takes the
+    same random 64-frame crops of the whole batch; it embeds its contiguous share, and the
+    shares are gathered (:meth:`Workers.gather_rows`), so the loss on every worker is the loss
+    of the global batch, as in one process. The backward of the gather sums the gradient of
+    a share over workers (world x the one-process gradient); DDP's averaging of parameter
+    gradients then leaves exactly the one-process gradient. With batch statistics synchronised
+    (:class:`asd.model.SyncedBatchNorm2d`) 1, 2 or 16 workers run the same optimisation, and
+    the number of steps does not depend on the number of workers.
+    """
+    model.train()
+    losses, clips = [], 0
+    for idx in batches:
+        sizes = workers.shares(idx.numel())
+        start = sum(sizes[: workers.rank])
+        crops = random_crops(features, idx, crop_frames, generator)[start:start + sizes[workers.rank]]
+        x = crops.unsqueeze(1).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast or contextlib.nullcontext():
+            z_share = model(x).float()
+        z = workers.gather_rows(z_share, sizes)
+        loss = loss_fn(z, labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        clips += idx.numel()
+    return losses, clips

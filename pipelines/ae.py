@@ -40,10 +40,11 @@ def ae_train_loop(loop_cfg: dict) -> None:
     import ray.train
 
     from pipelines.store import load_split
-    from pipelines.train import HISTORY_FILE, _dist, _mean_across
+    from pipelines.train import HISTORY_FILE, _dist
 
     cfg: PipelineConfig = from_dict(PipelineConfig, loop_cfg["config"])
-    rank, world, all_reduce = _dist()
+    workers = _dist()
+    rank, world = workers.rank, workers.world
     prepare_compute_process(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
     data = load_split(loop_cfg["store"], "train", feature_version=cfg.features.version)
     machines = sorted(data.meta["machine"].unique())
@@ -90,7 +91,7 @@ def ae_train_loop(loop_cfg: dict) -> None:
                 loss.backward()
                 opts[m].step()
                 total, steps = total + float(loss), steps + 1
-            metrics[f"loss/{m}"] = _mean_across(total / max(steps, 1), all_reduce, world)
+            metrics[f"loss/{m}"] = workers.mean(total / max(steps, 1))
         metrics["loss"] = sum(v for k, v in metrics.items() if k.startswith("loss/")) / len(machines)
         history.append(metrics)
         if rank != 0:

@@ -66,6 +66,9 @@ class TrainConfig:
     max_failures: int = 1
     data_loading: str = "store"  # "store": each worker reads Parquet; "object_store": driver reads once
     seed: int = 0
+    # batch-norm statistics of the global batch over all workers (asd.model.SyncedBatchNorm2d), so
+    # that a config trains the same network on any number of workers; false: per-worker statistics
+    sync_batchnorm: bool = True
 
 
 @dataclass
@@ -77,7 +80,8 @@ class PretrainConfig:
     lr: float = 0.1
     lr_milestones: list[int] = field(default_factory=lambda: [50, 90])
     lr_gamma: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch, split over the workers
+    min_steps: int | None = None  # at least this many optimizer steps in the stage (small data)
     momentum: float = 0.9
     weight_decay: float = 5e-5
     tau: float = 0.07
@@ -107,8 +111,9 @@ class FinetuneConfig:
     weight_decay: float = 5e-5
     tau: float = 0.07
     n_classes: int = 10  # N attribute classes per batch
-    k: int = 10  # K clips per class
-    batches_per_epoch: int | None = None  # None = ceil(n_clips / (N*K))
+    k: int = 10  # K clips per class (the global N x K batch is split over the workers)
+    batches_per_epoch: int | None = None  # None = ceil(n_clips / (N*K)), raised to reach min_steps
+    min_steps: int | None = None  # at least this many optimizer steps in the stage (small data)
     npe_lambda: list[float] | None = field(default_factory=lambda: [0.25, 0.5])  # None = w/o NPE
 
 
@@ -149,11 +154,14 @@ class RetrainConfig:
     lock_timeout_s: float = 0.0
 
 
+METHODS = ("prototype", "ae", "knn")
+
+
 @dataclass
 class PipelineConfig:
     name: str = "demo"
     run_dir: str = "runs/demo"
-    method: str = "prototype"  # "prototype" (the paper) or "ae" (DCASE baseline)
+    method: str = "prototype"  # "prototype" (the paper), "ae" (DCASE baseline) or "knn" (floor baseline)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,6 +174,10 @@ class PipelineConfig:
     ae: AEBaselineConfig = field(default_factory=AEBaselineConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
 
     def path(self, p: str) -> Path:
         """A path from the config: absolute as is, relative ones under ``run_dir``."""

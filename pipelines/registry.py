@@ -235,8 +235,8 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
     ``extra_metrics`` (e.g. the scoring's peak memory) go to the same run.
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
-    ``models:/<name>/<version>``; ``model_uri``/``version`` are None for the AE baseline, which
-    has no prototype model to register)."""
+    ``models:/<name>/<version>``; ``model_uri``/``version`` are None for the AE and kNN
+    baselines, which have no prototype model to register)."""
     import yaml
 
     from pipelines import plots
@@ -282,7 +282,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
 
         reg: dict = {"run_id": run_id, "model_uri": None, "version": None, "official_score": official}
         if not (out_dir / "model" / "model.pt").is_file():
-            log.info("no prototype model in %s (AE baseline?): nothing to register", out_dir)
+            log.info("no prototype model in %s (AE or kNN baseline?): nothing to register", out_dir)
             return reg
         info = log_pyfunc_model(out_dir, cfg)
         tags = {"official_score": official, "run_id": run_id, "config_digest": cfg.digest(),

@@ -131,7 +131,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
 
 
 def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[Path, str]:
-    """Pre-train and fine-tune (or the AE baseline); returns the final model dir and its digest."""
+    """Pre-train and fine-tune (or the AE / kNN baseline); returns the final model dir and its digest."""
     import mlflow
 
     from pipelines import tracking
@@ -139,6 +139,8 @@ def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[P
     stages = []
     if cfg.method == "ae":
         stages.append(("ae", cfg.digest("features", "ae", "train"), None))
+    elif cfg.method == "knn":  # nothing to train: the training clips' statistics (pipelines/knn.py)
+        stages.append(("knn", cfg.digest("features"), None))
     else:
         if cfg.pretrain.enabled:
             stages.append(("pretrain", cfg.digest("features", "model", "train", "pretrain"), None))
@@ -151,14 +153,19 @@ def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[P
     for stage, own, init in stages:
         digest = combine(upstream if init or stage != "finetune" else data_digest, own)
         out = cfg.path(f"models/{stage}")
-        if book.done(stage, digest, out / "model.pt") and stage not in force:
+        output = out / {"ae": "ae.pt", "knn": "knn.pt"}.get(stage, "model.pt")
+        if book.done(stage, digest, output) and stage not in force:
             log.info("%s: up to date, skipped", stage)
             summary["stages"][stage] = {"skipped": True}
         else:
             with tracking.stage_run(stage) as run:
                 t0 = time.perf_counter()
                 with PeakMemory() as peak:
-                    if stage == "ae":
+                    if stage == "knn":
+                        from pipelines.knn import run_knn_stage
+
+                        run_knn_stage(cfg, store=store, out_dir=out)
+                    elif stage == "ae":
                         from pipelines.ae import run_ae_training
 
                         run_ae_training(cfg, store=store, out_dir=out, mlflow_run_id=run.info.run_id,
@@ -183,7 +190,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     add_config_arguments(p)
     p.add_argument("--force", action="append", default=[],
-                   choices=["pretrain", "finetune", "ae", "score"], help="re-run a stage even if up to date")
+                   choices=["pretrain", "finetune", "ae", "knn", "score"], help="re-run a stage even if up to date")
     p.set_defaults(func=main_args)
 
 

@@ -170,6 +170,10 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
         raise ValueError(f"the feature store {store} holds no test clips to score")
     if meta.get("stage") == "ae":
         scored, sections = _score_ae(model_dir, train, test, cfg)
+    elif meta.get("stage") == "knn":
+        from pipelines.knn import score_knn  # nearest training clip; thresholds from the model dir
+
+        scored, sections = score_knn(model_dir, test, cfg)
     else:
         model, _ = load_model(model_dir)
         train_emb = embed_table(model, train, cfg)
@@ -181,11 +185,15 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
     results = labelled_results(scored, Path(ground_truth_root) if ground_truth_root else None)
     scored.to_csv(out_dir / "scores.csv", index=False)
     torch.save({k: v.state_dict() for k, v in sections.items()}, out_dir / SECTIONS_FILE)
-    if meta.get("stage") != "ae":
+    if meta.get("stage") not in ("ae", "knn"):  # baselines: no network to copy or register
         from pipelines.pyfunc_model import write_settings
 
         copy_model(model_dir, out_dir / "model")
         write_settings(cfg, out_dir)  # what predictions need to embed exactly as this job did
+    elif (out_dir / "model").is_dir():  # an earlier prototype scoring here: not this job's model
+        import shutil
+
+        shutil.rmtree(out_dir / "model")
     if results:
         rows = M.results_table(results)
         M.write_table_csv(rows, out_dir / "results.csv")
@@ -201,6 +209,8 @@ def method_label(cfg: PipelineConfig) -> str:
     """The row name of the paper's Table 1 that this configuration reproduces."""
     if cfg.method == "ae":
         return "AE baseline"
+    if cfg.method == "knn":
+        return "kNN baseline"
     if not cfg.finetune.enabled:
         return "Pre-train only"
     if cfg.finetune.from_scratch or not cfg.pretrain.enabled:
@@ -228,7 +238,7 @@ def register(subparsers) -> None:
 
 
 def default_model_dir(cfg: PipelineConfig) -> Path:
-    for stage in ("finetune", "pretrain", "ae"):
+    for stage in ("knn",) if cfg.method == "knn" else ("finetune", "pretrain", "ae"):
         d = cfg.path(f"models/{stage}")
         if (d / "meta.json").is_file():
             return d
@@ -237,8 +247,12 @@ def default_model_dir(cfg: PipelineConfig) -> Path:
 
 def _main(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    model_dir = Path(args.model) if args.model else default_model_dir(cfg)
     store = args.store or cfg.path(cfg.extract.store)
+    if not args.model and cfg.method == "knn" and not (cfg.path("models/knn") / "meta.json").is_file():
+        from pipelines.knn import run_knn_stage  # nothing to train: build it from the store now
+
+        run_knn_stage(cfg, store=store, out_dir=cfg.path("models/knn"))
+    model_dir = Path(args.model) if args.model else default_model_dir(cfg)
     out = Path(args.out) if args.out else cfg.path("scoring")
     result = run_scoring(cfg, model_dir, store, out, ground_truth_root=cfg.data.root)
     if not args.no_mlflow:

@@ -5,7 +5,10 @@ training clips, and the per-class (and MPE subset) embedding sums and counts are
 so every worker holds the same global prototypes; then the epoch trains on random 64-frame
 crops with the multi-prototype loss (Eq. 3).
 Fine-tuning (Sec. 3.1.2 + 3.2): N x K balanced batches, in-batch prototypes (Eq. 4), NPE
-pseudo-anomalies (Eqs. 5-6); every worker draws its own batches from its own seed.
+pseudo-anomalies (Eqs. 5-6).
+Both stages split one global batch over the workers and gather the embeddings before the loss,
+with batch-norm statistics of the global batch, so a config trains the same network on 1, 2 or
+16 workers (asd.training.train_epoch).
 
 A checkpoint is reported every epoch; a restarted run (same storage path and name) resumes
 from the latest one, and FailureConfig(max_failures) restarts a failed worker group.
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from asd.model import EmbeddingNet
-from asd.sampler import BalancedBatchSampler, random_crops
+from asd.model import EmbeddingNet, sync_batchnorm
+from asd.sampler import BalancedBatchSampler
 from asd.training import (
-    epoch_prototypes, finetune_loss, input_stats, no_reduce, pretrain_loss, prototype_drift,
+    Workers, epoch_prototypes, finetune_loss, input_stats, pretrain_loss, prototype_drift,
+    random_sampling_batches, steps_per_epoch, train_epoch,
 )
 from pipelines.checkpoints import MODEL_FILE, copy_model, load_model, save_model
 from pipelines.config import PipelineConfig, add_config_arguments, from_dict, load_config, to_dict
@@ -55,19 +59,26 @@ def _load_training_data(loop_cfg: dict):
     return load_split(loop_cfg["store"], "train", feature_version=loop_cfg["feature_version"])
 
 
-def _dist():
-    """(rank, world size, all-reduce) for the current process."""
+def _dist() -> Workers:
+    """This process's place among the Ray Train workers (one process on its own outside them)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        def all_reduce(t: torch.Tensor) -> None:
-            # gloo reduces CPU tensors; nccl needs them on the GPU
-            on = t.cuda() if dist.get_backend() == "nccl" else t
-            dist.all_reduce(on)
-            if on is not t:
-                t.copy_(on.cpu())
-        return dist.get_rank(), dist.get_world_size(), all_reduce
-    return 0, 1, no_reduce
+    if not (dist.is_available() and dist.is_initialized()):
+        return Workers()
+    import torch.distributed.nn.functional as dist_fn
+
+    on_gpu = dist.get_backend() == "nccl"  # gloo reduces CPU tensors; nccl needs them on the GPU
+
+    def all_reduce(t: torch.Tensor) -> None:
+        on = t.cuda() if on_gpu else t
+        dist.all_reduce(on)
+        if on is not t:
+            t.copy_(on.cpu())
+
+    def sum_over_workers(t: torch.Tensor) -> torch.Tensor:
+        return dist_fn.all_reduce(t)  # autograd: the backward sums the gradients over workers
+
+    return Workers(dist.get_rank(), dist.get_world_size(), all_reduce, sum_over_workers)
 
 
 def _broadcast_buffers(module: torch.nn.Module) -> None:
@@ -82,130 +93,145 @@ def _broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _mean_across(value: float, all_reduce, world: int) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    all_reduce(t)
-    return float(t) / world
+# seeds of the shared per-epoch generator and of the fine-tuning sampler, derived from train.seed
+EPOCH_SEED_STRIDE = 1_000_003
+SAMPLER_SEED_STRIDE = 7919
+
+
+class StageTrainer:
+    """One training stage of one worker: the network, its optimizer and schedule, and the epoch.
+
+    Used by the Ray Train loop (with the workers' collectives) and, in one process, by the
+    benchmarks that score checkpoints during training. ``epoch(e)`` runs epoch ``e`` and returns
+    its metrics; every worker must run the same epochs.
+    """
+
+    def __init__(self, cfg: PipelineConfig, stage: str, features, labels: torch.Tensor, num_classes: int,
+                 *, workers: Workers = Workers(), device: torch.device | str = "cpu",
+                 init_state: dict | None = None) -> None:
+        tc = cfg.train
+        self.cfg, self.stage, self.workers, self.device = cfg, stage, workers, device
+        self.sc = sc = cfg.pretrain if stage == "pretrain" else cfg.finetune
+        self.features, self.labels, self.num_classes = features, labels, num_classes
+        # same initial weights on every rank and every run (DDP would broadcast rank 0's anyway)
+        torch.manual_seed(tc.seed)
+        model = EmbeddingNet(cfg.model)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        else:
+            model.set_input_stats(*input_stats(features))
+        if tc.sync_batchnorm:
+            sync_batchnorm(model, workers.sum_over_workers)
+        model = model.to(device)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.core = self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=sc.momentum,
+                                         weight_decay=sc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, sc.lr_milestones, sc.lr_gamma)
+        if stage == "finetune":
+            n_classes = min(sc.n_classes, int(labels.unique().numel()))
+            natural = sc.batches_per_epoch or math.ceil(len(labels) / (n_classes * sc.k))
+            self.steps = steps_per_epoch(natural, sc.epochs, sc.min_steps)
+            # the same global batches on every worker: each embeds its share of them
+            self.sampler = BalancedBatchSampler(labels, sc.n_classes, sc.k, self.steps,
+                                                seed=tc.seed * SAMPLER_SEED_STRIDE + 1)
+        else:
+            self.steps = steps_per_epoch(len(labels) // sc.batch_size, sc.epochs, sc.min_steps)
+        self.previous_prototypes = None
+
+    def wrap(self, wrap_model) -> None:
+        """Wrap the network for data-parallel training (DDP); the core stays reachable."""
+        self.model = wrap_model(self.core)
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        cfg, sc, tc, workers = self.cfg, self.sc, self.cfg.train, self.workers
+        g_shared = torch.Generator().manual_seed(tc.seed * EPOCH_SEED_STRIDE + epoch)
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.stage == "pretrain":
+            _broadcast_buffers(self.core)
+            # windows of the training crop, hop crop/2 (the scoring default)
+            windows = ({"window": tc.crop_frames, "hop": max(1, tc.crop_frames // 2)}
+                       if sc.prototype_embedding == "windows" else {})
+            protos = epoch_prototypes(
+                self.core, self.features, self.labels, range(workers.rank, len(self.labels), workers.world),
+                self.num_classes, mpe_ratio=sc.mpe_ratio, mpe_per_class=sc.mpe_per_class,
+                generator=g_shared, all_reduce=workers.all_reduce, batch_size=cfg.score.batch_size,
+                device=self.device, **windows)
+            metrics["prototype_drift"] = prototype_drift(self.previous_prototypes, protos.class_prototypes)
+            self.previous_prototypes = protos.class_prototypes
+            protos.prototypes = protos.prototypes.to(self.device)
+            protos.prototype_class = protos.prototype_class.to(self.device)
+            metrics["prototype_seconds"] = time.perf_counter() - t0
+            batches = random_sampling_batches(len(self.labels), sc.batch_size, self.steps, g_shared)
+
+            def loss_fn(z, y):
+                return pretrain_loss(z, y, protos, sc.tau)
+        else:
+            batches = self.sampler.epoch(epoch)
+
+            def loss_fn(z, y):
+                return finetune_loss(z, y, sc.tau, sc.npe_lambda, g_shared)
+        t1 = time.perf_counter()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.use_gpu and tc.bf16)
+        losses, clips = train_epoch(
+            self.model, self.features, self.labels, batches, loss_fn, self.optimizer,
+            crop_frames=tc.crop_frames, generator=g_shared, workers=workers, device=self.device,
+            autocast=autocast, channels_last=tc.channels_last)
+        train_seconds = time.perf_counter() - t1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step_losses = losses
+        metrics.update(epoch=epoch, loss=sum(losses) / max(1, len(losses)), lr=lr, steps=len(losses),
+                       samples_per_s=clips / train_seconds, epoch_seconds=time.perf_counter() - t0)
+        return metrics
 
 
 def train_loop(loop_cfg: dict) -> None:
-    """Runs on every Ray Train worker (also callable directly without Ray, for one process)."""
+    """Runs on every Ray Train worker."""
     import ray.train
 
     cfg: PipelineConfig = from_dict(PipelineConfig, loop_cfg["config"])
     stage = loop_cfg["stage"]
     tc = cfg.train
-    sc = cfg.pretrain if stage == "pretrain" else cfg.finetune
-    rank, world, all_reduce = _dist()
+    workers = _dist()
     prepare_compute_process(tc.threads_per_worker or tc.cpus_per_worker)
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
     data = _load_training_data(loop_cfg)
     class_keys = loop_cfg["class_keys"]
-    labels = _class_labels(data.meta, class_keys)
-    features = data.features
-
-    # same initial weights on every rank and every run (DDP would broadcast rank 0's anyway)
-    torch.manual_seed(tc.seed)
-    model = EmbeddingNet(cfg.model)
+    init_state = None
     if loop_cfg.get("init_model"):
-        model.load_state_dict(torch.load(Path(loop_cfg["init_model"]) / MODEL_FILE,
-                                         map_location="cpu", weights_only=True))
-    else:
-        model.set_input_stats(*input_stats(features))
-    model = model.to(device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=sc.momentum,
-                                weight_decay=sc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sc.lr_milestones, sc.lr_gamma)
+        init_state = torch.load(Path(loop_cfg["init_model"]) / MODEL_FILE, map_location="cpu", weights_only=True)
+    trainer = StageTrainer(cfg, stage, data.features, _class_labels(data.meta, class_keys), len(class_keys),
+                           workers=workers, device=device, init_state=init_state)
 
     start_epoch, resumed_from, history = 0, -1, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location=device, weights_only=True))
+            trainer.core.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location=device, weights_only=True))
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             history = json.loads((Path(d) / HISTORY_FILE).read_text())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch = resumed_from = int(state["epoch"]) + 1
 
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    core = getattr(model, "module", model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.use_gpu and tc.bf16)
+    if workers.world > 1:
+        trainer.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     fault = loop_cfg.get("fault") or {}
-
-    previous = None
-    sampler = None
-    if stage == "finetune":
-        per_worker = math.ceil((sc.batches_per_epoch or math.ceil(
-            len(labels) / (min(sc.n_classes, len(class_keys)) * sc.k))) / world)
-        sampler = BalancedBatchSampler(labels, sc.n_classes, sc.k, per_worker,
-                                       seed=tc.seed * 7919 + rank + 1)
-
-    # windows of the training crop, hop crop/2 (the scoring default); both in this stage's digest
-    proto_windows = ({"window": tc.crop_frames, "hop": max(1, tc.crop_frames // 2)}
-                     if stage == "pretrain" and sc.prototype_embedding == "windows" else {})
-    for epoch in range(start_epoch, sc.epochs):
-        if fault.get("epoch") == epoch and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
+    for epoch in range(start_epoch, trainer.sc.epochs):
+        if fault.get("epoch") == epoch and workers.rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(f"failed at epoch {epoch}\n")
             raise RuntimeError(f"injected worker failure at epoch {epoch} (fault test)")
-        g_shared = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-        g_local = torch.Generator().manual_seed((tc.seed * 1_000_003 + epoch) * 101 + rank)
-        t0 = time.perf_counter()
-        metrics: dict[str, float] = {}
-        if stage == "pretrain":
-            _broadcast_buffers(core)
-            protos = epoch_prototypes(
-                core, features, labels, range(rank, len(labels), world), len(class_keys),
-                mpe_ratio=sc.mpe_ratio, mpe_per_class=sc.mpe_per_class, generator=g_shared,
-                all_reduce=all_reduce, batch_size=cfg.score.batch_size, device=device,
-                **proto_windows)
-            metrics["prototype_drift"] = prototype_drift(previous, protos.class_prototypes)
-            previous = protos.class_prototypes
-            protos.prototypes = protos.prototypes.to(device)
-            protos.prototype_class = protos.prototype_class.to(device)
-            metrics["prototype_seconds"] = time.perf_counter() - t0
-            per_rank = max(1, sc.batch_size // world)
-            steps = max(1, len(labels) // (per_rank * world))
-            order = torch.randperm(len(labels), generator=g_shared)
-            batches = (order[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank]
-                       for s in range(steps))
-        else:
-            batches = sampler.epoch(epoch)
-            steps = len(sampler)
-        model.train()
-        t1 = time.perf_counter()
-        total_loss, seen = 0.0, 0
-        for idx in batches:
-            if idx.numel() == 0:  # fewer clips than ranks x batch: keep every rank stepping
-                idx = torch.randint(len(labels), (1,), generator=g_local)
-            x = random_crops(features, idx, tc.crop_frames, g_local).unsqueeze(1).to(device)
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx].to(device)
-            with autocast:
-                z = model(x).float()
-            loss = (pretrain_loss(z, y, protos, sc.tau) if stage == "pretrain"
-                    else finetune_loss(z, y, sc.tau, sc.npe_lambda, g_local))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach())
-            seen += idx.numel()
-        train_seconds = time.perf_counter() - t1
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        metrics.update(
-            epoch=epoch, loss=_mean_across(total_loss / max(steps, 1), all_reduce, world), lr=lr,
-            samples_per_s=_mean_across(seen / train_seconds, all_reduce, world) * world,
-            epoch_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed_from,
-        )
+        metrics = trainer.epoch(epoch)
+        metrics["samples_per_s"] = workers.mean(metrics["samples_per_s"])
+        metrics["resumed_from_epoch"] = resumed_from
         history.append(metrics)
-        _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, stage, class_keys)
+        _report(epoch, trainer.model, trainer.optimizer, trainer.scheduler, history, workers.rank,
+                loop_cfg, cfg, stage, class_keys)
 
 
 def _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, stage, class_keys):

@@ -1,0 +1,110 @@
+"""The kNN floor baseline (``method: knn``) through the same pipeline as the other methods.
+
+Nothing is trained: the "knn" stage reads the training split of the feature store and writes a
+model directory holding ``meta.json`` (``"stage": "knn"``) and ``knn.pt``, the per-(machine,
+section) matrix of training-clip statistics (:func:`asd.knn.clip_statistics`) with each row's
+path and attribute class, loadable with ``torch.load(weights_only=True)``. The scoring job
+(:func:`score_knn`) scores a test clip by the cosine distance to its nearest training clip of
+the same section, and sets the section's decision threshold as the AE baseline does: gamma fit
+(``asd.backend.fit_gamma_threshold``) to the training clips' own scores, here leave-one-out
+(the distance to the nearest *other* training clip). Works on any ``features.kind``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from asd.backend import decide, fit_gamma_threshold
+from asd.knn import batch_clip_statistics, nearest_cosine_distance
+from pipelines.config import PipelineConfig, to_dict
+
+KNN_FILE = "knn.pt"
+META_FILE = "meta.json"
+
+
+def _section_key(machine: str, section: str) -> str:
+    return f"{machine}/section_{section}"  # as pipelines.score.section_key
+
+
+def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
+    """Write ``sections`` (key -> {"statistics", "paths", "attribute_class"}) and meta.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sections, directory / KNN_FILE)
+    dims = {int(s["statistics"].shape[1]) for s in sections.values()}
+    (directory / META_FILE).write_text(json.dumps(
+        {"stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
+         "representation": "per-Mel-bin mean and population std over time, concatenated",
+         "distance": "cosine", "dim": dims.pop() if len(dims) == 1 else sorted(dims),
+         "sections": {k: int(s["statistics"].shape[0]) for k, s in sorted(sections.items())},
+         "train_config": to_dict(cfg)}, indent=2))
+    return directory
+
+
+def fit_knn(train, cfg: PipelineConfig, out_dir) -> Path:
+    """The knn stage from an in-memory training ClipTable: statistics per section, saved."""
+    if train.meta.empty:
+        raise ValueError("the feature store holds no training clips for the kNN baseline")
+    stats = batch_clip_statistics(train.features)
+    sections = {}
+    for (machine, section), rows in train.meta.groupby(["machine", "section"], sort=True):
+        idx = rows.index.to_numpy()
+        sections[_section_key(machine, section)] = {
+            "statistics": stats[torch.tensor(idx)].contiguous(),
+            "paths": [str(p) for p in rows["path"]],
+            "attribute_class": ["" if pd.isna(a) else str(a) for a in rows["attribute_class"]],
+        }
+    return save_knn(out_dir, sections, cfg)
+
+
+def run_knn_stage(cfg: PipelineConfig, *, store, out_dir) -> Path:
+    """The knn stage of ``asd run``: read the store's training split, write the model directory."""
+    from pipelines.store import load_split
+
+    train = load_split(store, "train", feature_version=cfg.features.version)
+    return fit_knn(train, cfg, out_dir)
+
+
+def load_knn(directory) -> tuple[dict, dict]:
+    """``(sections, meta)`` of a knn model directory (``torch.load(weights_only=True)``)."""
+    directory = Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    if meta.get("stage") != "knn":
+        raise ValueError(f"{directory} is not a kNN model directory (stage {meta.get('stage')!r})")
+    return torch.load(directory / KNN_FILE, weights_only=True), meta
+
+
+def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]:
+    """Scores, decisions and nearest training clip's attribute class of every test clip.
+
+    Returns the scored test metadata (columns ``score``, ``decision``, ``nearest_attribute``)
+    and an empty dict of prototype-backend sections, as the AE baseline."""
+    sections, meta = load_knn(model_dir)
+    if meta.get("feature_version") not in (None, cfg.features.version):
+        raise ValueError(f"the kNN model in {model_dir} was built from features version "
+                         f"{meta['feature_version']}, the config asks for {cfg.features.version}")
+    scored = test.meta.copy()
+    scored["score"], scored["decision"], scored["nearest_attribute"] = float("nan"), -1, None
+    if test.meta.empty:
+        return scored, {}
+    test_stats = batch_clip_statistics(test.features)
+    for (machine, section), rows in test.meta.groupby(["machine", "section"], sort=True):
+        key = _section_key(machine, section)
+        if key not in sections:
+            raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
+        ref = sections[key]["statistics"]
+        if ref.shape[0] < 2:
+            raise ValueError(f"{key}: the kNN threshold needs at least 2 training clips, got {ref.shape[0]}")
+        dist, nearest = nearest_cosine_distance(test_stats[torch.tensor(rows.index.to_numpy())], ref)
+        loo, _ = nearest_cosine_distance(ref, ref, exclude_self=True)
+        threshold = fit_gamma_threshold(loo, cfg.score.threshold_quantile)
+        attrs = sections[key]["attribute_class"]
+        scored.loc[rows.index, "score"] = dist.numpy()
+        scored.loc[rows.index, "decision"] = decide(dist, threshold).numpy()
+        scored.loc[rows.index, "nearest_attribute"] = [attrs[int(i)] or None for i in nearest.tolist()]
+    return scored, {}

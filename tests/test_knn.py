@@ -1,0 +1,259 @@
+"""The kNN floor baseline (``method: knn``): clip statistics and nearest cosine distances against
+independent references (numpy, scikit-learn), and the scoring job on a small hand-written
+feature store against a plain numpy computation of scores, thresholds and decisions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from sklearn.neighbors import NearestNeighbors
+
+from asd.features import FeatureConfig
+from asd.knn import batch_clip_statistics, clip_statistics, cosine_distances, nearest_cosine_distance
+from pipelines.config import ConfigError, PipelineConfig, load_config
+
+
+# ----------------------------------------------------------------------------- asd.knn
+def test_clip_statistics_are_per_bin_mean_then_population_std():
+    rng = np.random.default_rng(0)
+    x = rng.normal(-40.0, 7.0, size=(12, 33)).astype(np.float32)
+    got = clip_statistics(torch.from_numpy(x))
+    x64 = x.astype(np.float64)
+    assert got.dtype == torch.float64 and got.shape == (24,)
+    np.testing.assert_allclose(got.numpy(), np.concatenate([x64.mean(axis=1), x64.std(axis=1, ddof=0)]),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(clip_statistics(torch.ones(3, 1)), torch.tensor([1.0, 1, 1, 0, 0, 0], dtype=torch.float64))
+
+
+def test_batch_clip_statistics_stacks_clips_of_any_length():
+    rng = np.random.default_rng(1)
+    clips = [torch.from_numpy(rng.normal(size=(6, t)).astype(np.float32)) for t in (64, 80, 313)]
+    got = batch_clip_statistics(clips)
+    assert got.shape == (3, 12)
+    for row, c in zip(got, clips):
+        assert torch.equal(row, clip_statistics(c))
+    with pytest.raises(ValueError, match="Mel bins"):
+        batch_clip_statistics([torch.zeros(6, 70), torch.zeros(5, 70)])
+    with pytest.raises(ValueError):
+        batch_clip_statistics([])
+    with pytest.raises(ValueError):
+        clip_statistics(torch.zeros(6))
+
+
+def _numpy_nearest(q: np.ndarray, r: np.ndarray, exclude_self: bool = False):
+    """Plain loop: cosine distance to every reference, the smallest (first on ties)."""
+    dist, idx = [], []
+    for i, a in enumerate(q):
+        best, arg = np.inf, -1
+        for j, b in enumerate(r):
+            if exclude_self and i == j:
+                continue
+            d = 1.0 - float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+            if d < best:
+                best, arg = d, j
+        dist.append(max(best, 0.0))
+        idx.append(arg)
+    return np.array(dist), np.array(idx)
+
+
+def test_nearest_cosine_distance_matches_numpy_and_sklearn():
+    rng = np.random.default_rng(2)
+    refs, queries = rng.normal(size=(40, 16)), rng.normal(size=(25, 16))
+    dist, nearest = nearest_cosine_distance(torch.from_numpy(queries), torch.from_numpy(refs), chunk_size=7)
+    assert dist.dtype == torch.float64 and nearest.dtype == torch.int64
+    want_d, want_i = _numpy_nearest(queries, refs)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(nearest.numpy(), want_i)
+    sk_d, sk_i = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(refs).kneighbors(queries)
+    np.testing.assert_allclose(dist.numpy(), sk_d[:, 0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(nearest.numpy(), sk_i[:, 0])
+    np.testing.assert_allclose(cosine_distances(torch.from_numpy(queries), torch.from_numpy(refs)).min(dim=1).values,
+                               want_d, rtol=1e-10, atol=1e-12)
+
+
+def test_leave_one_out_skips_each_clip_itself():
+    rng = np.random.default_rng(3)
+    refs = rng.normal(size=(30, 10))
+    refs[7] = refs[3] * 2.5  # same direction: distance 0 between 3 and 7, never to itself
+    dist, nearest = nearest_cosine_distance(torch.from_numpy(refs), torch.from_numpy(refs), exclude_self=True,
+                                            chunk_size=4)
+    want_d, want_i = _numpy_nearest(refs, refs, exclude_self=True)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(nearest.numpy(), want_i)
+    assert (nearest.numpy() != np.arange(30)).all()
+    assert nearest[3] == 7 and nearest[7] == 3 and dist[3] == pytest.approx(0.0, abs=1e-12)
+    # scikit-learn's kneighbors() without X is leave-one-out too
+    sk_d, sk_i = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(refs).kneighbors()
+    np.testing.assert_allclose(dist.numpy(), sk_d[:, 0], rtol=1e-9, atol=1e-12)
+    # without exclusion every clip is its own nearest neighbour
+    d0, i0 = nearest_cosine_distance(torch.from_numpy(refs), torch.from_numpy(refs))
+    assert d0.abs().max() < 1e-12 and (i0.numpy()[[0, 1, 2, 4]] == [0, 1, 2, 4]).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        nearest_cosine_distance(torch.ones(1, 3), torch.ones(1, 3), exclude_self=True)
+    with pytest.raises(ValueError, match="exclude_self"):
+        nearest_cosine_distance(torch.ones(2, 3), torch.ones(3, 3), exclude_self=True)
+
+
+def test_zero_vectors_are_at_distance_one_and_dimensions_must_match():
+    d, _ = nearest_cosine_distance(torch.zeros(2, 4), torch.randn(3, 4))
+    assert torch.equal(d, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dimensions"):
+        nearest_cosine_distance(torch.ones(2, 4), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="non-finite"):
+        nearest_cosine_distance(torch.tensor([[float("nan"), 1.0]]), torch.ones(2, 2))
+
+
+# ----------------------------------------------------------------------------- config
+def test_method_is_validated_in_one_line():
+    assert load_config(None, ["method=knn"]).method == "knn"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["method=kNN-cosine"])
+    msg = str(err.value)
+    assert "method must be one of prototype, ae, knn" in msg and "\n" not in msg
+    with pytest.raises(ConfigError):
+        PipelineConfig(method="nope")
+
+
+# ----------------------------------------------------------------------------- the scoring job
+N_MELS = 8
+SECTIONS = [("fan", "00"), ("fan", "01"), ("valve", "00")]
+
+
+def _write_store(store: Path, fcfg: FeatureConfig, rng: np.random.Generator) -> list[dict]:
+    """A feature store written directly (no Ray): per section 9 train clips (6 source + 3 target)
+    and 8 test clips (normal/anomaly x source/target), float32 features of varying length."""
+    from pipelines import store as S
+    from pipelines.extract import write_shard
+
+    vdir = S.version_dir(store, fcfg.version)
+    clips, manifest = [], []
+    for machine, section in SECTIONS:
+        offset = rng.normal(-50.0, 5.0, size=(N_MELS, 1))
+        for split, specs in (("train", [("source", "normal")] * 6 + [("target", "normal")] * 3),
+                             ("test", [(d, lab) for d in ("source", "target") for lab in ("normal", "anomaly")] * 2)):
+            rows, flat = [], []
+            for i, (domain, label) in enumerate(specs):
+                t = int(rng.integers(64, 90))
+                scale = 3.0 if label == "anomaly" else 1.0
+                feats = (offset + scale * rng.normal(size=(N_MELS, t))
+                         + (2.0 * scale) * rng.normal(size=(N_MELS, 1))).astype(np.float32)
+                attr = f"a{i % 2}"
+                name = f"section_{section}_{domain}_{split}_{label}_{i:04d}_{attr}.wav"
+                path = f"dev_data/{machine}/{split}/{name}"
+                row = {"path": path, "dataset": "dev_data", "machine": machine, "section": section,
+                       "domain": domain, "split": split, "label": label, "index": i, "attribute": attr,
+                       "attribute_class": f"{machine}/{section}/{domain}/{attr}", "attributes_json": None,
+                       "content_hash": f"h{len(clips):06d}", "feature_version": fcfg.version,
+                       "n_mels": N_MELS, "n_frames": t, "source_sample_rate": 16000, "source_channels": 1,
+                       "resampled": False, "downmixed": False}
+                rows.append(row)
+                flat.append(feats.reshape(-1))
+                clips.append({**row, "features": feats})
+            rel = f"{S.partition_dir('dev_data', machine, section, split)}/part-{split}.parquet"
+            write_shard(vdir / rel, rows, flat, "float32")
+            manifest += [{"path": r["path"], "dataset": "dev_data", "machine": machine, "section": section,
+                          "split": split, "domain": r["domain"], "label": r["label"],
+                          "content_hash": r["content_hash"], "size": 0, "mtime_ns": 0,
+                          "n_frames": r["n_frames"], "shard": rel} for r in rows]
+    S.write_manifest(vdir, pd.DataFrame(manifest))
+    S.record_store(store, fcfg.version, {"dtype": "float32"})
+    return clips
+
+
+def _numpy_expected(clips: list[dict], quantile: float) -> pd.DataFrame:
+    """Scores, thresholds, decisions and nearest attribute classes, computed with numpy/scipy only."""
+    def stat(f):
+        f = f.astype(np.float64)
+        return np.concatenate([f.mean(axis=1), f.std(axis=1)])
+
+    out = []
+    for machine, section in SECTIONS:
+        train = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "train")]
+        test = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "test")]
+        ref = np.stack([stat(c["features"]) for c in train])
+        loo, _ = _numpy_nearest(ref, ref, exclude_self=True)
+        threshold = stats.gamma.ppf(quantile, *stats.gamma.fit(loo))
+        d, idx = _numpy_nearest(np.stack([stat(c["features"]) for c in test]), ref)
+        for c, score, j in zip(test, d, idx):
+            out.append({"path": c["path"], "score": score, "decision": int(score > threshold),
+                        "nearest_attribute": train[j]["attribute_class"], "threshold": threshold})
+    return pd.DataFrame(out).sort_values("path").reset_index(drop=True)
+
+
+@pytest.fixture
+def knn_store(tmp_path):
+    fcfg = FeatureConfig(kind="logmel", n_mels=N_MELS)  # any kind works; the benchmark uses logmel
+    cfg = PipelineConfig(name="knn-test", run_dir=str(tmp_path / "run"), method="knn", features=fcfg)
+    store = tmp_path / "store"
+    clips = _write_store(store, fcfg, np.random.default_rng(4))
+    return cfg, store, clips
+
+
+def test_knn_scoring_matches_numpy(knn_store, tmp_path):
+    from pipelines.knn import KNN_FILE, run_knn_stage
+    from pipelines.score import method_label, run_scoring
+
+    cfg, store, clips = knn_store
+    model_dir = run_knn_stage(cfg, store=store, out_dir=tmp_path / "models" / "knn")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["stage"] == "knn" and meta["dim"] == 2 * N_MELS
+    assert meta["sections"] == {"fan/section_00": 9, "fan/section_01": 9, "valve/section_00": 9}
+    saved = torch.load(model_dir / KNN_FILE, weights_only=True)
+    assert saved["fan/section_01"]["statistics"].shape == (9, 2 * N_MELS)
+
+    out = tmp_path / "scoring"
+    (out / "model").mkdir(parents=True)  # left by an earlier prototype run: must not stay
+    (out / "model" / "model.pt").write_bytes(b"stale")
+    result = run_scoring(cfg, model_dir, store, out)
+    got = result.scores.sort_values("path").reset_index(drop=True)
+    want = _numpy_expected(clips, cfg.score.threshold_quantile)
+    assert list(got["path"]) == list(want["path"]) and len(got) == 24
+    np.testing.assert_allclose(got["score"].to_numpy(float), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert (want["threshold"] > 0).all()  # leave-one-out: not a zero threshold
+    # decisions flip only for a score within rounding of its threshold
+    close = np.isclose(want["score"], want["threshold"], rtol=1e-9)
+    np.testing.assert_array_equal(got["decision"].to_numpy(int)[~close], want["decision"].to_numpy()[~close])
+    assert list(got["nearest_attribute"]) == list(want["nearest_attribute"])
+    # what the job writes: submissions, scores, metrics, and no network to copy or register
+    assert result.sections == {} and not (out / "model").exists()
+    assert (out / "scores.csv").is_file() and (out / "results.md").is_file()
+    assert len(list((out / "submission" / "dev_data").glob("anomaly_score_*.csv"))) == 3
+    assert len(result.results) == 3 and 0.0 <= result.official_score <= 1.0
+    assert method_label(cfg) == "kNN baseline"
+
+
+def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):
+    from pipelines.cli import main
+
+    cfg, store, _ = knn_store
+    rc = main(["score", "--config", "tiny", "--no-mlflow", "--set", f"run_dir={cfg.run_dir}",
+               "--set", "method=knn", "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
+               "--store", str(store)])
+    assert rc == 0
+    run_dir = Path(cfg.run_dir)
+    assert json.loads((run_dir / "models" / "knn" / "meta.json").read_text())["stage"] == "knn"
+    assert (run_dir / "scoring" / "scores.csv").is_file()
+    assert "kNN baseline" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_pipeline_with_the_knn_method(tmp_path, ray_session):
+    """`asd run` on the tiny preset (local Ray, SQLite MLflow): a knn stage instead of training,
+    nothing registered, and a re-run skips every stage."""
+    from pipelines.run import run_pipeline
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                               "method=knn", "features.kind=logmel", "mlflow.experiment=asd-knn-test"])
+    summary = run_pipeline(cfg)
+    stages = summary["stages"]
+    assert set(stages) == {"extract", "knn", "score"}
+    assert 0.0 < stages["score"]["official_score"] <= 1.0 and stages["score"]["version"] is None
+    assert "kNN baseline" in (Path(cfg.run_dir) / "results.md").read_text()
+    again = run_pipeline(cfg)
+    assert again["stages"]["knn"].get("skipped") is True and again["stages"]["score"].get("skipped") is True
