@@ -1,4 +1,5 @@
-"""Inverted log-Mel features (paper Sec. 4.2, after Sahidullah et al. 2015) and plain log-Mel.
+"""Inverted log-Mel features (paper Sec. 4.2, after Sahidullah et al. 2015), plain log-Mel, and
+the log-Mel of the official DCASE baselines (``librosa_logmel``).
 
 The inverted Mel filterbank is the Mel filterbank mirrored in frequency: the filter that the
 Mel scale places at frequency ``f`` is placed at ``sr/2 - f``. Resolution is then finest at
@@ -15,7 +16,13 @@ from functools import lru_cache
 import torch
 import torchaudio.functional as AF
 
-FEATURE_KINDS = ("inverted_logmel", "logmel")
+FEATURE_KINDS = ("inverted_logmel", "logmel", "librosa_logmel")
+# kind -> (Mel scale and filter normalisation, padding of the centred STFT)
+_FRONT_ENDS = {"inverted_logmel": ("htk", "reflect"), "logmel": ("htk", "reflect"),
+               # librosa.feature.melspectrogram defaults, as the official DCASE 2022 Task 2 AE
+               # baseline computes its input (librosa 0.9.1): Slaney Mel scale with Slaney area
+               # normalisation, centred frames zero-padded (librosa >= 0.9 pads with zeros)
+               "librosa_logmel": ("slaney", "constant")}
 
 
 @dataclass(frozen=True)
@@ -48,33 +55,43 @@ class FeatureConfig:
 
 
 @lru_cache(maxsize=8)
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, inverted: bool) -> torch.Tensor:
-    """[n_fft//2+1, n_mels] triangular filters (torchaudio, HTK Mel scale, 0 Hz .. Nyquist).
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, inverted: bool,
+                   scale: str = "htk") -> torch.Tensor:
+    """[n_fft//2+1, n_mels] triangular filters (torchaudio, 0 Hz .. Nyquist).
 
+    ``scale="htk"``: HTK Mel scale, filters of peak 1 (no normalisation). ``scale="slaney"``:
+    librosa's default bank (``librosa.filters.mel``): Slaney Mel scale (linear below 1 kHz,
+    logarithmic above) and Slaney area normalisation (filter m scaled by 2 / (f_{m+2} - f_m)).
     ``inverted=True`` mirrors the bank in frequency (bin k -> bin n_freqs-1-k) and reverses
     the filter order, so filters still run from low to high frequency.
     """
+    if scale not in ("htk", "slaney"):
+        raise ValueError(f"scale must be 'htk' or 'slaney', got {scale!r}")
     fb = AF.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate,
-                            norm=None, mel_scale="htk")
+                            norm=None if scale == "htk" else "slaney", mel_scale=scale)
     return fb.flip(0).flip(1).contiguous() if inverted else fb
 
 
-def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
-    """|STFT|^2 with a periodic Hann window, centred frames with reflect padding: [..., F, T].
+def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int,
+                      pad_mode: str = "reflect") -> torch.Tensor:
+    """|STFT|^2 with a periodic Hann window, centred frames with reflect (or zero,
+    ``pad_mode="constant"``) padding: [..., F, T].
 
     The same values as ``torch.stft(center=True, pad_mode="reflect")``, computed by framing
     (``unfold``) + ``rfft`` and squaring real and imaginary parts, which costs less on one CPU
     thread than ``torch.stft`` followed by a complex ``abs().pow(2)``."""
-    return _power_frames(wave, n_fft, hop_length).transpose(-1, -2)
+    return _power_frames(wave, n_fft, hop_length, pad_mode).transpose(-1, -2)
 
 
-def _power_frames(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+def _power_frames(wave: torch.Tensor, n_fft: int, hop_length: int, pad_mode: str = "reflect") -> torch.Tensor:
     """:func:`power_spectrogram` with frames first: [..., T, F] (contiguous)."""
-    if wave.shape[-1] <= n_fft // 2:
+    if pad_mode not in ("reflect", "constant"):
+        raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}")
+    if pad_mode == "reflect" and wave.shape[-1] <= n_fft // 2:
         raise ValueError(f"{wave.shape[-1]} samples: reflect padding needs more than n_fft//2 = {n_fft // 2}")
     lead = wave.shape[:-1]
     padded = torch.nn.functional.pad(wave.reshape(-1, 1, wave.shape[-1]), (n_fft // 2, n_fft // 2),
-                                     mode="reflect")
+                                     mode=pad_mode)
     window = torch.hann_window(n_fft, dtype=wave.dtype, device=wave.device)
     frames = padded[:, 0].unfold(-1, n_fft, hop_length) * window  # [B, T, n_fft]
     parts = torch.view_as_real(torch.fft.rfft(frames, dim=-1))  # [B, T, F, 2]
@@ -84,8 +101,15 @@ def _power_frames(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tens
 
 
 def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored)."""
-    fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel")
-    power = _power_frames(wave, cfg.n_fft, cfg.hop_length)
+    """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored).
+
+    ``librosa_logmel`` is ``10 log10(max(librosa.feature.melspectrogram(y, sr, n_fft=..,
+    hop_length=.., n_mels=.., power=2), floor))`` (librosa >= 0.9 defaults), the official AE
+    baseline's ``20/power * log10(max(mel, eps))`` with ``cfg.log_floor`` in place of the machine
+    epsilon (the two differ only where a Mel band is below -100 dB, e.g. digital silence).
+    """
+    scale, pad_mode = _FRONT_ENDS[cfg.kind]
+    fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel", scale)
+    power = _power_frames(wave, cfg.n_fft, cfg.hop_length, pad_mode)
     mel = torch.matmul(power, fb.to(device=power.device, dtype=power.dtype))  # [..., T, n_mels]
     return (10.0 * torch.log10(mel.clamp_min(cfg.log_floor))).transpose(-1, -2).contiguous()

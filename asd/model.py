@@ -134,9 +134,11 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
 
     ``sum_over_workers`` sums a tensor over workers and carries gradients (its backward sums
     the gradients too, as ``torch.distributed.nn.functional.all_reduce`` does); the identity for
-    one worker. ``torch.nn.SyncBatchNorm`` would do this but refuses CPU tensors. Two passes
-    (mean, then the mean squared deviation) keep the variance as accurate as BatchNorm2d's.
-    Evaluation mode is plain BatchNorm2d; the state dict is BatchNorm2d's.
+    one worker. ``torch.nn.SyncBatchNorm`` would do this but refuses CPU tensors. One sum per
+    forward (count, sum and sum of squares together: collectives dominate on CPU), taken about
+    the running mean, which every worker holds identically, so that the variance does not lose
+    precision to a large mean. Evaluation mode is plain BatchNorm2d; the state dict is
+    BatchNorm2d's.
     """
 
     sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda t: t)
@@ -144,18 +146,21 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        local = torch.cat([x.sum(dim=(0, 2, 3)), x.new_tensor([x.numel() / x.shape[1]])])
+        c = x.shape[1]
+        shifted = x - self.running_mean.view(1, -1, 1, 1)
+        local = torch.cat([shifted.sum(dim=(0, 2, 3)), shifted.pow(2).sum(dim=(0, 2, 3)),
+                           x.new_tensor([x.numel() / c])])
         total = self.sum_over_workers(local)
         n = total[-1]
-        mean = total[:-1] / n
-        centred = x - mean.view(1, -1, 1, 1)
-        var = self.sum_over_workers(centred.pow(2).sum(dim=(0, 2, 3))) / n
+        shift_mean = total[:c] / n
+        var = (total[c:2 * c] / n - shift_mean.pow(2)).clamp_min(0)
+        mean = shift_mean + self.running_mean
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
-        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        y = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 

@@ -1,7 +1,7 @@
 """Training steps of both stages (paper Sec. 4.2), independent of how workers are placed.
 
-Distribution enters only through the ``all_reduce`` callable (sum in place), so the same
-functions run in one process (identity) or under DDP (torch.distributed.all_reduce).
+Distribution enters only through :class:`Workers` (rank, world size and two sums over workers),
+so the same functions run in one process (identities) or under DDP (torch.distributed).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from asd.baseline_ae import AEConfig, DenseAutoencoder, clip_scores, frame_vectors, reconstruction_error
+from asd.baseline_ae import (ADAM_EPS, AEConfig, DenseAutoencoder, clip_scores, frame_vectors,
+                             reconstruction_error, validation_split)
 from pipelines.config import PipelineConfig, from_dict, to_dict
 from pipelines.compute_process import prepare_compute_process
 
@@ -24,11 +25,14 @@ def _ae_config(cfg: PipelineConfig) -> AEConfig:
                     bottleneck=cfg.ae.bottleneck)
 
 
-def _epoch_vectors(features, frames: int, per_clip: int | None, g: torch.Generator) -> torch.Tensor:
-    """All frame vectors of the clips, or ``per_clip`` random ones per clip (CPU budgets)."""
+def _epoch_vectors(features, frames: int, per_clip: int | None, g: torch.Generator,
+                   keep: list[slice] | None = None) -> torch.Tensor:
+    """All frame vectors of the clips (``keep``: the part of each clip's vectors to use), or
+    ``per_clip`` random ones per clip (CPU budgets)."""
     parts = []
-    for f in features:
+    for k, f in enumerate(features):
         v = frame_vectors(f, frames)
+        v = v if keep is None else v[keep[k]]
         if per_clip is not None and per_clip < v.shape[0]:
             v = v[torch.randperm(v.shape[0], generator=g)[:per_clip]]
         parts.append(v)
@@ -63,16 +67,25 @@ def ae_train_loop(loop_cfg: dict) -> None:
             models[m].load_state_dict(state[m])
     wrapped = {m: (ray.train.torch.prepare_model(models[m], move_to_device=False) if world > 1 else models[m])
                for m in machines}
-    opts = {m: torch.optim.Adam(wrapped[m].parameters(), lr=cfg.ae.lr) for m in machines}
+    opts = {m: torch.optim.Adam(wrapped[m].parameters(), lr=cfg.ae.lr, eps=ADAM_EPS) for m in machines}
     for m in (machines if optim_state else ()):
         opts[m].load_state_dict(optim_state[m])
-    shards = {m: [data.features[i] for i in data.meta.index[data.meta["machine"] == m] if i % world == rank]
-              for m in machines}
+    # Keras validation_split as the official baseline: the last fraction of each machine's vectors
+    # in file order is held out; only the validation loss is computed on it
+    shards, held_out = {}, {}
+    for m in machines:
+        rows = data.meta[data.meta["machine"] == m].sort_values("path", kind="stable").index
+        n_vec = [max(0, data.features[i].shape[1] - acfg.frames + 1) for i in rows]
+        n_fit = validation_split(n_vec, cfg.ae.validation_split)
+        mine = [(i, n, v) for k, (i, n, v) in enumerate(zip(rows, n_fit, n_vec)) if k % world == rank]
+        shards[m] = ([data.features[i] for i, n, _ in mine if n > 0], [slice(0, n) for _, n, _ in mine if n > 0])
+        held_out[m] = ([data.features[i] for i, n, v in mine if n < v], [slice(n, None) for _, n, v in mine if n < v])
+    per_rank_batch = max(2, -(-cfg.ae.batch_size // world))  # DDP averages: one step = ae.batch_size vectors
     for epoch in range(start, cfg.ae.epochs):
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + rank)
         metrics = {"epoch": epoch}
         for m in machines:
-            vectors = _epoch_vectors(shards[m], acfg.frames, cfg.ae.vectors_per_clip, g)
+            vectors = _epoch_vectors(shards[m][0], acfg.frames, cfg.ae.vectors_per_clip, g, shards[m][1])
             # equal step counts on every rank (DDP): the smallest shard decides
             n = torch.tensor([float(vectors.shape[0])])
             if world > 1:
@@ -82,8 +95,8 @@ def ae_train_loop(loop_cfg: dict) -> None:
             order = torch.randperm(vectors.shape[0], generator=g)[: int(n)]
             model, total, steps = wrapped[m], 0.0, 0
             model.train()
-            for s in range(0, len(order), cfg.ae.batch_size):
-                batch = vectors[order[s:s + cfg.ae.batch_size]]
+            for s in range(0, len(order), per_rank_batch):
+                batch = vectors[order[s:s + per_rank_batch]]
                 if batch.shape[0] < 2:  # batch norm needs two vectors
                     continue
                 loss = reconstruction_error(model, batch).mean()
@@ -92,6 +105,10 @@ def ae_train_loop(loop_cfg: dict) -> None:
                 opts[m].step()
                 total, steps = total + float(loss), steps + 1
             metrics[f"loss/{m}"] = workers.mean(total / max(steps, 1))
+            if cfg.ae.validation_split > 0:  # the unwrapped model: no DDP collective in its forward
+                val = torch.tensor(_val_loss(models[m], held_out[m], acfg.frames), dtype=torch.float64)
+                workers.all_reduce(val)
+                metrics[f"val_loss/{m}"] = float(val[0] / val[1].clamp_min(1))
         metrics["loss"] = sum(v for k, v in metrics.items() if k.startswith("loss/")) / len(machines)
         history.append(metrics)
         if rank != 0:
@@ -106,6 +123,18 @@ def ae_train_loop(loop_cfg: dict) -> None:
             torch.save({m: o.state_dict() for m, o in opts.items()}, Path(d) / OPTIM_FILE)
             (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+@torch.no_grad()
+def _val_loss(model, held_out, frames: int) -> tuple[float, int]:
+    """(sum, count) of the reconstruction errors of this worker's held-out vectors (inference
+    mode, as Keras' val_loss)."""
+    feats, keep = held_out
+    if not feats:
+        return 0.0, 0
+    model.eval()
+    v = torch.cat([frame_vectors(f, frames)[k] for f, k in zip(feats, keep)])
+    return float(reconstruction_error(model, v).sum()), v.shape[0]
 
 
 def save_ae(directory, models: dict, cfg: PipelineConfig, epochs: int) -> Path:
@@ -138,8 +167,15 @@ def run_ae_training(cfg: PipelineConfig, *, store, out_dir, mlflow_run_id=None, 
     from pipelines.ray_runtime import init_ray
     from pipelines.train import HISTORY_FILE, write_history
 
-    if cfg.features.kind != "logmel":
-        raise ValueError("the AE baseline uses plain log-Mel features: set features.kind=logmel")
+    if cfg.features.kind not in ("librosa_logmel", "logmel"):
+        raise ValueError("the AE baseline uses plain log-Mel features: set features.kind=librosa_logmel "
+                         "(the official baseline's librosa front end)")
+    if cfg.features.kind != "librosa_logmel":
+        import logging
+
+        logging.getLogger("asd.ae").warning(
+            "features.kind=%s is not the official AE baseline's front end (librosa_logmel): "
+            "scores differ from the official recipe (docs/method.md)", cfg.features.kind)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     trainer = TorchTrainer(
         ae_train_loop,

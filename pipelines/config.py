@@ -129,15 +129,17 @@ class ScoreConfig:
 
 @dataclass
 class AEBaselineConfig:
-    """The official DCASE 2022 autoencoder baseline (one model per machine type, log-Mel input)."""
+    """The official DCASE 2022 autoencoder baseline (one model per machine type, input
+    ``features.kind=librosa_logmel``); the defaults are the official recipe (docs/method.md)."""
 
     frames: int = 5
     hidden: int = 128
     bottleneck: int = 8
     epochs: int = 100
-    batch_size: int = 512
+    batch_size: int = 512  # global: split over the Ray Train workers
     lr: float = 1e-3
-    vectors_per_clip: int | None = None  # subsample training vectors per clip; None = all
+    vectors_per_clip: int | None = None  # subsample training vectors per clip; None = all (official)
+    validation_split: float = 0.1  # Keras': the last 10 % of the file-ordered vectors, never trained on
 
 
 @dataclass

@@ -96,7 +96,9 @@ def score_clips(test_meta: pd.DataFrame, test_emb: torch.Tensor,
 
 
 def _score_ae(model_dir, train, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]:
-    """The AE baseline: clip score = mean reconstruction error, gamma threshold per section."""
+    """The AE baseline: clip score = mean reconstruction error; one gamma threshold per machine
+    type, fitted to the scores of all its training clips (every section), as the official
+    baseline's 00_train.py/01_test.py."""
     from pipelines.ae import ae_scores, load_ae
 
     models, meta = load_ae(model_dir)
@@ -104,8 +106,8 @@ def _score_ae(model_dir, train, test, cfg: PipelineConfig) -> tuple[pd.DataFrame
     train_scores, test_scores = ae_scores(models, train, frames), ae_scores(models, test, frames)
     scored = test.meta.copy()
     scored["score"], scored["decision"], scored["nearest_attribute"] = test_scores.numpy(), -1, None
-    for (machine, section), rows in test.meta.groupby(["machine", "section"], sort=True):
-        fit_rows = train.meta.index[(train.meta["machine"] == machine) & (train.meta["section"] == section)]
+    for machine, rows in test.meta.groupby("machine", sort=True):
+        fit_rows = train.meta.index[train.meta["machine"] == machine]
         threshold = fit_gamma_threshold(train_scores[fit_rows.to_numpy()], cfg.score.threshold_quantile)
         scored.loc[rows.index, "decision"] = decide(test_scores[rows.index.to_numpy()], threshold).numpy()
     return scored, {}

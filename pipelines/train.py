@@ -120,7 +120,7 @@ class StageTrainer:
             model.load_state_dict(init_state)
         else:
             model.set_input_stats(*input_stats(features))
-        if tc.sync_batchnorm:
+        if tc.sync_batchnorm and workers.world > 1:  # one worker's statistics are the global ones
             sync_batchnorm(model, workers.sum_over_workers)
         model = model.to(device)
         if tc.channels_last:
@@ -287,9 +287,11 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     tc = cfg.train
     class_keys = training_classes(store, cfg.features.version)
+    if (cfg.pretrain if stage == "pretrain" else cfg.finetune).epochs == 0:
+        return _untrained_model(cfg, stage, store, out_dir, class_keys, init_model)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     loop_cfg = {
         "config": to_dict(cfg), "stage": stage, "store": str(Path(store).resolve()),
         "feature_version": cfg.features.version, "class_keys": class_keys,
@@ -319,6 +321,22 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
         out = copy_model(d, out_dir)
         history = json.loads((Path(d) / HISTORY_FILE).read_text())
     write_history(history, out)
+    return out
+
+
+def _untrained_model(cfg: PipelineConfig, stage: str, store, out_dir, class_keys, init_model) -> Path:
+    """A stage of 0 epochs: its initial network as the model (the random-feature reference of
+    docs/method.md), written without starting Ray."""
+    from pipelines.store import load_split
+
+    data = load_split(store, "train", feature_version=cfg.features.version)
+    init_state = (torch.load(Path(init_model) / MODEL_FILE, map_location="cpu", weights_only=True)
+                  if init_model else None)
+    trainer = StageTrainer(cfg, stage, data.features, _class_labels(data.meta, class_keys), len(class_keys),
+                           init_state=init_state)
+    out = Path(out_dir)
+    save_model(out, trainer.core, _model_meta(cfg, stage, class_keys, 0))
+    write_history([], out)
     return out
 
 

@@ -171,3 +171,28 @@ def test_model_config_validation_and_blocks_tuple():
     assert z.shape == (2, 8)
     # Width doubles per stage: last stage has width * 2**(len(blocks)-1) channels.
     assert net.project.in_features == 4 * 2
+
+
+def test_synced_batchnorm_on_one_worker_is_batchnorm():
+    """SyncedBatchNorm2d with the one-worker sum: outputs, gradients and running statistics of
+    torch's BatchNorm2d, over several training steps (inputs with a large mean, where a
+    one-pass variance would lose precision), and the same state-dict keys."""
+    import copy
+
+    from asd.model import SyncedBatchNorm2d, sync_batchnorm
+
+    torch.manual_seed(0)
+    reference = EmbeddingNet(ModelConfig(width=8, embedding_dim=16, attention_dim=8, n_mels=32))
+    synced = sync_batchnorm(copy.deepcopy(reference), lambda t: t)
+    assert any(isinstance(m, SyncedBatchNorm2d) for m in synced.modules())
+    assert list(synced.state_dict()) == list(reference.state_dict())
+    for _ in range(3):
+        x = torch.randn(6, 1, 32, 64) * 3 + 50
+        a, b = reference(x), synced(x)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        a.pow(2).sum().backward()
+        b.pow(2).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), synced.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3, msg=name)
+    for (name, r), s in zip(reference.named_buffers(), synced.buffers()):
+        torch.testing.assert_close(s.float(), r.float(), atol=1e-4, rtol=1e-4, msg=name)

@@ -186,3 +186,21 @@ def test_sliding_windows_cover_every_frame(total, window, hop):
 def test_sliding_windows_short_clip_raises():
     with pytest.raises(ValueError):
         sliding_windows(torch.zeros(4, 63), 64)
+
+
+def test_random_sampling_batches_are_shuffled_passes():
+    """Pre-training batches: consecutive batches read one permutation after another, so every clip
+    appears once per pass, and a batch that straddles two passes takes the rest from the next."""
+    from asd.training import random_sampling_batches, steps_per_epoch
+
+    n, batch, steps = 10, 4, 7
+    got = list(random_sampling_batches(n, batch, steps, torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    stream = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-batch * steps // n))])
+    assert [b.tolist() for b in got] == [stream[s * batch:(s + 1) * batch].tolist() for s in range(steps)]
+    for p in range(batch * steps // n):
+        assert sorted(torch.cat(got).tolist()[p * n:(p + 1) * n]) == list(range(n))
+    assert steps_per_epoch(3, epochs=10, min_steps=None) == 3
+    assert steps_per_epoch(3, epochs=10, min_steps=95) == 10  # ceil(95 / 10)
+    assert steps_per_epoch(30, epochs=10, min_steps=95) == 30  # one pass already gives enough
+    assert steps_per_epoch(0, epochs=10, min_steps=None) == 1

@@ -52,6 +52,9 @@ class SynthPreset:
     test_per_group: int = 50  # test clips per (domain, label) and section
     anomaly_strength: tuple[float, float] = DEFAULT_STRENGTH
     snr_db: tuple[float, float] = DEFAULT_SNR_DB
+    # added to the target domain's machine-to-background ratio: a negative value makes the domain
+    # shift stronger (the target machine further under the factory noise)
+    target_snr_offset_db: float = 0.0
 
     def check(self) -> None:
         unknown = sorted(set(self.machines) - set(MACHINES))
@@ -252,6 +255,9 @@ def plan_dataset(preset: SynthPreset, root: Path, seed: int, eval_data: bool) ->
     plan = Plan()
     common = dict(strength=tuple(preset.anomaly_strength), snr_db=tuple(preset.snr_db),
                   n=int(round(preset.seconds * SR)), seed=seed)
+    offset = preset.target_snr_offset_db
+    by_domain = {"source": common,
+                 "target": {**common, "snr_db": (preset.snr_db[0] + offset, preset.snr_db[1] + offset)}}
     datasets = [("dev", preset.dev_sections)] + ([("eval", preset.eval_sections)] if eval_data else [])
     for dataset, sections in datasets:
         data = root / f"{dataset}_data"
@@ -260,21 +266,22 @@ def plan_dataset(preset: SynthPreset, root: Path, seed: int, eval_data: bool) ->
                 spec = MACHINES[machine].spec(section)
                 for domain, count in zip(DOMAINS, (preset.source_train, preset.target_train)):
                     _labelled(plan, data, dataset, machine, section, "train", domain, "normal", range(count),
-                              spec.values(domain), common)
+                              spec.values(domain), by_domain[domain])
                 if dataset == "dev":
                     for domain in DOMAINS:
                         for label in LABELS:
                             _labelled(plan, data, dataset, machine, section, "test", domain, label,
-                                      range(preset.test_per_group), spec.values(domain), common)
+                                      range(preset.test_per_group), spec.values(domain), by_domain[domain])
                 else:
-                    _plan_eval_test(plan, root, machine, section, spec, preset.test_per_group, common)
+                    _plan_eval_test(plan, root, machine, section, spec, preset.test_per_group, by_domain)
     return plan
 
 
-def _plan_eval_test(plan: Plan, root: Path, machine: str, section: str, spec, per_group: int, common: dict) -> None:
+def _plan_eval_test(plan: Plan, root: Path, machine: str, section: str, spec, per_group: int,
+                    by_domain: dict[str, dict]) -> None:
     """Unlabelled eval test clips, shuffled so that the index reveals nothing; ground truth."""
     groups = [(d, lab, i) for d in DOMAINS for lab in LABELS for i in range(per_group)]
-    order = keyed_rng("eval-order", machine, section, seed=common["seed"]).permutation(len(groups))
+    order = keyed_rng("eval-order", machine, section, seed=by_domain["source"]["seed"]).permutation(len(groups))
     gt_name = f"ground_truth_{machine}_section_{section}_test.csv"
     for file_index, g in zip(order, groups):
         domain, label, i = g
@@ -283,7 +290,7 @@ def _plan_eval_test(plan: Plan, root: Path, machine: str, section: str, spec, pe
         plan.add(root / "eval_data" / machine / "test" / name,
                  dict(machine=machine, section=section, attrs=tuple(combos[i % len(combos)].items()),
                       anomaly=_kind(machine, label, i, len(combos)),
-                      key=("eval", machine, section, "test", domain, label, str(i)), **common))
+                      key=("eval", machine, section, "test", domain, label, str(i)), **by_domain[domain]))
         plan.truth[root / "ground_truth_data" / gt_name].append(f"{name},{int(label == 'anomaly')}\n")
         plan.truth[root / "ground_truth_domain" / gt_name].append(f"{name},{int(domain == 'target')}\n")
 
