@@ -148,8 +148,8 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         c = x.shape[1]
         shifted = x - self.running_mean.view(1, -1, 1, 1)
-        local = torch.cat([shifted.sum(dim=(0, 2, 3)), shifted.pow(2).sum(dim=(0, 2, 3)),
-                           x.new_tensor([x.numel() / c])])
+        count = torch.tensor([x.numel() / c], dtype=shifted.dtype, device=x.device)  # not bf16: exact
+        local = torch.cat([shifted.sum(dim=(0, 2, 3)), shifted.pow(2).sum(dim=(0, 2, 3)), count])
         total = self.sum_over_workers(local)
         n = total[-1]
         shift_mean = total[:c] / n
@@ -166,9 +166,12 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
 
 def sync_batchnorm(model: nn.Module, sum_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """Turn every BatchNorm2d of ``model`` into a :class:`SyncedBatchNorm2d` (in place, same
-    parameters and buffers) that sums its statistics with ``sum_over_workers``."""
+    parameters and buffers) that sums its statistics with ``sum_over_workers``. (On CUDA,
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` is the fused equivalent.)"""
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
+            if not (module.track_running_stats and isinstance(module.momentum, float)):
+                raise ValueError("SyncedBatchNorm2d needs running statistics with a fixed momentum")
             module.__class__ = SyncedBatchNorm2d
         if isinstance(module, SyncedBatchNorm2d):
             module.sum_over_workers = sum_over_workers

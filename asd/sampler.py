@@ -16,7 +16,8 @@ class BalancedBatchSampler:
     caller takes a *different random crop* for every repeat (``random_crops``).
     One epoch is ``batches_per_epoch`` batches; by default ceil(n_clips / (N*K)), i.e. as many
     samples as one pass of random sampling over the training set.
-    Deterministic in (seed, epoch); workers pass different seeds to draw different batches.
+    Deterministic in (seed, epoch); data-parallel workers pass the same seed, draw the same
+    global batches and each embed a share of them (asd.training.train_epoch).
     """
 
     def __init__(self, labels: Sequence[int] | torch.Tensor, n_classes: int = 10, k: int = 10,

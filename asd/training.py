@@ -44,6 +44,10 @@ class Workers:
     all_reduce: AllReduce = no_reduce
     sum_over_workers: SumOverWorkers = _identity
 
+    def __post_init__(self) -> None:
+        if self.world > 1 and (self.all_reduce is no_reduce or self.sum_over_workers is _identity):
+            raise ValueError("several workers need their all-reduce and sum over workers")
+
     def shares(self, n: int) -> list[int]:
         """Rows of an n-row global batch each rank computes: contiguous, sizes differ by <= 1."""
         if n < self.world:

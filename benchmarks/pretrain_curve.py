@@ -116,11 +116,11 @@ def main() -> None:
     ap.add_argument("--scratch", action="store_true", help="also score fine-tuning from scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/pretrain-curve")
+    ap.add_argument("--out", help="default: benchmarks/results/pretrain-curve/<regime or config>")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/pretrain-curve/{args.regime or args.config}")
     out.mkdir(parents=True, exist_ok=True)
     common = [f"train.seed={args.seed}"] + ([f"pretrain.epochs={args.epochs}"] if args.epochs else [])
     if args.regime:
@@ -137,15 +137,20 @@ def main() -> None:
 
         extract_from_config(cfg0, cfg0.data.root, store)
     results_file = out / "curves.json"
+    setting = {"config": args.config, "regime": args.regime, "seed": args.seed, "epochs": args.epochs,
+               "every": args.every}
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    # curves of another setting (regime, seed, epoch grid) never share a table or plot
+    results = {k: v for k, v in results.items() if all(v.get(f) == x for f, x in setting.items())}
     for spec in args.variant or ["paper="]:
         name, _, overrides = spec.partition("=")
         cfg = load_config(args.config, common + [o for o in overrides.split(",") if o])
         print(f"== {name}", flush=True)
-        results[name] = {"overrides": overrides, **run_variant(cfg, Path(store), args.every, args.finetune)}
+        results[name] = {"overrides": overrides, **setting,
+                         **run_variant(cfg, Path(store), args.every, args.finetune)}
         results_file.write_text(json.dumps(results, indent=2))
     if args.scratch:
-        results["fine-tune from scratch"] = scratch_finetune(cfg0, Path(store))
+        results["fine-tune from scratch"] = {**setting, **scratch_finetune(cfg0, Path(store))}
         print("== fine-tune from scratch: " + " ".join(f"{k} {100 * results['fine-tune from scratch'][k]:.1f}"
                                                     for k in COLUMNS))
         results_file.write_text(json.dumps(results, indent=2))

@@ -10,10 +10,14 @@ parameters (resonances, speeds, background, microphone path) are drawn from a ha
 * ``shift``: a strong domain shift, the target machine 9 dB further under the factory noise, 100 : 5;
 * ``few``: very few training clips, 25 source + 5 target per section.
 
+Editing a regime needs a fresh ``--out``: the generator keeps clips that exist.
+
 Methods, each a full ``run_pipeline`` (Ray Data, Ray Train, scoring, MLflow) from one config
 (default ``demo``) with ``data.root`` swapped: the default pipeline (pre-train + fine-tune),
 pre-train only, fine-tune from scratch, the official AE baseline and the kNN floor (both on plain
-log-Mel), and the untrained network with the pipeline's scoring. Three training seeds; official score, source/target AUC and pAUC per regime.
+log-Mel), the kNN floor on the network's own input (inverted log-Mel: what the front end
+decides), and the untrained network (random weights, batch norm at its initial statistics) with
+the pipeline's scoring. Three training seeds; official score, source/target AUC and pAUC per regime.
 
     .venv/bin/python benchmarks/robustness.py --seeds 0 1 2 --out benchmarks/results/robustness
 
@@ -28,6 +32,7 @@ import json
 import platform
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -58,6 +63,8 @@ METHODS: dict[str, list[str]] = {
     "fine-tune from scratch": ["pretrain.enabled=false"],
     "AE baseline": ["method=ae", *LOGMEL],
     "kNN floor": ["method=knn", *LOGMEL],
+    # the same floor on the prototype network's input (inverted log-Mel): how much the front end decides
+    "kNN on inverted log-Mel": ["method=knn"],
     # the initial, randomly weighted network with the same scoring: what training adds (docs/method.md)
     "untrained network": ["pretrain.epochs=0", "finetune.enabled=false"],
 }
@@ -124,7 +131,8 @@ def report(rows: list[dict]) -> str:
             lines.append(f"| {method} | {m['seed'].nunique()} | " + " | ".join(cells) + " |")
         piv = d.pivot_table(index="seed", columns="method", values="Overall")
         if DEFAULT in piv:
-            for other in ("AE baseline", "kNN floor", "fine-tune from scratch", "untrained network"):
+            for other in ("AE baseline", "kNN floor", "kNN on inverted log-Mel", "fine-tune from scratch",
+                          "untrained network"):
                 if other in piv:
                     diff = 100 * (piv[DEFAULT] - piv[other]).dropna()
                     lines.append(f"- default - {other}: per seed {', '.join(f'{x:+.2f}' for x in diff)} points")
@@ -138,7 +146,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--out", default="benchmarks/results/robustness")
+    ap.add_argument("--out", default="benchmarks/results/robustness",
+                    help="results folder; use one per config and --set combination (their work/ differs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override for every method (e.g. a candidate setting)")
     ap.add_argument("--report-only", action="store_true")
@@ -149,7 +158,12 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     results = out / "robustness.json"
     rows = json.loads(results.read_text())["runs"] if results.is_file() else []
-    done = {(r["regime"], r["method"], r["seed"]) for r in rows}
+    setting = {"config": args.config, "overrides": args.overrides}
+    # a row counts as done only for the same config and overrides (rows before 2026-12-02: demo, none)
+    done = {(r["regime"], r["method"], r["seed"]) for r in rows
+            if r.get("config", "demo") == args.config and r.get("overrides", []) == args.overrides}
+    rows = [r for r in rows if r.get("config", "demo") == args.config and r.get("overrides", []) == args.overrides]
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     for regime in args.regimes if not args.report_only else ():
         regime_data(regime, base)
         for seed in args.seeds:
@@ -157,7 +171,8 @@ def main() -> None:
                 if (regime, method, seed) in done:
                     continue
                 print(f"== {regime} / {method} / seed {seed}", flush=True)
-                rows.append(run_method(args.config, base, regime, method, seed, args.overrides))
+                rows.append({**run_method(args.config, base, regime, method, seed, args.overrides),
+                             **setting, "commit": commit})
                 results.write_text(json.dumps({
                     "config": args.config, "overrides": args.overrides, "machine": platform.node(),
                     "regimes": {k: dataclasses.asdict(v) for k, v in REGIMES.items()}, "data_seed": DATA_SEED,

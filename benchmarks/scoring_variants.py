@@ -6,8 +6,12 @@ job, embedding each clip once per test-time embedding:
 
 * ``paper``: attribute-class prototypes of both domains, one pooled section covariance (default);
 * ``within``: the covariance about each class mean instead of the section mean;
+(AUCs and pAUC only: with clips as prototypes the gamma threshold of the training clips'
+own scores, 0 against themselves, means nothing.)
+
 * ``target clips``: source classes keep their prototypes, every target training clip is its own
   prototype (with ~10 target clips a class mean of 5 is noisy);
+* ``all clips``: every training clip is its own prototype (nearest-neighbour Mahalanobis);
 * ``whole``: the paper's backend on whole-clip embeddings instead of 64-frame window means.
 
 Writes ``<out>/scoring_variants.json`` and ``.md`` (mean ± std over seeds per regime).
@@ -35,16 +39,19 @@ from pipelines.store import load_split
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
 
 
-def fit(train_meta, emb, cfg, covariance: str, target_clips: bool) -> dict:
+def fit(train_meta, emb, cfg, covariance: str, clips: str | None) -> dict:
+    """Per-section backends; ``clips``: which domain's training clips become prototypes of their
+    own ("target", "all"; None: attribute-class prototypes only)."""
     sections = {}
     for (machine, section), rows in train_meta.groupby(["machine", "section"], sort=True):
         keys = rows["attribute_class"].astype(str).tolist()
-        if target_clips:
-            keys = [k if d != "target" else f"{k}#{i}" for i, (k, d) in enumerate(zip(keys, rows["domain"]))]
+        if clips:
+            keys = [f"{k}#{i}" if clips == "all" or d == "target" else k
+                    for i, (k, d) in enumerate(zip(keys, rows["domain"]))]
         names = sorted(set(keys))
         idx = torch.tensor(rows.index.to_numpy())
         cls = torch.tensor([names.index(k) for k in keys])
-        if target_clips and covariance == "within":
+        if clips and covariance == "within":
             raise ValueError("target clips as prototypes have no within-class spread")
         model = fit_section(emb[idx], cls, class_keys=names, shrinkage=cfg.score.shrinkage, covariance=covariance)
         sections[section_key(machine, section)] = calibrate_threshold(model, emb[idx], cfg.score.threshold_quantile)
@@ -62,8 +69,8 @@ def evaluate(run_dir: Path) -> dict[str, dict]:
     for embedding in ("windows", "whole"):
         c = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, embedding=embedding))
         tr, te = embed_table(model, train, c, use_ray=False), embed_table(model, test, c, use_ray=False)
-        variants = ({"paper": ("pooled", False), "within": ("within", False), "target clips": ("pooled", True)}
-                    if embedding == "windows" else {"whole": ("pooled", False)})
+        variants = ({"paper": (cfg.score.covariance, None), "within": ("within", None), "target clips": ("pooled", "target"),
+                     "all clips": ("pooled", "all")} if embedding == "windows" else {"whole": ("pooled", None)})
         for name, (cov, clips) in variants.items():
             scored = score_clips(test.meta, te, fit(train.meta, tr, c, cov, clips))
             row = M.paper_row(labelled_results(scored), method=name)
@@ -74,7 +81,8 @@ def evaluate(run_dir: Path) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="benchmarks/results/robustness")
-    ap.add_argument("--methods", nargs="+", default=["default-pre-train-fine-tune", "fine-tune-from-scratch"],
+    ap.add_argument("--methods", nargs="+",
+                    default=["default-pre-train-fine-tune", "fine-tune-from-scratch", "untrained-network"],
                     help="run-dir prefixes (slugs of the suite's method names)")
     ap.add_argument("--out", help="default: the suite folder")
     args = ap.parse_args()

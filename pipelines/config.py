@@ -112,7 +112,7 @@ class FinetuneConfig:
     tau: float = 0.07
     n_classes: int = 10  # N attribute classes per batch
     k: int = 10  # K clips per class (the global N x K batch is split over the workers)
-    batches_per_epoch: int | None = None  # None = ceil(n_clips / (N*K)), raised to reach min_steps
+    batches_per_epoch: int | None = None  # None = ceil(n_clips / (N*K)); either is raised to reach min_steps
     min_steps: int | None = None  # at least this many optimizer steps in the stage (small data)
     npe_lambda: list[float] | None = field(default_factory=lambda: [0.25, 0.5])  # None = w/o NPE
 

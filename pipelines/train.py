@@ -121,7 +121,10 @@ class StageTrainer:
         else:
             model.set_input_stats(*input_stats(features))
         if tc.sync_batchnorm and workers.world > 1:  # one worker's statistics are the global ones
-            sync_batchnorm(model, workers.sum_over_workers)
+            if tc.use_gpu:  # nccl: torch's fused kernels
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                sync_batchnorm(model, workers.sum_over_workers)
         model = model.to(device)
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -129,6 +132,11 @@ class StageTrainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=sc.momentum,
                                          weight_decay=sc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, sc.lr_milestones, sc.lr_gamma)
+        global_batch = (min(sc.n_classes, int(labels.unique().numel())) * sc.k if stage == "finetune"
+                        else sc.batch_size)
+        if global_batch < workers.world:
+            raise ValueError(f"{stage}: a global batch of {global_batch} clips cannot be split over "
+                             f"{workers.world} workers")
         if stage == "finetune":
             n_classes = min(sc.n_classes, int(labels.unique().numel()))
             natural = sc.batches_per_epoch or math.ceil(len(labels) / (n_classes * sc.k))
