@@ -6,13 +6,14 @@ job, embedding each clip once per test-time embedding:
 
 * ``paper``: attribute-class prototypes of both domains, one pooled section covariance (default);
 * ``within``: the covariance about each class mean instead of the section mean;
-(AUCs and pAUC only: with clips as prototypes the gamma threshold of the training clips'
-own scores, 0 against themselves, means nothing.)
-
 * ``target clips``: source classes keep their prototypes, every target training clip is its own
   prototype (with ~10 target clips a class mean of 5 is noisy);
 * ``all clips``: every training clip is its own prototype (nearest-neighbour Mahalanobis);
 * ``whole``: the paper's backend on whole-clip embeddings instead of 64-frame window means.
+
+AUCs and pAUC only: with clips as prototypes the gamma threshold fitted to the training clips' own
+scores (0 against themselves) means nothing. ``--seeds`` limits the runs (each costs two
+embedding passes over the store).
 
 Writes ``<out>/scoring_variants.json`` and ``.md`` (mean ± std over seeds per regime).
 
@@ -82,8 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="benchmarks/results/robustness")
     ap.add_argument("--methods", nargs="+",
-                    default=["default-pre-train-fine-tune", "fine-tune-from-scratch", "untrained-network"],
+                    default=["pre-train-fine-tune", "fine-tune-from-scratch", "untrained-network"],
                     help="run-dir prefixes (slugs of the suite's method names)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="default: every seed the suite ran")
     ap.add_argument("--out", help="default: the suite folder")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -92,7 +94,8 @@ def main() -> None:
     rows = []
     for run_dir in sorted((suite / "work").glob("*/runs/*-seed*")):
         method, seed = run_dir.name.rsplit("-seed", 1)
-        if method not in args.methods or not (run_dir / "scoring" / "scores.csv").is_file():
+        if (method not in args.methods or not (run_dir / "scoring" / "scores.csv").is_file()
+                or (args.seeds and int(seed) not in args.seeds)):
             continue
         for variant, res in evaluate(run_dir).items():
             rows.append({"regime": run_dir.parent.parent.name, "method": method, "seed": int(seed),
