@@ -74,6 +74,7 @@ METHODS: dict[str, list[str]] = {
 REUSE = {"pre-train only": ("pretrain",)}
 DONOR = "pre-train + fine-tune"
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
+STORE_NAMES = {"inverted_logmel": "inverted", "librosa_logmel": "librosa-logmel"}
 
 
 def slug(text: str) -> str:
@@ -92,12 +93,12 @@ def run_method(config: str, base: Path, regime: str, method: str, seed: int, ove
 
     work = base / regime
     run_dir = work / "runs" / f"{slug(method)}-seed{seed}"
-    kind = "librosa-logmel" if LOGMEL[0] in METHODS[method] else "inverted"
-    cfg = load_config(config, [
-        *overrides, f"data.root={work / 'data'}", f"run_dir={run_dir}", f"train.seed={seed}",
-        f"extract.store={work / f'features-{kind}'}", f"mlflow.tracking_uri=sqlite:///{base / 'mlflow.db'}",
-        "mlflow.experiment=asd-robustness", f"mlflow.registered_model=robustness-{regime}-{slug(method)}",
-        *METHODS[method]])
+    settings = [*overrides, f"data.root={work / 'data'}", f"run_dir={run_dir}", f"train.seed={seed}",
+                f"mlflow.tracking_uri=sqlite:///{base / 'mlflow.db'}", "mlflow.experiment=asd-robustness",
+                f"mlflow.registered_model=robustness-{regime}-{slug(method)}", *METHODS[method]]
+    kind = load_config(config, settings).features.kind  # one store per front end
+    store = work / f"features-{STORE_NAMES.get(kind, kind)}"
+    cfg = load_config(config, [*settings, f"extract.store={store}"])
     donor = work / "runs" / f"{slug(DONOR)}-seed{seed}"
     for stage in REUSE.get(method, ()):
         for part in (f"models/{stage}", f"stages/{stage}.json"):

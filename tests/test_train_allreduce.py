@@ -45,8 +45,9 @@ def _worker(cfg):
 
     from pipelines.train import _dist
 
-    rank, world, all_reduce = _dist()
-    protos, _ = _prototypes(range(rank, N_CLIPS, world), all_reduce)
+    workers = _dist()
+    rank = workers.rank
+    protos, _ = _prototypes(range(rank, N_CLIPS, workers.world), workers.all_reduce)
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(protos.tolist()))
     ray.train.report({"done": 1})
 
