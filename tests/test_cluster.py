@@ -111,10 +111,12 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
 
+    # an earlier in-process pipeline test leaves its own registry URI set in this process
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     runs = mlflow.search_runs(experiment_names=["asd-tiny"], filter_string="tags.pipeline = 'tiny'",
                               output_format="list")
     assert runs and runs[0].info.status == "FINISHED"
-    champion = mlflow.MlflowClient(mlflow_server).get_model_version_by_alias(name, "champion")
+    champion = mlflow.MlflowClient(mlflow_server, mlflow_server).get_model_version_by_alias(name, "champion")
     assert champion.version == "1"
     assert (run_dir / "results.md").is_file() and (run_dir / "scoring" / "submission").is_dir()
