@@ -91,6 +91,17 @@ def run_name(table: str, variant: str, seed: int) -> str:
     return f"{table}-{slug}-seed{seed}"
 
 
+def reuse_stages(donor: Path, run_dir: Path, stages) -> None:
+    """Copy ``stages``' models and stage records from the donor run, so that ``run_pipeline``
+    skips them (same digests) instead of training them again."""
+    for stage in stages:
+        for part in (f"models/{stage}", f"stages/{stage}.json"):
+            src, dst = donor / part, run_dir / part
+            if src.exists() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+
+
 def run_variant(config: str, base: Path, table: str, name: str, overrides: list[str], seed: int,
                 common: list[str]) -> dict:
     from pipelines.run import run_pipeline
@@ -101,12 +112,7 @@ def run_variant(config: str, base: Path, table: str, name: str, overrides: list[
                                f"mlflow.registered_model=quality-{run_dir.name[:-len(f'-seed{seed}')]}",
                                *overrides])
     donor = base / "runs" / run_name(*VARIANT_DONOR.get((table, name), DONOR), seed)
-    for stage in REUSE.get(table, ()):
-        for part in (f"models/{stage}", f"stages/{stage}.json"):
-            src, dst = donor / part, run_dir / part
-            if src.exists() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    reuse_stages(donor, run_dir, REUSE.get(table, ()))
     t0 = time.perf_counter()
     summary = run_pipeline(cfg)
     scores = pd.read_csv(run_dir / "scoring" / "scores.csv", dtype={"section": str})

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import platform
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import pandas as pd
 from asd import metrics as M
 from pipelines.config import load_config
 from pipelines.synth.generate import SynthPreset, generate
+from quality import reuse_stages  # benchmarks/ is on sys.path when run as a script
 
 SECONDS = 4.0  # shorter than DCASE's 10 s clips: the suite runs 60 trainings on 2 CPU cores
 REGIMES: dict[str, SynthPreset] = {
@@ -100,12 +100,7 @@ def run_method(config: str, base: Path, regime: str, method: str, seed: int, ove
     store = work / f"features-{STORE_NAMES.get(kind, kind)}"
     cfg = load_config(config, [*settings, f"extract.store={store}"])
     donor = work / "runs" / f"{slug(DONOR)}-seed{seed}"
-    for stage in REUSE.get(method, ()):
-        for part in (f"models/{stage}", f"stages/{stage}.json"):
-            src, dst = donor / part, run_dir / part
-            if src.exists() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    reuse_stages(donor, run_dir, REUSE.get(method, ()))
     t0 = time.perf_counter()
     run_pipeline(cfg)
     scores = pd.read_csv(run_dir / "scoring" / "scores.csv", dtype={"section": str})
