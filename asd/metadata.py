@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DOMAINS = ("source", "target")
@@ -104,17 +104,26 @@ def parse_clip_name(file_name: str, machine: str, split_dir: str | None = None) 
     return meta
 
 
-def read_attributes_csv(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+def read_attributes_csv(path: str | os.PathLike, problems: list[str] | None = None
+                        ) -> dict[str, dict[str, str]]:
     """Read ``attributes_XX.csv`` (``file_name,d1p,d1v[,d2p,d2v,...]``).
 
-    Returns ``{relative file name: {parameter: value}}``. Raises ``ValueError`` naming the
-    file on a missing header or a row with an odd number of parameter/value cells.
+    Returns ``{relative file name: {parameter: value}}``. A missing header or a row with an odd
+    number of parameter/value cells raises ``ValueError`` naming the file and line; with a
+    ``problems`` list, each is appended there instead (a bad header skips the file, a bad row
+    only itself) and the rest is read.
     """
+    def bad(message: str) -> None:
+        if problems is None:
+            raise ValueError(message)
+        problems.append(message)
+
     out: dict[str, dict[str, str]] = {}
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows or not rows[0] or rows[0][0] != "file_name":
-        raise ValueError(f"{path}: expected a header starting with 'file_name'")
+        bad(f"{path}: expected a header starting with 'file_name'")
+        return out
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or not row[0]:
             continue
@@ -122,48 +131,79 @@ def read_attributes_csv(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         while cells and cells[-1] == "":
             cells.pop()
         if len(cells) % 2:
-            raise ValueError(f"{path}:{lineno}: parameter/value cells do not pair up: {row}")
+            bad(f"{path}:{lineno}: parameter/value cells do not pair up: {row}")
+            continue
         out[row[0]] = {cells[i]: cells[i + 1] for i in range(0, len(cells), 2)}
     return out
 
 
 @dataclass
 class Discovery:
-    """Result of walking a data root: parsed clips plus the files that did not parse."""
+    """Result of walking a data root: parsed clips plus the entries that cannot be used."""
 
     clips: list[ClipMeta]
-    unparsed: list[tuple[str, str]]  # (relative path, reason)
+    unparsed: list[tuple[str, str]]  # (relative path, reason): bad names, links, folders
     attributes: dict[str, dict[str, str]]  # from every attributes_XX.csv, keyed by relative name
+    warnings: list[str] = field(default_factory=list)  # missing attribute files, malformed rows
 
 
-def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> Discovery:
+def entry_problem(entry: Path, confine_to: Path) -> str | None:
+    """Why a ``*.wav`` directory entry cannot be read as a clip, or None: a dangling symlink,
+    a path that resolves outside ``confine_to`` (never followed), or not a regular file."""
+    if entry.is_symlink() and not entry.exists():
+        return f"dangling symlink to {os.readlink(entry)}"
+    real = entry.resolve()
+    if not real.is_relative_to(confine_to.resolve()):
+        return f"resolves outside the data root (to {real}): not followed"
+    if not real.is_file():
+        return "not a regular file"
+    return None
+
+
+def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS,
+                   confine_to: str | os.PathLike | None = None) -> Discovery:
     """Walk ``<root>/<machine>/<split>/*.wav`` of a dev_data or eval_data tree.
 
-    Every ``.wav`` found is either in ``clips`` or in ``unparsed`` with the reason, so that
-    counts always add up. Sorted by path for determinism.
+    Every ``*.wav`` entry found (files, links, folders) is either in ``clips`` or in
+    ``unparsed`` with the reason, so that counts always add up; entries that resolve outside
+    ``confine_to`` (default ``root``) are never read. Sorted by path for determinism.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a directory")
+    confine = Path(confine_to) if confine_to is not None else root
     clips: list[ClipMeta] = []
     unparsed: list[tuple[str, str]] = []
     attributes: dict[str, dict[str, str]] = {}
+    warnings: list[str] = []
     for machine_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        csv_sections = set()
         for csv_path in sorted(machine_dir.glob("attributes_*.csv")):
-            attributes.update(read_attributes_csv(csv_path))
+            csv_sections.add(csv_path.stem[len("attributes_"):])
+            attributes.update(read_attributes_csv(csv_path, warnings))
+        sections = set()
         for split in splits:
             split_dir = machine_dir / split
             if not split_dir.is_dir():
                 continue
             for wav in sorted(split_dir.iterdir()):
-                if not wav.is_file() or wav.suffix.lower() != ".wav":
+                if wav.suffix.lower() != ".wav":
                     continue
                 rel = f"{machine_dir.name}/{split}/{wav.name}"
+                problem = entry_problem(wav, confine)
+                if problem:
+                    unparsed.append((rel, problem))
+                    continue
                 try:
                     clips.append(parse_clip_name(wav.name, machine_dir.name, split))
+                    sections.add(clips[-1].section)
                 except ClipNameError as err:
                     unparsed.append((rel, str(err)))
-    return Discovery(clips=clips, unparsed=unparsed, attributes=attributes)
+        missing = sorted(sections - csv_sections)
+        if missing:
+            warnings.append(f"{machine_dir}: no attributes_XX.csv for section(s) {', '.join(missing)}: "
+                            "their clips have no attribute parameters")
+    return Discovery(clips=clips, unparsed=unparsed, attributes=attributes, warnings=warnings)
 
 
 def attribute_class_ids(clips: list[ClipMeta]) -> dict[tuple[str, str, str, str], int]:

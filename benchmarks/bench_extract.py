@@ -66,7 +66,7 @@ def shard_loop(data: Path, paths: list[Path], fcfg: FeatureConfig, dtype: str, b
 
     prepare_compute_process(1)  # as an extraction worker
     wanted = {p.resolve() for p in paths}
-    data_root, found = discover(data)
+    data_root, found, _ = discover(data)
     specs = _shards([f for f in found if f.meta and (data_root / f.path).resolve() in wanted], batch_size)
     out = Path(tempfile.mkdtemp(prefix="bench-shard-loop-"))
     try:

@@ -3,6 +3,10 @@
 Each subcommand lives in its own module, which exposes ``register(subparsers)``: it adds its
 parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
 Modules are imported lazily by name so that ``asd --help`` does not import Ray or torch.
+
+User errors (:class:`pipelines.errors.UserError`: a bad config, a missing feature store or model,
+an unreachable MLflow server) print one line on stderr and exit 2; ``asd --debug <command>``
+shows their traceback instead.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib
 import sys
 
 from pipelines.compute_process import tune_allocator
+from pipelines.errors import UserError
 
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {
@@ -32,6 +37,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
         prog="asd",
         description="Anomalous sound detection with robust prototype learning, on Ray and MLflow.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors (config, missing inputs, MLflow)")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module in SUBCOMMANDS.items():
         if name != load:
@@ -63,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     tune_allocator()  # the driver computes too: synthesis, in-process embedding, scoring
-    from pipelines.config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:  # a bad --config / --set: the message says it all, no traceback
-        print(f"asd {command}: config error: {err}", file=sys.stderr)
+    except UserError as err:  # the message names the key or file and the fix
+        if args.debug:
+            raise
+        print(f"asd {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -11,20 +11,27 @@
    for large runs, a task for small ones) decodes, computes the features
    (:func:`asd.features.log_mel`) and writes the shard file itself, so feature matrices never
    travel through the driver. It returns one small status row per clip.
+   Any exception while reading, decoding or featurising one clip quarantines that clip (with
+   the exception) and never the run. A finished shard is recorded in the version's journal, so
+   that a run stopped half-way (killed, node lost) resumes with the shards it had not finished.
 4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
-   (changed or deleted files), and removes files no manifest row points at.
+   (changed or deleted files), flags identical content under several names, and removes files
+   no manifest row points at.
 
-Every discovered clip ends up extracted, already present, or quarantined (with the reason), and
-the summary says so: discovered = extracted + already present + quarantined.
+Every discovered ``*.wav`` entry (files, links, folders) ends up extracted, already present, or
+quarantined (with the reason), and the summary says so: discovered = extracted + already present
++ quarantined; flagged clips (docs/reliability.md) are counted beside. One command writes a store
+at a time (``<store>/.lock``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,14 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asd.features import FeatureConfig
-from asd.metadata import ClipMeta, discover_clips
+from asd.metadata import ClipMeta, discover_clips, entry_problem
 from pipelines import store as S
+from pipelines.errors import UserError
+from pipelines.locks import LockBusy, exclusive_lock
 
 log = logging.getLogger("asd.extract")
 DATASETS = ("dev_data", "eval_data")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(UserError):
     """Nothing to extract from, or nothing usable: the run cannot produce a feature store."""
 
 
@@ -54,7 +63,11 @@ class ExtractSummary:
     seconds: float = 0.0
     feature_version: str = ""
     store: str = ""
+    resumed_shards: int = 0  # finished by an interrupted run, taken from its journal
     quarantine: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run's new ones
+    flagged: dict[str, int] = field(default_factory=dict)  # flag -> clips of the store carrying it
+    duplicates: list[list[str]] = field(default_factory=list)  # "path (split, label)" per identical content
+    warnings: list[str] = field(default_factory=list)  # metadata problems: missing or malformed CSVs
 
     @property
     def clips_per_s(self) -> float:
@@ -65,11 +78,25 @@ class ExtractSummary:
                 "already_present": self.already_present, "quarantined": self.quarantined,
                 "removed": self.removed}
 
-    def text(self) -> str:
-        return (f"extract: {self.discovered} discovered = {self.extracted} extracted + "
-                f"{self.already_present} already present + {self.quarantined} quarantined"
-                f" ({self.removed} stale rows removed); {self.seconds:.1f} s, "
-                f"{self.clips_per_s:.1f} clips/s; store {self.store} (features v-{self.feature_version})")
+    def text(self, max_items: int = 5) -> str:
+        lines = [f"extract: {self.discovered} discovered = {self.extracted} extracted + "
+                 f"{self.already_present} already present + {self.quarantined} quarantined"
+                 f" ({self.removed} stale rows removed); {self.seconds:.1f} s, "
+                 f"{self.clips_per_s:.1f} clips/s; store {self.store} (features v-{self.feature_version})"]
+        if self.resumed_shards:
+            lines.append(f"  resumed: {self.resumed_shards} shard(s) finished by an interrupted run were kept")
+        if self.flagged:
+            lines.append("  flagged (extracted, check them): " + ", ".join(
+                f"{n} {flag}" for flag, n in sorted(self.flagged.items())))
+        for group in self.duplicates[:max_items]:
+            lines.append("  identical content: " + " = ".join(group))
+        if len(self.duplicates) > max_items:
+            lines.append(f"  ... {len(self.duplicates) - max_items} more groups of identical content")
+        for w in self.warnings[:max_items]:
+            lines.append(f"  warning: {w}")
+        if len(self.warnings) > max_items:
+            lines.append(f"  ... {len(self.warnings) - max_items} more warnings")
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -97,20 +124,24 @@ def dataset_dirs(root: str | os.PathLike) -> tuple[Path, list[Path]]:
     return (root, found) if found else (root.parent, [root])
 
 
-def discover(root: str | os.PathLike) -> tuple[Path, list[Found]]:
+def discover(root: str | os.PathLike) -> tuple[Path, list[Found], list[str]]:
+    """(data root, every ``*.wav`` entry found, metadata warnings). Nothing that resolves outside
+    the data root is read."""
     data_root, datasets = dataset_dirs(root)
     out: list[Found] = []
+    warnings: list[str] = []
     for ds in datasets:
-        disc = discover_clips(ds)
+        disc = discover_clips(ds, confine_to=data_root)
+        warnings += disc.warnings
         for c in disc.clips:
             st = (ds / c.path).stat()
             out.append(Found(f"{ds.name}/{c.path}", ds.name, c, None, disc.attributes.get(c.path),
                              st.st_size, st.st_mtime_ns))
         for rel, reason in disc.unparsed:
-            st = (ds / rel).stat()
+            st = os.lstat(ds / rel)  # the entry itself: a link may dangle or lead outside
             out.append(Found(f"{ds.name}/{rel}", ds.name, None, reason, None, st.st_size, st.st_mtime_ns))
     out.sort(key=lambda f: f.path)
-    return data_root, out
+    return data_root, out, warnings
 
 
 # ----------------------------------------------------------------------------- the Ray Data task
@@ -145,15 +176,43 @@ def extract_shard_task(row: dict, **settings) -> list[dict]:
     return extract_shard(row, **settings)
 
 
+def spec_digest(spec: str) -> str:
+    """Journal key of a shard spec (its clips with their size and mtime)."""
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def quarantine_reason(err: Exception) -> str:
+    """The reason recorded for a clip: our own audio errors say it all; anything else keeps its
+    exception class, so that an unexpected failure is recognisable in the quarantine table."""
+    from asd.audio import AudioFormatError
+
+    text = str(err).replace("<bytes>: ", "")
+    return text if isinstance(err, AudioFormatError) else f"{type(err).__name__}: {text}"
+
+
+def featurise_clip(data: bytes, fcfg: FeatureConfig):
+    """(features [n_mels, T], AudioInfo) of one WAV file's bytes; ``AudioFormatError`` for a
+    clip the store must not hold (constant signal, too short: checked before the features)."""
+    from asd.audio import AudioFormatError, load_audio
+    from asd.features import log_mel
+
+    wave, info = load_audio(data, fcfg.sample_rate, resample=fcfg.resample, channels=fcfg.channels)
+    if "constant" in info.flags:
+        raise AudioFormatError("constant signal (digital silence or DC offset): nothing to analyse")
+    frames = fcfg.num_frames(wave.numel())
+    if frames < fcfg.min_frames:
+        raise AudioFormatError(f"too short: {frames} frames ({wave.numel() / fcfg.sample_rate:.2f} s), "
+                               f"need {fcfg.min_frames}")
+    return log_mel(wave, fcfg), info
+
+
 def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: str) -> list[dict]:
     """One shard of clips in, one status row per clip out.
 
     Reads each file once (hash + decode from the same bytes), computes features, writes the
-    shard's Parquet file (only the usable clips) atomically under its deterministic name."""
+    shard's Parquet file (only the usable clips) atomically under its deterministic name, then
+    its journal entry."""
     import numpy as np
-
-    from asd.audio import AudioFormatError, load_audio
-    from asd.features import log_mel
 
     fcfg = FeatureConfig(**features)
     spec = json.loads(row["shard"])
@@ -161,20 +220,17 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
     statuses, rows, flat = [], [], []
     for clip in spec["clips"]:
         status = {"path": clip["path"], "size": clip["size"], "mtime_ns": clip["mtime_ns"],
-                  "content_hash": None, "status": "quarantined", "reason": None, "n_frames": -1, "shard": None}
+                  "content_hash": None, "status": "quarantined", "reason": None, "n_frames": -1,
+                  "shard": None, "flags": None, "recorded_at": None}
         statuses.append(status)
         try:
             data = Path(data_root, clip["path"]).read_bytes()
             status["content_hash"] = S.content_hash(data)
-            wave, info = load_audio(data, fcfg.sample_rate, resample=fcfg.resample, channels=fcfg.channels)
-            feats = log_mel(wave, fcfg)
-            if feats.shape[-1] < fcfg.min_frames:
-                raise AudioFormatError(f"too short: {feats.shape[-1]} frames "
-                                       f"({wave.numel() / fcfg.sample_rate:.2f} s), need {fcfg.min_frames}")
-        except (AudioFormatError, OSError) as err:
-            status["reason"] = str(err).replace("<bytes>: ", "")
+            feats, info = featurise_clip(data, fcfg)
+        except Exception as err:  # noqa: BLE001 - one bad clip is quarantined, never the run
+            status.update(reason=quarantine_reason(err), recorded_at=time.time())
             continue
-        status.update(status="extracted", n_frames=int(feats.shape[-1]))
+        status.update(status="extracted", n_frames=int(feats.shape[-1]), flags=",".join(info.flags) or None)
         rows.append({**_row_meta(clip), "content_hash": status["content_hash"],
                      "feature_version": fcfg.version, "n_mels": int(feats.shape[0]),
                      "n_frames": int(feats.shape[-1]), "source_sample_rate": info.sample_rate,
@@ -188,6 +244,7 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
         for st in statuses:
             if st["status"] == "extracted":
                 st["shard"] = rel
+    S.write_journal(Path(vdir), spec_digest(row["shard"]), statuses)
     return statuses
 
 
@@ -269,11 +326,27 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
             actor_pool_min_clips: int | None = 4000, ray_address: str | None = None,
             ray_num_cpus: int | None = None) -> ExtractSummary:
     """Bring the store up to date with the data tree under ``root``; see the module docstring."""
-    t0 = time.perf_counter()
-    fcfg = features or FeatureConfig()
     if dtype not in S.FEATURE_DTYPES:
         raise ValueError(f"extract dtype must be one of {S.FEATURE_DTYPES}, got {dtype!r}")
     store = Path(store)
+    try:
+        with exclusive_lock(store / S.LOCK_FILE, f"feature store {store}"):
+            return _extract_locked(root, store, features or FeatureConfig(), dtype, batch_size, concurrency,
+                                   actor_pool_min_clips, ray_address, ray_num_cpus)
+    except LockBusy as err:
+        raise ExtractError(str(err)) from err
+
+
+def _quarantine_record(path: str, content_hash: str | None, size: int, mtime_ns: int, reason: str,
+                       version: str, recorded_at: float | None = None) -> dict:
+    return {"path": path, "content_hash": content_hash, "size": size, "mtime_ns": mtime_ns, "reason": reason,
+            "feature_version": version, "recorded_at": recorded_at or time.time()}
+
+
+def _extract_locked(root, store: Path, fcfg: FeatureConfig, dtype: str, batch_size: int,
+                    concurrency: int | None, actor_pool_min_clips: int | None, ray_address: str | None,
+                    ray_num_cpus: int | None) -> ExtractSummary:
+    t0 = time.perf_counter()
     version = fcfg.version
     vdir = S.version_dir(store, version)
     settings = {"features": asdict(fcfg), "dtype": dtype}
@@ -285,8 +358,8 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
         shutil.rmtree(vdir)
     S.write_json_if_changed(settings_file, settings)
 
-    data_root, found = discover(root)
-    summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store))
+    data_root, found, warnings = discover(root)
+    summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store), warnings=warnings)
     if not found:
         raise ExtractError(f"no .wav clips under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
                            "*.wav (DCASE layout) or <dataset>/<machine>/<split>/*.wav")
@@ -318,10 +391,9 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
                 summary.quarantined += 1
                 continue
         if f.meta is None:
-            rec = {"path": f.path, "content_hash": _hash_file(data_root / f.path), "size": f.size,
-                   "mtime_ns": f.mtime_ns, "reason": f.reason, "feature_version": version,
-                   "recorded_at": time.time()}
-            keep_q.append(rec)
+            readable = entry_problem(data_root / f.path, data_root) is None  # never read a link's target
+            keep_q.append(_quarantine_record(f.path, _hash_file(data_root / f.path) if readable else None,
+                                             f.size, f.mtime_ns, f.reason, version))
             summary.quarantine.append((f.path, f.reason))
             summary.quarantined += 1
             continue
@@ -329,18 +401,15 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
 
     new_rows = []
     if pending:
-        specs = _shards(pending, max(1, batch_size))
-        actors = actor_pool_min_clips is not None and len(pending) >= actor_pool_min_clips
-        log.info("extracting %d clips in %d shards on Ray Data %s (%d already present)", len(pending),
-                 len(specs), "actors" if actors else "tasks", summary.already_present)
-        for st in _run_shards(specs, data_root, vdir, fcfg, dtype, concurrency, actors, ray_address, ray_num_cpus):
+        statuses = _extract_pending(pending, summary, data_root, vdir, fcfg, dtype, batch_size, concurrency,
+                                    actor_pool_min_clips, ray_address, ray_num_cpus)
+        for st in statuses:
             if st["status"] == "extracted":
                 new_rows.append(st)
                 summary.extracted += 1
             else:
-                keep_q.append({"path": st["path"], "content_hash": st["content_hash"], "size": st["size"],
-                               "mtime_ns": st["mtime_ns"], "reason": st["reason"],
-                               "feature_version": version, "recorded_at": time.time()})
+                keep_q.append(_quarantine_record(st["path"], st["content_hash"], st["size"], st["mtime_ns"],
+                                                 st["reason"], version, st.get("recorded_at")))
                 summary.quarantine.append((st["path"], st["reason"]))
                 summary.quarantined += 1
 
@@ -355,11 +424,13 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
             "section": by_path[r["path"]].meta.section, "split": by_path[r["path"]].meta.split,
             "domain": by_path[r["path"]].meta.domain, "label": by_path[r["path"]].meta.label,
             "content_hash": r["content_hash"], "size": r["size"], "mtime_ns": r["mtime_ns"],
-            "n_frames": r["n_frames"], "shard": r["shard"]} for r in new_rows])
+            "n_frames": r["n_frames"], "shard": r["shard"], "flags": r.get("flags")} for r in new_rows])
         manifest = pd.concat([manifest.reset_index(drop=True), added], ignore_index=True)
-    S.write_manifest(vdir, manifest.reset_index(drop=True))
+    manifest = _flag_duplicates(manifest.reset_index(drop=True), summary)
+    S.write_manifest(vdir, manifest)
     S.write_quarantine(vdir, pd.DataFrame(keep_q, columns=S.QUARANTINE_SCHEMA.names))
     _remove_orphans(vdir, set(manifest["shard"]))
+    S.clear_journal(vdir)  # everything it held is in the manifest now
     S.record_store(store, version, settings)
     summary.seconds = time.perf_counter() - t0
     total = summary.extracted + summary.already_present + summary.quarantined
@@ -368,6 +439,52 @@ def extract(root: str | os.PathLike, store: str | os.PathLike, features: Feature
         raise ExtractError(f"none of the {summary.discovered} clips under {root} is usable; reasons are in "
                            f"{vdir / S.QUARANTINE}, e.g. {summary.quarantine[:1] or keep_q[:1]}")
     return summary
+
+
+def _extract_pending(pending: list[Found], summary: ExtractSummary, data_root: Path, vdir: Path,
+                     fcfg: FeatureConfig, dtype: str, batch_size: int, concurrency: int | None,
+                     actor_pool_min_clips: int | None, ray_address: str | None, ray_num_cpus: int | None
+                     ) -> list[dict]:
+    """Per-clip statuses of the pending clips: from the journal for shards an interrupted run
+    finished (the same pending clips give the same shard specs), from Ray Data for the rest."""
+    specs = _shards(pending, max(1, batch_size))
+    statuses, todo = [], []
+    for spec in specs:
+        done = S.read_journal(vdir, spec_digest(spec))
+        if done is None:
+            todo.append(spec)
+        else:
+            statuses += done
+            summary.resumed_shards += 1
+    if todo:
+        n_todo = sum(len(json.loads(s)["clips"]) for s in todo)
+        actors = actor_pool_min_clips is not None and n_todo >= actor_pool_min_clips
+        log.info("extracting %d clips in %d shards on Ray Data %s (%d already present, %d shards resumed)",
+                 n_todo, len(todo), "actors" if actors else "tasks", summary.already_present,
+                 summary.resumed_shards)
+        statuses += _run_shards(todo, data_root, vdir, fcfg, dtype, concurrency, actors, ray_address, ray_num_cpus)
+    return statuses
+
+
+def _flag_duplicates(manifest: pd.DataFrame, summary: ExtractSummary) -> pd.DataFrame:
+    """Add ``duplicate`` to the flags of clips whose content another clip of the store shares
+    (warn only: the same recording under two names, worst when their labels differ), and count
+    every flag in the summary."""
+    def own(flags) -> list[str]:
+        text = flags if isinstance(flags, str) else ""  # None, or NaN after a pandas concat
+        return [f for f in text.split(",") if f and f != "duplicate"]
+
+    copies = Counter(manifest["content_hash"])
+    flags = [own(fl) + (["duplicate"] if copies[h] > 1 else []) for fl, h in
+             zip(manifest["flags"], manifest["content_hash"])]
+    manifest = manifest.assign(flags=[",".join(f) or None for f in flags])
+    summary.flagged = dict(Counter(f for fl in flags for f in fl))
+    dup = manifest[manifest["content_hash"].map(copies) > 1].sort_values("path")
+    for _, group in dup.groupby("content_hash", sort=False):
+        summary.duplicates.append([f"{p} ({s}, {lab or 'unlabelled'})"
+                                   for p, s, lab in zip(group["path"], group["split"], group["label"])])
+    summary.duplicates.sort()
+    return manifest
 
 
 def _drop_stale(manifest: pd.DataFrame, stale: set[str], vdir: Path, version: str, dtype: str) -> pd.DataFrame:
@@ -404,7 +521,7 @@ def pending_clips(root: str | os.PathLike, store: str | os.PathLike, features: F
     the cheap check (no hashing, no Ray) that tells a scheduled retrain whether to start."""
     fcfg = features or FeatureConfig()
     vdir = S.version_dir(store, fcfg.version)
-    _, found = discover(root)
+    _, found, _ = discover(root)
     seen = {}
     for table in (S.read_manifest(vdir), S.read_quarantine(vdir)):
         seen.update({p: (s, m) for p, s, m in zip(table["path"], table["size"], table["mtime_ns"])})
@@ -432,11 +549,7 @@ def main_args(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.overrides)
     store = Path(args.store) if args.store else cfg.path(cfg.extract.store)
-    try:
-        summary = extract_from_config(cfg, args.data, store, args.address)
-    except ExtractError as err:
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 1
+    summary = extract_from_config(cfg, args.data, store, args.address)  # ExtractError: one line, exit 2
     print(summary.text())
     if args.show_quarantine:
         q = S.store_quarantine(store, cfg.features.version)

@@ -18,11 +18,13 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.errors import UserError, first_line
+
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://", "s3://",
                     "gs://", "file:")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     pass
 
 
@@ -75,16 +77,14 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
             return AsdPyfuncModel.from_dir(local, settings), str(local)
         raise UsageError(f"--model {model}: neither a logged MLflow model (MLmodel) nor an "
                          "`asd score` output folder (model/model.pt + sections.pt)")
-    import mlflow
+    from pipelines.tracking import connect
+    from pipelines.tracking import tracking_uri as cfg_uri
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and config is not None:
-        from pipelines.tracking import tracking_uri as cfg_uri
-
         uri = cfg_uri(config)
     if uri:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        connect(uri)  # a dead server: one line now, not minutes of retries
     return _load_pyfunc(model, where=uri), model
 
 
@@ -98,18 +98,13 @@ def _load_pyfunc(uri: str, where: str | None = None):
         loaded = mlflow.pyfunc.load_model(uri)
     except MlflowException as err:
         at = f" at {where}" if where else ""
-        raise UsageError(f"cannot load model {uri}{at}: {_first_line(err)}") from err
+        raise UsageError(f"cannot load model {uri}{at}: {first_line(err)}") from err
     except OSError as err:
         raise UsageError(f"cannot load model {uri}: {err}") from err
     inner = loaded.unwrap_python_model()
     if not isinstance(inner, AsdPyfuncModel):
         raise UsageError(f"{uri} is not an ASD prototype model ({type(inner).__name__})")
     return inner
-
-
-def _first_line(err: Exception) -> str:
-    text = getattr(err, "message", None) or str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 # ----------------------------------------------------------------------------- clip metadata
@@ -176,12 +171,8 @@ def main_args(args) -> int:
             print(f"asd predict: {err}", file=sys.stderr)
             return 2
         config = None
-    try:
-        predictor, described = load_predictor(args.model, args.tracking_uri, config)
-        _check_explicit(predictor, args.machine, args.section)
-    except UsageError as err:
-        print(f"asd predict: {err}", file=sys.stderr)
-        return 2
+    predictor, described = load_predictor(args.model, args.tracking_uri, config)  # UsageError: exit 2 (cli)
+    _check_explicit(predictor, args.machine, args.section)
     records = predict_files(predictor, args.clips, args.machine, args.section)
     failed = sum(r["error"] is not None for r in records)
     if args.json:

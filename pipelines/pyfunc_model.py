@@ -146,7 +146,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
     # ------------------------------------------------------------------ features
     def clip_features(self, path=None, waveform=None, sample_rate=None) -> torch.Tensor:
         """[n_mels, T] features of one clip, as the feature store holds them."""
-        from asd.audio import AudioFormatError, load_audio
+        from asd.audio import AudioFormatError, load_audio, prepare_waveform
         from asd.features import log_mel
 
         f = self.features
@@ -154,17 +154,8 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
             wave, _ = load_audio(os.fspath(path), f.sample_rate, resample=f.resample, channels=f.channels)
         elif waveform is not None and not _missing(waveform):
             wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).reshape(-1)
-            if wave.numel() == 0:
-                raise AudioFormatError("empty waveform (0 samples)")
-            if not torch.isfinite(wave).all():
-                raise AudioFormatError("waveform contains NaN or infinite samples")
             sr = f.sample_rate if _missing(sample_rate) else int(sample_rate)
-            if sr != f.sample_rate:
-                if f.resample == "reject":
-                    raise AudioFormatError(f"sample rate {sr} Hz, expected {f.sample_rate} Hz")
-                import torchaudio.functional as AF
-
-                wave = AF.resample(wave, sr, f.sample_rate)
+            wave = prepare_waveform(wave, sr, f.sample_rate, f.resample, "waveform")
         else:
             raise ValueError("row has neither a 'path' nor a 'waveform'")
         feats = log_mel(wave.float().contiguous(), f)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,53 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": quiet_state_api_pollers,
                               "env_vars": dict(TRAIN_ENV)})
+        start_reaper()
+
+
+def start_reaper() -> None:
+    """Watch this process from a detached one that ends the local Ray it started when it dies.
+
+    ``ray.init`` ties the GCS and raylet to the driver, but when the driver is killed
+    (``kill -9``, an OOM kill) the raylet's dashboard and runtime-env agents were measured to
+    outlive it by minutes; :func:`reap_after` kills every process the driver had started."""
+    subprocess.Popen([sys.executable, "-m", "pipelines.ray_runtime", "--reap-after", str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def reap_after(pid: int, poll_s: float = 0.5) -> None:
+    """Remember the descendants of ``pid`` while it lives; when it is gone, kill those still
+    running (matched by pid and start time, so a reused pid is never hit)."""
+    import psutil
+
+    try:
+        driver = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    known: dict[int, psutil.Process] = {}
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while alive(driver):
+        try:
+            known.update({p.pid: p for p in driver.children(recursive=True) if p.pid != os.getpid()})
+        except psutil.NoSuchProcess:
+            pass  # a short-lived worker ended during the walk, or the driver itself: look again
+        time.sleep(poll_s)
+    leftovers = [p for p in known.values() if alive(p)]
+    for p in leftovers:
+        try:
+            leftovers += p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in leftovers:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 # Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether the
@@ -49,3 +99,8 @@ def quiet_state_api_pollers() -> None:
     for name in _STATE_API_POLLERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
+
+
+if __name__ == "__main__":  # the reaper process of start_reaper
+    if len(sys.argv) == 3 and sys.argv[1] == "--reap-after":
+        reap_after(int(sys.argv[2]))

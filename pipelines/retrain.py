@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
+from pipelines.errors import UserError
+from pipelines.locks import LockBusy, exclusive_lock
 
 log = logging.getLogger("asd.retrain")
 FROZEN_EVAL_SET = "frozen_eval_set.json"
@@ -35,21 +36,12 @@ class RetrainLocked(RuntimeError):
 
 @contextlib.contextmanager
 def run_lock(path: Path):
-    """An exclusive, non-blocking file lock; released when the process ends, even on a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise RetrainLocked(f"another retrain holds {path}; not starting a second one") from err
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{time.time()}\n")
-        fh.flush()
-        try:
+    """One retrain per run directory (released by the kernel when the process ends)."""
+    try:
+        with exclusive_lock(path, "the run directory's retrain lock"):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except LockBusy as err:
+        raise RetrainLocked(f"another retrain holds {path}; not starting a second one") from err
 
 
 def new_clips(cfg: PipelineConfig) -> list[str]:
@@ -76,7 +68,7 @@ def champion_model_dir(name: str, dst: Path) -> tuple[Path, object]:
 
     version = get_alias_version(name, "champion")
     if version is None:
-        raise SystemExit(f"registered model {name!r} has no champion: run `asd run` first")
+        raise UserError(f"registered model {name!r} has no champion: run `asd run` first")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(dst)))
     found = [p.parent for p in local.rglob("model.pt") if (p.parent / "meta.json").is_file()]
     if not found:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
+from pipelines.errors import UserError
 from pipelines.monitor import PeakMemory
 
 log = logging.getLogger("asd.run")
@@ -58,8 +59,8 @@ def ensure_data(cfg: PipelineConfig) -> Path:
     root = Path(cfg.data.root)
     if not (root / "dev_data").is_dir():
         if not cfg.data.synth_preset:
-            raise SystemExit(f"{root}/dev_data does not exist; set data.root to the folder holding "
-                             "DCASE dev_data/ (see README: running on real DCASE 2022 data)")
+            raise UserError(f"{root}/dev_data does not exist; set data.root to the folder holding "
+                            "DCASE dev_data/ (see README: running on real DCASE 2022 data)")
         from pipelines.synth.generate import PRESETS, generate
 
         log.info("synthesising preset %r into %s", cfg.data.synth_preset, root)
@@ -83,13 +84,13 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
     uri = tracking.setup(cfg)
     summary: dict = {"run_dir": str(run_dir), "tracking_uri": uri, "stages": {}}
     t_start = time.perf_counter()
+    root = ensure_data(cfg)  # a missing data tree fails before a pipeline run is opened
 
     with mlflow.start_run(run_name=f"pipeline-{cfg.name}") as parent:
         mlflow.log_params(tracking.flatten(cfg.to_dict()))
         mlflow.set_tag("pipeline", cfg.name)
         summary["parent_run_id"] = parent.info.run_id
 
-        root = ensure_data(cfg)
         store = cfg.path(cfg.extract.store)
         with tracking.stage_run("extract") as run:
             t0 = time.perf_counter()
@@ -147,8 +148,6 @@ def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[P
         if cfg.finetune.enabled:
             init = None if cfg.finetune.from_scratch or not cfg.pretrain.enabled else "pretrain"
             stages.append(("finetune", cfg.digest("features", "model", "train", "finetune"), init))
-    if not stages:
-        raise SystemExit("nothing to train: enable pretrain and/or finetune")
     upstream, model_dir = data_digest, None
     for stage, own, init in stages:
         digest = combine(upstream if init or stage != "finetune" else data_digest, own)

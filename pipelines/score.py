@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from asd.backend import SectionModel, calibrate_threshold, decide, fit_gamma_thr
 from asd.training import embed_clips
 from pipelines.checkpoints import copy_model, load_meta, load_model
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
+from pipelines.errors import UserError, first_line, require_feature_store
 
 log = logging.getLogger(__name__)
 SECTIONS_FILE = "sections.pt"
@@ -46,12 +48,23 @@ class ScoringResult:
     def official_score(self) -> float | None:
         return M.official_score(self.results)
 
+    @classmethod
+    def load(cls, out_dir: str | Path, ground_truth_root: str | Path | None = None) -> "ScoringResult":
+        """The result :func:`run_scoring` wrote into ``out_dir``, read back from its files, so that
+        ``asd score --register-only`` can log and register it when MLflow was down at scoring time."""
+        from pipelines.pyfunc_model import load_sections
+
+        out_dir = Path(out_dir)
+        if not (out_dir / "scores.csv").is_file():
+            raise UserError(f"{out_dir} holds no scores.csv: run `asd score` (without --register-only) first")
+        scores = pd.read_csv(out_dir / "scores.csv", dtype={"section": str})
+        results = labelled_results(scores, Path(ground_truth_root) if ground_truth_root else None)
+        return cls(scores, load_sections(out_dir / SECTIONS_FILE), results, out_dir)
+
 
 def embed_table(model, table, cfg: PipelineConfig, use_ray: bool | None = None) -> torch.Tensor:
     """Embeddings [N, D] of every clip of a ClipTable, whole-clip or window-mean (config)."""
     window = cfg.train.crop_frames if cfg.score.embedding == "windows" else None
-    if cfg.score.embedding not in ("whole", "windows"):
-        raise ValueError(f"score.embedding must be 'whole' or 'windows', got {cfg.score.embedding!r}")
     n = len(table.features)
     if use_ray is None:
         use_ray = n >= RAY_EMBED_MIN_CLIPS
@@ -235,7 +248,11 @@ def register(subparsers) -> None:
                    help="trained model directory (default: <run_dir>/models/finetune, else pretrain)")
     p.add_argument("--store", help="feature store (default: from the config)")
     p.add_argument("--out", help="output folder (default: <run_dir>/scoring)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register")
+    mlflow_mode = p.add_mutually_exclusive_group()
+    mlflow_mode.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow or register")
+    mlflow_mode.add_argument("--register-only", action="store_true",
+                             help="do not score: log and register the results already in --out "
+                                  "(after an MLflow outage)")
     p.set_defaults(func=_main)
 
 
@@ -244,24 +261,47 @@ def default_model_dir(cfg: PipelineConfig) -> Path:
         d = cfg.path(f"models/{stage}")
         if (d / "meta.json").is_file():
             return d
-    raise SystemExit(f"no trained model under {cfg.path('models')}: run `asd train` first or pass --model")
+    raise UserError(f"no trained model under {cfg.path('models')}: run `asd train` first or pass --model")
 
 
 def _main(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else cfg.path("scoring")
+    result = ScoringResult.load(out, cfg.data.root) if args.register_only else _score(cfg, args, out)
+    if not args.no_mlflow:
+        _log_to_mlflow(cfg, result, args)
+    return 0
+
+
+def _score(cfg: PipelineConfig, args, out: Path) -> ScoringResult:
+    """Score into ``out`` and print the results: they are on disk before any MLflow call."""
     store = args.store or cfg.path(cfg.extract.store)
+    require_feature_store(store, cfg.features.version)
     if not args.model and cfg.method == "knn" and not (cfg.path("models/knn") / "meta.json").is_file():
         from pipelines.knn import run_knn_stage  # nothing to train: build it from the store now
 
         run_knn_stage(cfg, store=store, out_dir=cfg.path("models/knn"))
     model_dir = Path(args.model) if args.model else default_model_dir(cfg)
-    out = Path(args.out) if args.out else cfg.path("scoring")
     result = run_scoring(cfg, model_dir, store, out, ground_truth_root=cfg.data.root)
-    if not args.no_mlflow:
-        from pipelines.registry import log_scoring
-
-        log_scoring(cfg, result)
     if result.results:
         print(results_markdown(result.results, method_label(cfg)))
-    print(f"submission files: {out / 'submission'}")
-    return 0
+    print(f"submission files: {out / 'submission'}", flush=True)
+    return result
+
+
+def _log_to_mlflow(cfg: PipelineConfig, result: ScoringResult, args) -> None:
+    """Log and register ``result``; an MLflow failure keeps the local results and says how to
+    register them later."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import log_scoring
+
+    try:
+        reg = log_scoring(cfg, result)
+    except (MlflowException, OSError, UserError) as err:  # OSError: requests' connection errors too
+        again = shlex.join(["asd", "score", "--register-only", "--config", args.config,
+                            *(x for o in args.overrides for x in ("--set", o)), "--out", str(result.out_dir)])
+        raise UserError(f"MLflow logging failed ({first_line(err)}); the results stay in {result.out_dir}: "
+                        f"log and register them later with `{again}`") from err
+    if reg.get("model_uri"):
+        print(f"registered model: {reg['model_uri']}")

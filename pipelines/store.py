@@ -7,6 +7,9 @@ Layout (one folder per feature-config version, so a changed front end never mixe
     <store>/v-<version>/manifest.parquet                 one row per extracted clip: the source of truth
     <store>/v-<version>/quarantine.parquet               clips that could not be used, with the reason
     <store>/v-<version>/dataset=<d>/machine=<m>/section=<s>/split=<t>/part-<digest>.parquet
+    <store>/v-<version>/journal/<shard spec digest>.json  per-clip results of shards a run finished
+                                                          before it was stopped (consumed by the next)
+    <store>/.lock                                         held by the one command writing the store
 
 Readers only read shards the manifest lists, so an interrupted extraction can never add rows.
 Shard names are a digest of their clips (path + content hash) and the version: deterministic.
@@ -28,6 +31,8 @@ import pyarrow.parquet as pq
 import torch
 
 STORE_FILE = "store.json"
+LOCK_FILE = ".lock"
+JOURNAL = "journal"
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine.parquet"
 FEATURE_DTYPES = ("float16", "float32")
@@ -61,6 +66,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("section", pa.string()), ("split", pa.string()), ("domain", pa.string()), ("label", pa.string()),
     ("content_hash", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
     ("n_frames", pa.int32()), ("shard", pa.string()),
+    ("flags", pa.string()),  # comma-separated warnings: truncated, clipping, duplicate (docs/reliability.md)
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("path", pa.string()), ("content_hash", pa.string()), ("size", pa.int64()),
@@ -125,7 +131,11 @@ def _resolve(store, feature_version: str | None) -> tuple[Path, str]:
 
 def read_manifest(vdir: Path) -> pd.DataFrame:
     f = vdir / MANIFEST
-    return pq.read_table(f).to_pandas() if f.is_file() else MANIFEST_SCHEMA.empty_table().to_pandas()
+    frame = pq.read_table(f).to_pandas() if f.is_file() else MANIFEST_SCHEMA.empty_table().to_pandas()
+    for name in MANIFEST_SCHEMA.names:  # stores written before a column existed
+        if name not in frame.columns:
+            frame[name] = None
+    return frame
 
 
 def read_quarantine(vdir: Path) -> pd.DataFrame:
@@ -137,6 +147,7 @@ def _write_if_changed(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> Non
     """Sorted by path, no pandas metadata, and not rewritten when the content is the same: a
     re-run that finds nothing new leaves every file of the store untouched."""
     frame = frame.sort_values("path", kind="stable")
+    frame = frame.assign(**{n: None for n in schema.names if n not in frame.columns})  # optional columns
     table = pa.table({f.name: pa.array([None if pd.isna(v) else v for v in frame[f.name]], type=f.type)
                       for f in schema}, schema=schema)
     if path.is_file() and pq.read_table(path).equals(table):
@@ -247,6 +258,30 @@ def split_dataset(store: str | os.PathLike, split: str, feature_version: str | N
     if not files:
         raise FileNotFoundError(f"feature store {store} holds no '{split}' clips")
     return ray.data.read_parquet([str(f) for f in files])
+
+
+def write_journal(vdir: Path, spec_digest: str, statuses: list[dict]) -> None:
+    """Record a finished shard's per-clip results (after its Parquet file is in place)."""
+    write_json_if_changed(vdir / JOURNAL / f"{spec_digest}.json", {"statuses": statuses})
+
+
+def read_journal(vdir: Path, spec_digest: str) -> list[dict] | None:
+    """The results a stopped run recorded for this shard spec, if its shard file survived."""
+    f = vdir / JOURNAL / f"{spec_digest}.json"
+    if not f.is_file():
+        return None
+    try:
+        statuses = json.loads(f.read_text())["statuses"]
+    except (ValueError, KeyError):
+        return None  # cut short while written: extract the shard again
+    if any(s["shard"] and not (vdir / s["shard"]).is_file() for s in statuses):
+        return None
+    return statuses
+
+
+def clear_journal(vdir: Path) -> None:
+    for f in (vdir / JOURNAL).glob("*"):
+        f.unlink()
 
 
 def write_json_if_changed(path: Path, data: dict) -> None:

@@ -3,22 +3,47 @@
 Tracking URI: ``mlflow.tracking_uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else an
 embedded SQLite store inside the run directory (``sqlite:///<run_dir>/mlflow.db``, artifacts
 in ``<run_dir>/mlartifacts``).
+
+An http(s) tracking server is probed once when the pipeline connects (:func:`connect`), so a
+dead URI fails in seconds with one line instead of MLflow's minutes of retries, and MLflow's
+HTTP timeouts and retries are bounded (:data:`HTTP_LIMITS`) unless the environment sets them.
+Per-epoch training metrics are best effort (:func:`log_epoch_metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import ssl
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.errors import UserError, first_line  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# MLflow's defaults (7 retries with backoff factor 2, 120 s per request) keep a client retrying a
+# dead server for minutes; these bound one call to about a minute and a half at worst
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PROBE_TIMEOUT_S = 5.0
+_unlogged_runs: set[str] = set()  # runs whose per-epoch logging failed: not retried every epoch
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server does not answer."""
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -29,11 +54,53 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
 
 
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def bound_http(uri: str) -> None:
+    """:data:`HTTP_LIMITS` for an http(s) tracking URI, where the environment sets none."""
+    if _is_http(uri):
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
+
+
+def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """One GET of the server's ``/health`` (unauthenticated on MLflow servers); raise
+    :class:`TrackingUnavailable` when nothing answers or the answer is a server error (a proxy
+    whose MLflow is down). Any other answer, a TLS one included (certificates are MLflow's
+    client's business, with its own settings), means a server is there."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return
+        reason = f"HTTP {err.code}"
+    except OSError as err:  # URLError (refused, unknown host) or a timeout
+        cause = getattr(err, "reason", err)
+        if isinstance(cause, ssl.SSLError):
+            return
+        reason = str(cause) or type(cause).__name__
+    raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}): start it, or set "
+                              "mlflow.tracking_uri / $MLFLOW_TRACKING_URI to one that runs (unset both "
+                              "for the local SQLite store in run_dir)")
+
+
+def connect(uri: str) -> None:
+    """Point MLflow's tracking and registry at ``uri``; an http(s) server gets bounded retries
+    and must answer now (before Ray or any stage starts)."""
+    bound_http(uri)
+    if _is_http(uri):
+        probe(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def setup(cfg: PipelineConfig) -> str:
     """Point MLflow at the config's store and experiment; return the tracking URI."""
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    connect(uri)
     if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
         location = None
         if uri.startswith("sqlite:"):  # keep local artifacts beside the local database
@@ -66,8 +133,21 @@ def stage_run(name: str, params: dict | None = None):
 
 
 def log_epoch_metrics(uri: str, run_id: str, stage: str, metrics: dict, step: int) -> None:
-    """Training curves from Ray Train's rank 0 (no active run needed in the worker)."""
-    client = MlflowClient(uri)
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and math.isfinite(float(value)) and key != "epoch":
-            client.log_metric(run_id, f"{stage}/{key}", float(value), step=step)
+    """Training curves from Ray Train's rank 0 (no active run needed in the worker), in one request.
+
+    Best effort: an MLflow outage must not stop training, whose checkpoints carry every epoch's
+    metrics (history.csv beside the model). The first failure is one warning, and later epochs
+    of that run are not sent (each attempt would wait out the retries again)."""
+    if run_id in _unlogged_runs:
+        return
+    bound_http(uri)
+    now = int(time.time() * 1000)
+    batch = [Metric(f"{stage}/{key}", float(value), now, step) for key, value in metrics.items()
+             if isinstance(value, (int, float)) and math.isfinite(float(value)) and key != "epoch"]
+    try:
+        MlflowClient(uri).log_batch(run_id, metrics=batch)
+    except Exception as err:  # whatever the client raises (HTTP, store, auth): training goes on
+        _unlogged_runs.add(run_id)
+        log.warning("MLflow: per-epoch metrics of run %s not logged to %s from epoch %d on (%s); "
+                    "training continues, history.csv beside the model keeps every epoch",
+                    run_id, uri, step, first_line(err))

@@ -36,6 +36,7 @@ from asd.training import (
 from pipelines.checkpoints import MODEL_FILE, copy_model, load_model, save_model
 from pipelines.config import PipelineConfig, add_config_arguments, from_dict, load_config, to_dict
 from pipelines.compute_process import prepare_compute_process
+from pipelines.errors import UserError, require_feature_store
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")
@@ -373,13 +374,14 @@ def _main(args) -> int:
     if args.address:
         cfg.ray.address = args.address
     store = args.store or cfg.path(cfg.extract.store)
+    require_feature_store(store, cfg.features.version)
     out = args.out or cfg.path(f"models/{args.stage}")
     init = args.init
     if args.stage == "finetune" and init is None and not cfg.finetune.from_scratch:
         init = cfg.path("models/pretrain")
         if not (Path(init) / MODEL_FILE).is_file():
-            raise SystemExit(f"fine-tuning starts from {init}, which holds no model: run "
-                             "`asd train --stage pretrain` first or set finetune.from_scratch=true")
+            raise UserError(f"fine-tuning starts from {init}, which holds no model: run "
+                            "`asd train --stage pretrain` first or set finetune.from_scratch=true")
     model_dir = run_training(cfg, args.stage, store=store, out_dir=out, init_model=init)
     print(f"{args.stage}: model written to {model_dir}")
     print(json.dumps(load_model(model_dir)[1]["epochs"]))

@@ -79,6 +79,22 @@ def mlflow_server(tmp_path_factory):
                        text=True, timeout=60, env=env)
 
 
+@pytest.fixture
+def dead_tracking_uri(monkeypatch) -> str:
+    """``http://127.0.0.1:<port>`` where nothing listens, with MLflow's HTTP settings left to the
+    pipeline (pipelines.tracking bounds them only where the environment sets none)."""
+    import socket
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # recorded, so teardown also undoes what the pipeline sets
+        monkeypatch.delenv(name)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray (2 CPUs, like CI) for every test that needs it; stopped at the end."""

@@ -45,7 +45,8 @@ def test_int16_mono_decodes_like_scipy(tmp_path, write_wav):
     assert sr == SR
     assert wave.dtype == torch.float32 and wave.shape == (4001,)
     np.testing.assert_array_equal(wave.numpy(), (ref.astype(np.float64) / 32768.0).astype(np.float32))
-    assert info == AudioInfo(sample_rate=SR, channels=1, frames=4001, resampled=False, downmixed=False)
+    assert info == AudioInfo(sample_rate=SR, channels=1, frames=4001, resampled=False, downmixed=False,
+                             declared_frames=4001)
 
 
 def test_bytes_source_equals_path_source(tmp_path, write_wav):
@@ -166,7 +167,8 @@ def test_real_clips_decode(real_audio_dir):
         sr, ref = wavfile.read(path)
         assert sr == SR and ref.dtype == np.int16
         assert wave.shape == (160000,)
-        assert info == AudioInfo(sample_rate=SR, channels=1, frames=160000, resampled=False, downmixed=False)
+        assert info == AudioInfo(sample_rate=SR, channels=1, frames=160000, resampled=False, downmixed=False,
+                                 declared_frames=160000)
         np.testing.assert_array_equal(wave.numpy(), (ref / 32768.0).astype(np.float32))
 
 

@@ -115,8 +115,8 @@ def test_method_is_validated_in_one_line():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["method=kNN-cosine"])
     msg = str(err.value)
-    assert "method must be one of prototype, ae, knn" in msg and "\n" not in msg
-    with pytest.raises(ConfigError):
+    assert "method: must be one of 'prototype', 'ae' or 'knn'" in msg and "\n" not in msg
+    with pytest.raises(ValueError):  # direct construction validates too (pydantic's error)
         PipelineConfig(method="nope")
 
 
@@ -240,6 +240,24 @@ def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):
     assert json.loads((run_dir / "models" / "knn" / "meta.json").read_text())["stage"] == "knn"
     assert (run_dir / "scoring" / "scores.csv").is_file()
     assert "kNN baseline" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+def test_asd_score_keeps_its_results_when_mlflow_is_down(knn_store, dead_tracking_uri, capsys):
+    """Scores, tables and printed results come before any MLflow call; the one-line error says
+    how to log and register them later."""
+    from pipelines.cli import main
+
+    cfg, store, _ = knn_store
+    rc = main(["score", "--config", "tiny", "--set", f"run_dir={cfg.run_dir}", "--set", "method=knn",
+               "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
+               "--set", f"mlflow.tracking_uri={dead_tracking_uri}", "--store", str(store)])
+    captured = capsys.readouterr()
+    scoring = Path(cfg.run_dir) / "scoring"
+    assert rc == 2 and "kNN baseline" in captured.out
+    assert (scoring / "scores.csv").is_file() and (scoring / "results.csv").is_file()
+    assert captured.err.count("\n") == 1 and dead_tracking_uri in captured.err
+    assert "asd score --register-only --config tiny" in captured.err and str(scoring) in captured.err
 
 
 @pytest.mark.slow

@@ -188,13 +188,17 @@ def _build_tree(root, rng):
 
 def test_discover_clips_counts_order_and_attributes(tmp_path):
     good, bad = _build_tree(tmp_path, random.Random(0))
-    all_wavs = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.wav") if p.is_file())
+    all_wavs = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.wav"))  # the folder too
     disc = discover_clips(tmp_path)
-    assert len(disc.clips) + len(disc.unparsed) == len(all_wavs) == len(good) + len(bad)
+    assert len(disc.clips) + len(disc.unparsed) == len(all_wavs) == len(good) + len(bad) + 1
     assert sorted(c.path for c in disc.clips) == sorted(good)
-    assert sorted(rel for rel, _ in disc.unparsed) == sorted(bad)
+    assert sorted(rel for rel, _ in disc.unparsed) == sorted(bad + ["fan/train/subdir.wav"])
     for rel, reason in disc.unparsed:
-        assert rel.split("/")[-1] in reason
+        assert (rel.split("/")[-1] in reason) != (reason == "not a regular file")
+    # Sections with clips but no attributes_XX.csv are named, one warning per machine.
+    missing = {w.split(": no attributes")[0].split("/")[-1]: w.split("section(s) ")[1].split(":")[0]
+               for w in disc.warnings}
+    assert missing == {"ToyCar": "00, 01", "fan": "01, 03", "valve": "00"}
     # Deterministic order: sorted by (machine, split, file name); independent of creation order.
     split_rank = {"train": 0, "test": 1}
     expected_order = sorted(good, key=lambda r: (r.split("/")[0], split_rank[r.split("/")[1]], r.split("/")[2]))

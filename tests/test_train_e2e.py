@@ -86,7 +86,8 @@ def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, 
     from pipelines.train import run_training
 
     cfg, store = tiny_store
-    cfg.pretrain.epochs, cfg.pretrain.lr_milestones, cfg.train.max_failures = 4, PRETRAIN_MILESTONES, 1
+    # the first 4 epochs of the pretrained fixture's schedule: no lr step before epoch 20
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones, cfg.train.max_failures = 4, [], 1
     marker = tmp_path / "failed-once"
     out = run_training(cfg, "pretrain", store=store, out_dir=tmp_path / "model", run_name="fault-test",
                        fault={"epoch": 2, "rank": 1, "marker": str(marker)})

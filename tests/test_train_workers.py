@@ -22,7 +22,7 @@ EPOCHS = 3
 
 def _cfg(stage: str):
     # tiny network; pre-training batch 8 and fine-tuning N x K = 3 x 2 are global batches
-    return load_config("tiny", ["model.n_mels=32", "model.width=4", "model.embedding_dim=8",
+    return load_config("tiny", ["features.n_mels=32", "model.n_mels=32", "model.width=4", "model.embedding_dim=8",
                                 "model.attention_dim=4", "pretrain.batch_size=8", "pretrain.lr=0.01", "finetune.lr=0.01",
                                 f"pretrain.epochs={EPOCHS}", "pretrain.lr_milestones=[2]",
                                 "pretrain.mpe_ratio=0.5", f"finetune.epochs={EPOCHS}",

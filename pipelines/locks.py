@@ -1,0 +1,40 @@
+"""Exclusive, non-blocking file locks: one writer per store, one retrain per run directory.
+
+``flock`` locks belong to the open file, so the kernel releases them when the holder dies,
+even on ``kill -9``: a crashed command never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+
+class LockBusy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str):
+    """Hold ``path`` locked for the block; raise ``LockBusy`` naming ``what`` and the holder's
+    pid when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            fh.seek(0)
+            holder = fh.read().split(" ")[0].strip() or "?"
+            raise LockBusy(f"{what} is in use by another command (pid {holder}, lock {path}); "
+                           "wait for it to finish") from err
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} {time.time()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

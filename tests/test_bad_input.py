@@ -1,0 +1,291 @@
+"""Bad input and interruptions: one test per row of docs/reliability.md's matrix (extraction part).
+
+Real WAV files written here, real symlinks, a real local Ray; the kill test runs ``asd extract``
+as a separate process and kills it with SIGKILL. Config, CLI and MLflow-outage rows are in
+tests/test_config_validation.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from asd.audio import MAX_RATIO_TERM, AudioFormatError, load_audio, resample_ratio
+from pipelines import store as S
+from pipelines.extract import ExtractError, extract, extract_shard
+from pipelines.locks import exclusive_lock
+
+SR = 16000
+SECONDS = 2.5  # 79 frames: above the 64-frame minimum
+DEV = "dev_data/fan"
+
+
+def _noise(seed: int, seconds: float = SECONDS, sr: int = SR, scale: int = 3000) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, scale, int(seconds * sr)).clip(-32768, 32767).astype(np.int16)
+
+
+def _name(section: str, domain: str, split: str, label: str, index: int, attr: str = "a_1") -> str:
+    return f"section_{section}_{domain}_{split}_{label}_{index:04d}_{attr}.wav"
+
+
+def _good_tree(root: Path, write_wav, n_train: int = 4) -> None:
+    """Two sections of noise clips; attributes_00.csv with one malformed row, no attributes_01.csv."""
+    rows = ["file_name,d1p,d1v"]
+    for sec in ("00", "01"):
+        for i in range(n_train):
+            name = _name(sec, "source", "train", "normal", i)
+            write_wav(root / DEV / "train" / name, _noise(100 * int(sec) + i))
+            rows.append(f"fan/train/{name},a,1")
+        for i, label in enumerate(("normal", "anomaly")):
+            write_wav(root / DEV / "test" / _name(sec, "source", "test", label, i), _noise(1000 + 10 * int(sec) + i))
+    rows = [r for r in rows if "section_01" not in r]
+    rows.insert(2, "fan/train/section_00_source_train_normal_0099_a_1.wav,a")  # line 3: an odd cell
+    (root / DEV / "attributes_00.csv").write_text("\n".join(rows) + "\n")
+
+
+BAD = {  # relative path -> what must happen to it
+    "short": "dev_data/fan/test/section_00_source_test_normal_0050_a_1.wav",
+    "rate16001": "dev_data/fan/test/section_00_source_test_normal_0051_a_1.wav",
+    "rate44101": "dev_data/fan/test/section_00_source_test_normal_0052_a_1.wav",
+    "truncated": "dev_data/fan/test/section_00_source_test_normal_0053_a_1.wav",
+    "silence": "dev_data/fan/test/section_00_source_test_normal_0054_a_1.wav",
+    "clipping": "dev_data/fan/test/section_00_source_test_normal_0055_a_1.wav",
+    "duplicate": "dev_data/fan/test/section_00_source_test_anomaly_0056_a_1.wav",
+    "outside_link": "dev_data/fan/test/section_00_source_test_normal_0057_a_1.wav",
+    "dangling_link": "dev_data/fan/test/section_00_source_test_normal_0058_a_1.wav",
+    "folder": "dev_data/fan/test/section_00_source_test_normal_0059_a_1.wav",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory, ray_session):
+    """One extraction of a tree holding every bad case next to good clips, run twice."""
+    from scipy.io import wavfile
+
+    def write_wav(path, samples, sr=SR):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wavfile.write(str(path), sr, samples)
+        return path
+
+    base = tmp_path_factory.mktemp("bad")
+    root = base / "data"
+    _good_tree(root, write_wav)
+    write_wav(root / BAD["short"], _noise(1, seconds=0.02))  # 320 samples
+    write_wav(root / BAD["rate16001"], _noise(2, sr=16001), sr=16001)
+    write_wav(root / BAD["rate44101"], _noise(3, sr=44101), sr=44101)
+    full = write_wav(base / "full.wav", _noise(4, seconds=4.0)).read_bytes()
+    (root / BAD["truncated"]).write_bytes(full[: int(len(full) * 0.9)])
+    write_wav(root / BAD["silence"], np.zeros(int(SECONDS * SR), np.int16))
+    write_wav(root / BAD["clipping"], (_noise(5).astype(np.int32) * 40).clip(-32768, 32767).astype(np.int16))
+    (root / BAD["duplicate"]).write_bytes(
+        (root / DEV / "train" / _name("00", "source", "train", "normal", 0)).read_bytes())
+    secret = write_wav(base / "outside" / "secret.wav", _noise(6))
+    os.symlink(secret, root / BAD["outside_link"])
+    os.symlink(base / "nowhere.wav", root / BAD["dangling_link"])
+    (root / BAD["folder"]).mkdir()
+    store = base / "store"
+    first = extract(root, store, batch_size=4)
+    again = extract(root, store, batch_size=4)
+    return root, store, first, again
+
+
+def _manifest(store) -> pd.DataFrame:
+    return S.store_manifest(store).set_index("path")
+
+
+def _reasons(summary) -> dict[str, str]:
+    return dict(summary.quarantine)
+
+
+@pytest.mark.slow
+def test_counts_add_up_and_every_wav_entry_is_counted(bad_run):
+    root, store, first, again = bad_run
+    entries = [p for p in root.rglob("*.wav")]  # files, links (dangling too) and the folder
+    assert first.discovered == len(entries) == first.extracted + first.quarantined
+    assert again.discovered == again.already_present + again.quarantined == len(entries)
+    assert again.extracted == 0 and again.quarantined == first.quarantined
+    assert sorted(S.store_quarantine(store)["path"]) == sorted(_reasons(first))
+
+
+@pytest.mark.slow
+def test_a_too_short_clip_is_quarantined_and_the_run_can_be_rerun(bad_run):
+    _, _, first, again = bad_run
+    assert "too short" in _reasons(first)[BAD["short"]]
+    assert again.quarantined == first.quarantined  # re-running works and keeps the record
+
+
+@pytest.mark.slow
+def test_odd_sample_rates_are_resampled(bad_run):
+    _, store, _, _ = bad_run
+    table = S.load_split(store, "test")
+    meta = table.meta.set_index("path")
+    for key, rate in (("rate16001", 16001), ("rate44101", 44101)):
+        row = meta.loc[BAD[key]]
+        assert row["source_sample_rate"] == rate and bool(row["resampled"])
+        assert abs(int(row["n_frames"]) - (1 + int(SECONDS * SR) // 512)) <= 1
+
+
+@pytest.mark.slow
+def test_truncated_and_clipped_files_are_extracted_and_flagged(bad_run):
+    _, store, first, _ = bad_run
+    m = _manifest(store)
+    assert m.loc[BAD["truncated"], "flags"] == "truncated"
+    assert m.loc[BAD["clipping"], "flags"] == "clipping"
+    assert first.flagged["truncated"] == 1 and first.flagged["clipping"] == 1
+    assert "flagged" in first.text() and "truncated" in first.text()
+
+
+@pytest.mark.slow
+def test_digital_silence_is_quarantined(bad_run):
+    _, _, first, _ = bad_run
+    assert "constant signal" in _reasons(first)[BAD["silence"]]
+
+
+@pytest.mark.slow
+def test_identical_content_under_two_names_is_flagged_with_labels(bad_run):
+    _, store, first, _ = bad_run
+    twin = f"{DEV}/train/" + _name("00", "source", "train", "normal", 0)
+    m = _manifest(store)
+    assert m.loc[twin, "flags"] == m.loc[BAD["duplicate"], "flags"] == "duplicate"
+    assert (m["flags"] == "duplicate").sum() == 2
+    assert first.duplicates == [[f"{BAD['duplicate']} (test, anomaly)", f"{twin} (train, normal)"]]
+
+
+@pytest.mark.slow
+def test_metadata_problems_are_warnings_and_the_rest_proceeds(bad_run):
+    _, store, first, _ = bad_run
+    warnings = "\n".join(first.warnings)
+    assert "attributes_00.csv:3" in warnings  # the malformed row, by line number
+    assert "section(s) 01" in warnings  # attributes_01.csv is missing
+    train = S.load_split(store, "train").meta.set_index("path")
+    listed = train.loc[f"{DEV}/train/" + _name("00", "source", "train", "normal", 1), "attributes_json"]
+    assert json.loads(listed) == {"a": "1"}  # rows after the bad one were read
+    assert pd.isna(train.loc[f"{DEV}/train/" + _name("01", "source", "train", "normal", 1), "attributes_json"])
+
+
+@pytest.mark.slow
+def test_links_outside_the_root_dangling_links_and_folders_are_quarantined(bad_run):
+    _, store, first, _ = bad_run
+    reasons = _reasons(first)
+    assert "outside the data root" in reasons[BAD["outside_link"]]
+    assert "dangling symlink" in reasons[BAD["dangling_link"]]
+    assert reasons[BAD["folder"]] == "not a regular file"
+    q = S.store_quarantine(store).set_index("path")
+    assert pd.isna(q.loc[BAD["outside_link"], "content_hash"])  # the target was never read
+
+
+# ----------------------------------------------------------------------------- no Ray needed
+@pytest.mark.parametrize("rate", [16001, 44101, 7919, 96001, 383999])
+def test_resampling_ratio_is_bounded_and_close(rate):
+    ratio = resample_ratio(rate, SR)
+    assert max(ratio.numerator, ratio.denominator) <= MAX_RATIO_TERM
+    assert abs(float(ratio / Fraction(SR, rate)) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("rate, freq", [(44101, 3000.0), (16001, 1000.0)])
+def test_odd_rate_keeps_the_tone(tmp_path, write_wav, rate, freq):
+    t = np.arange(rate) / rate
+    path = write_wav(tmp_path / "a.wav", (0.5 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16), rate)
+    wave, info = load_audio(path)
+    assert info.resampled and abs(wave.numel() - SR) <= SR * 1e-3
+    spectrum = np.abs(np.fft.rfft(wave.numpy().astype(np.float64)))
+    assert abs(np.argmax(spectrum) * SR / wave.numel() - freq) <= 2.0
+
+
+def test_rates_outside_the_accepted_range_are_refused(tmp_path, write_wav):
+    path = write_wav(tmp_path / "a.wav", _noise(0, sr=500), 500)
+    with pytest.raises(AudioFormatError, match="outside the accepted"):
+        load_audio(path)
+
+
+def test_an_unexpected_error_in_one_clip_quarantines_only_that_clip(tmp_path, write_wav, monkeypatch):
+    import pipelines.extract as E
+    from asd.features import FeatureConfig
+
+    for i in range(2):
+        write_wav(tmp_path / "data" / DEV / "train" / _name("00", "source", "train", "normal", i), _noise(i))
+    real = E.featurise_clip
+
+    def flaky(data, fcfg):
+        if data == (tmp_path / "data" / DEV / "train" / _name("00", "source", "train", "normal", 0)).read_bytes():
+            raise RuntimeError("boom")
+        return real(data, fcfg)
+
+    monkeypatch.setattr(E, "featurise_clip", flaky)
+    clips = [{"path": f"{DEV}/train/" + _name("00", "source", "train", "normal", i), "dataset": "dev_data",
+              "size": 0, "mtime_ns": 0, "attributes": None,
+              "meta": {"machine": "fan", "section": "00", "domain": "source", "split": "train", "label": "normal",
+                       "index": i, "attribute": "a_1", "path": ""}} for i in range(2)]
+    spec = json.dumps({"partition": "p", "clips": clips})
+    out = extract_shard({"shard": spec}, str(tmp_path / "data"), str(tmp_path / "v"),
+                        features=FeatureConfig().__dict__, dtype="float16")
+    assert [s["status"] for s in out] == ["quarantined", "extracted"]
+    assert out[0]["reason"] == "RuntimeError: boom"
+
+
+def test_a_second_writer_of_a_store_gets_a_clear_error(tmp_path, write_wav):
+    _good_tree(tmp_path / "data", write_wav, n_train=1)
+    with exclusive_lock(tmp_path / "store" / S.LOCK_FILE, "test holder"):
+        with pytest.raises(ExtractError, match=f"pid {os.getpid()}"):
+            extract(tmp_path / "data", tmp_path / "store")
+
+
+# ----------------------------------------------------------------------------- killed mid-way
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_extraction_resumes_and_leaves_no_ray_processes(tmp_path, write_wav):
+    import psutil
+
+    root = tmp_path / "data"
+    _good_tree(root, write_wav, n_train=30)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "extract", "--data", str(root), "--store",
+                             str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    journal = None
+    while time.time() < deadline and proc.poll() is None:
+        journal = next(store.glob(f"v-*/{S.JOURNAL}"), None)
+        if journal is not None and len(list(journal.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    ray_procs = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert journal is not None and ray_procs, "the run ended before it could be killed"
+    done_before = len(list(journal.glob("*.json")))
+    gone_by = time.time() + 10
+    while time.time() < gone_by and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs):
+        time.sleep(0.2)
+    alive = [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes outlived the killed run: {[p.name() for p in alive]}"
+
+    resumed = extract(root, store, batch_size=1)
+    assert resumed.resumed_shards >= done_before and resumed.discovered == resumed.extracted + resumed.quarantined
+    fresh = extract(root, tmp_path / "fresh", batch_size=1)
+    assert fresh.resumed_shards == 0
+    pd.testing.assert_frame_equal(_manifest(store).sort_index(), _manifest(tmp_path / "fresh").sort_index())
+    vdir = S.version_dir(store, resumed.feature_version)
+    fresh_vdir = S.version_dir(tmp_path / "fresh", fresh.feature_version)
+    shards = sorted(p.relative_to(vdir).as_posix() for p in vdir.rglob("part-*.parquet"))
+    assert shards == sorted(p.relative_to(fresh_vdir).as_posix() for p in fresh_vdir.rglob("part-*.parquet"))
+    assert not list((vdir / S.JOURNAL).glob("*"))
