@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A local MLflow tracking server: SQLite backend + proxied artifact store in one folder.
 #
-#   infra/mlflow_server.sh [--port N] [--dir DIR] [--host H] [--workers W] [--background] [--timeout S]
+#   infra/mlflow_server.sh [--port N] [--dir DIR] [--host H] [--workers W] [--auth] [--background] [--timeout S]
 #   infra/mlflow_server.sh --stop [--dir DIR]
 #
 #   --port N        port to listen on (default: $MLFLOW_PORT or 5000)
@@ -13,6 +13,11 @@
 #                   then print the URI and return
 #   --timeout S     seconds to wait for /health with --background (default 120)
 #   --python PY     run `PY -m mlflow server` (default: <repo>/.venv/bin/mlflow, else mlflow on PATH)
+#   --auth          HTTP basic authentication (MLflow's basic-auth app): users and permissions in
+#                   DIR/basic_auth.db, no access without a grant, DIR readable by its owner only.
+#                   Admin (made on the first start): $MLFLOW_AUTH_ADMIN_USERNAME/_PASSWORD, else
+#                   $MLFLOW_TRACKING_USERNAME/_PASSWORD (the pair MLflow's client sends), else
+#                   DIR/credentials (made once, random password, format of ~/.mlflow/credentials)
 #   --stop          stop the background server whose pid is in DIR/server.pid
 #
 # Uses <repo>/.venv/bin/mlflow when present, else `mlflow` on PATH. Prints the tracking URI:
@@ -28,8 +33,9 @@ BACKGROUND=0
 STOP=0
 TIMEOUT=120
 PYTHON_BIN="${MLFLOW_SERVER_PYTHON:-}"
+AUTH=0
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -46,6 +52,7 @@ while [[ $# -gt 0 ]]; do
     --python) PYTHON_BIN="$2"; shift 2 ;;
     --python=*) PYTHON_BIN="${1#*=}"; shift ;;
     --background) BACKGROUND=1; shift ;;
+    --auth) AUTH=1; shift ;;
     --stop) STOP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "mlflow_server.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -55,6 +62,8 @@ done
 if ! [[ "$PORT" =~ ^[0-9]+$ ]]; then
   echo "mlflow_server.sh: --port must be a number, got '$PORT'" >&2; exit 2
 fi
+# with --auth the files behind the API (database, artifacts, users) are private too
+if [[ "$AUTH" == 1 ]]; then umask 077; fi
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 PID_FILE="$DIR/server.pid"
@@ -101,6 +110,36 @@ ARGS=(server
   --backend-store-uri "sqlite:///$DIR/mlflow.db"
   --artifacts-destination "$DIR/artifacts"
   --host "$HOST" --port "$PORT" --workers "$WORKERS")
+
+if [[ "$AUTH" == 1 ]]; then
+  chmod 700 "$DIR"
+  # the Flask session/CSRF key must be the same in every worker and across restarts
+  [[ -s "$DIR/flask_secret_key" ]] || "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/flask_secret_key"
+  export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(cat "$DIR/flask_secret_key")}"
+  export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-${MLFLOW_TRACKING_USERNAME:-}}"
+  export MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_AUTH_ADMIN_PASSWORD:-${MLFLOW_TRACKING_PASSWORD:-}}"
+  if [[ -z "$MLFLOW_AUTH_ADMIN_USERNAME" || -z "$MLFLOW_AUTH_ADMIN_PASSWORD" ]]; then
+    CREDS="$DIR/credentials"
+    { read -r MLFLOW_AUTH_ADMIN_USERNAME; read -r MLFLOW_AUTH_ADMIN_PASSWORD; } < <("$PY" - "$CREDS" <<'PYEOF'
+import configparser, os, secrets, sys
+path = sys.argv[1]
+if not os.path.exists(path):  # first start: an admin with a random password
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write("[mlflow]\nmlflow_tracking_username = admin\n"
+                f"mlflow_tracking_password = {secrets.token_urlsafe(24)}\n")
+creds = configparser.ConfigParser()
+creds.read(path)
+print(creds["mlflow"]["mlflow_tracking_username"], creds["mlflow"]["mlflow_tracking_password"], sep="\n")
+PYEOF
+)
+    echo "MLflow admin credentials: $CREDS (MLflow's client reads them from ~/.mlflow/credentials)"
+  fi
+  # users and grants in DIR; the admin password stays in the environment, out of this file
+  export MLFLOW_AUTH_CONFIG_PATH="$DIR/basic_auth.ini"
+  printf '[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///%s/basic_auth.db\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+    "$DIR" >"$MLFLOW_AUTH_CONFIG_PATH"
+  ARGS+=(--app-name basic-auth)
+fi
 
 if [[ "$BACKGROUND" == 0 ]]; then
   echo "MLflow server on $URI (state in $DIR); in another shell:"

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import sys
 
+from pipelines import console
 from pipelines.compute_process import tune_allocator
 from pipelines.errors import UserError
 
@@ -39,6 +40,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of user errors (config, missing inputs, MLflow)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print Ray's, Ray Train's and Ray Data's own logs (always in the run's log file)")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module in SUBCOMMANDS.items():
         if name != load:
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     tune_allocator()  # the driver computes too: synthesis, in-process embedding, scoring
+    console.configure(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except UserError as err:  # the message names the key or file and the fix

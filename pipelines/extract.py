@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from asd.features import FeatureConfig
 from asd.metadata import ClipMeta, discover_clips, entry_problem
+from pipelines import console
 from pipelines import store as S
 from pipelines.errors import UserError
 from pipelines.locks import LockBusy, exclusive_lock
@@ -287,6 +288,7 @@ def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConf
     from pipelines.ray_runtime import init_ray
 
     init_ray(ray_address, ray_num_cpus)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts clips
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"shard": s} for s in specs], override_num_blocks=len(specs))
     workers = min(concurrency or cpus, len(specs))
@@ -304,7 +306,12 @@ def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConf
         # resource budget, which on a 2-CPU node runs 1-CPU tasks one at a time.
         ds = ds.flat_map(extract_shard_task, num_cpus=0.5, fn_kwargs=settings,
                          compute=ray.data.TaskPoolStrategy(size=workers))
-    return ds.take_all()
+    statuses = []
+    with console.progress(sum(len(json.loads(s)["clips"]) for s in specs), "extract", "clip") as bar:
+        for status in ds.iter_rows():
+            statuses.append(status)
+            bar.update(1)
+    return statuses
 
 
 def _hash_file(path: Path) -> str:
@@ -546,8 +553,8 @@ def register(subparsers) -> None:
 def main_args(args) -> int:
     from pipelines.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.overrides)
+    console.log_to_file(Path(cfg.run_dir) / "logs", "extract")
     store = Path(args.store) if args.store else cfg.path(cfg.extract.store)
     summary = extract_from_config(cfg, args.data, store, args.address)  # ExtractError: one line, exit 2
     print(summary.text())

@@ -8,6 +8,12 @@ Prints one line per clip, ``path<TAB>score<TAB>decision<TAB>nearest_attribute`` 
 they are read from the DCASE file name and its folders (``<machine>/test/section_00_...wav``).
 Exit status: 0 all clips scored, 1 some clip failed (the others are still printed), 2 usage
 error (model not found, unknown machine/section, ...).
+
+The files named on the command line are read here, with the user's own rights, and handed to
+the model as bytes (its ``audio`` column), so the model's input root does not apply. A logged
+model (registry or local MLmodel folder) is built from its artifacts only
+(:meth:`~pipelines.pyfunc_model.AsdPyfuncModel.from_logged_model`): neither its code file nor
+a pickle in it runs here.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from pipelines.errors import UserError, first_line
 
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://", "s3://",
                     "gs://", "file:")
+CHUNK = 64  # clips read and scored together: bounds the audio bytes held at once
 
 
 class UsageError(UserError):
@@ -67,7 +75,7 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
             raise UsageError(f"--model {model}: no such file or folder (a registry model is "
                              "models:/<name>@<alias> or models:/<name>/<version>)")
         if (local / "MLmodel").is_file():
-            return _load_pyfunc(str(local.resolve())), str(local)
+            return _load_logged(local), str(local)
         if (local / "sections.pt").is_file() and (local / "model" / "model.pt").is_file():
             settings = None
             if not (local / "scoring.json").is_file() and config is not None:
@@ -85,26 +93,26 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
         uri = cfg_uri(config)
     if uri:
         connect(uri)  # a dead server: one line now, not minutes of retries
-    return _load_pyfunc(model, where=uri), model
+    with tempfile.TemporaryDirectory(prefix="asd-model-") as tmp:  # loading reads it all
+        return _load_logged(model, where=uri, download_to=tmp), model
 
 
-def _load_pyfunc(uri: str, where: str | None = None):
-    import mlflow
+def _load_logged(model: str | Path, where: str | None = None, download_to: str | None = None):
+    """The :class:`AsdPyfuncModel` of a logged pyfunc: a local MLmodel folder, or a URI
+    downloaded into ``download_to`` first; UsageError when it cannot be loaded."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     from pipelines.pyfunc_model import AsdPyfuncModel
 
     try:
-        loaded = mlflow.pyfunc.load_model(uri)
+        local = download_artifacts(artifact_uri=model, dst_path=download_to) if download_to else model
+        return AsdPyfuncModel.from_logged_model(local)
     except MlflowException as err:
         at = f" at {where}" if where else ""
-        raise UsageError(f"cannot load model {uri}{at}: {first_line(err)}") from err
-    except OSError as err:
-        raise UsageError(f"cannot load model {uri}: {err}") from err
-    inner = loaded.unwrap_python_model()
-    if not isinstance(inner, AsdPyfuncModel):
-        raise UsageError(f"{uri} is not an ASD prototype model ({type(inner).__name__})")
-    return inner
+        raise UsageError(f"cannot load model {model}{at}: {first_line(err)}") from err
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load model {model}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- clip metadata
@@ -133,33 +141,47 @@ def infer_machine_section(path: str | Path, machine: str | None = None,
 def predict_files(predictor, clips: list[str], machine: str | None = None,
                   section: str | None = None) -> list[dict]:
     """One record per clip: path, machine, section, score, decision, nearest_attribute, error."""
-    import pandas as pd
-
     from pipelines.pyfunc_model import normalize_section
 
-    records, rows = [], []
+    records = []
     for clip in clips:
         rec = {"path": clip, "machine": None, "section": None, "score": None, "decision": None,
                "nearest_attribute": None, "error": None}
         try:
             m, s = infer_machine_section(clip, machine, section)
             rec["machine"], rec["section"] = m, normalize_section(s)
-            rows.append({"machine": m, "section": rec["section"], "path": clip, "_i": len(records)})
         except ValueError as err:
             rec["error"] = str(err)
         records.append(rec)
-    if rows:
-        df = pd.DataFrame(rows).set_index("_i")
-        out = predictor.predict(None, df)
-        for i, row in out.iterrows():
-            rec = records[int(i)]
-            if row["error"] is not None and not (isinstance(row["error"], float) and math.isnan(row["error"])):
-                rec["error"] = str(row["error"])
-                continue
-            rec["score"] = float(row["score"])
-            rec["decision"] = int(row["decision"])
-            rec["nearest_attribute"] = row["nearest_attribute"]
+    pending = [rec for rec in records if rec["error"] is None]
+    for start in range(0, len(pending), CHUNK):
+        _score(predictor, pending[start:start + CHUNK])
     return records
+
+
+def _score(predictor, records: list[dict]) -> None:
+    """Read the records' files and fill in their scores or errors."""
+    import pandas as pd
+
+    rows = {}
+    for i, rec in enumerate(records):
+        try:
+            audio = Path(rec["path"]).read_bytes()
+        except OSError as err:
+            rec["error"] = f"cannot read the file: {err.strerror or err}"
+            continue
+        rows[i] = {"machine": rec["machine"], "section": rec["section"], "audio": audio}
+    if not rows:
+        return
+    out = predictor.predict(None, pd.DataFrame.from_dict(rows, orient="index"))
+    for i, row in out.iterrows():
+        rec = records[int(i)]
+        if row["error"] is not None and not (isinstance(row["error"], float) and math.isnan(row["error"])):
+            rec["error"] = str(row["error"])
+            continue
+        rec["score"] = float(row["score"])
+        rec["decision"] = int(row["decision"])
+        rec["nearest_attribute"] = row["nearest_attribute"]
 
 
 def main_args(args) -> int:

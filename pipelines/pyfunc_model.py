@@ -1,6 +1,8 @@
 """The trained detector as an MLflow pyfunc: network + per-section scoring backends.
 
-Artifacts (see :func:`pipelines.registry.log_pyfunc_model`):
+Logged as MLflow *models from code* (:mod:`pipelines.pyfunc_entry`), so no version in the
+registry holds a pickle: its data are plain artifacts, read as tensors (``torch.load`` with
+``weights_only=True``) and JSON (see :func:`pipelines.registry.log_pyfunc_model`):
 
 * ``model``    — the network folder (``model.pt`` state dict + ``meta.json``: model and feature
   settings, attribute classes), loaded with :func:`pipelines.checkpoints.load_model`;
@@ -11,18 +13,35 @@ Artifacts (see :func:`pipelines.registry.log_pyfunc_model`):
   feature store (``feature_dtype``), so that a prediction repeats the scoring job's numbers.
 
 Input: a ``pandas.DataFrame`` with ``machine``, ``section`` ("00"; ints are zero-padded) and
-either ``path`` (a WAV file) or ``waveform`` (1-D float samples at the model's sample rate; an
-optional ``sample_rate`` column resamples). Output: one row per input row (same index) with
-``score`` (min Mahalanobis distance), ``decision`` (1 anomalous, 0 normal), ``nearest_attribute``
-and ``error`` (None, or why the row could not be scored; the other rows are still scored).
+exactly one clip column per row:
+
+* ``audio``    — the audio file's bytes (WAV, or another format soundfile decodes), or those
+  bytes as base64 text: the form MLflow's scoring server JSON carries
+  (``{"dataframe_records": [{"machine": "valve", "section": "00", "audio": "UklGR..."}]}``);
+* ``path``     — a file under the input root, the directory named by ``$ASD_INPUT_ROOT`` when
+  the model is loaded (a host setting, never part of the model); relative paths are relative
+  to it. Without it, path input is refused. Paths are resolved (symlinks included) before the
+  check, and a refused path and a missing or unreadable one give the same error
+  (:data:`PATH_REFUSED`), so a caller cannot probe which files exist;
+* ``waveform`` — 1-D float samples at the model's sample rate (an optional ``sample_rate``
+  column resamples).
+
+Output: one row per input row (same index) with ``score`` (min Mahalanobis distance),
+``decision`` (1 anomalous, 0 normal), ``nearest_attribute`` and ``error`` (None, or why the row
+could not be scored; the other rows are still scored). A failed row's ``score``, ``decision``
+and ``nearest_attribute`` are None (object columns), so the scoring server answers ``null``,
+never a bare ``NaN``; ``out["score"].astype(float)`` gives NaN for them.
 
 Loads with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` when the ``asd`` and
-``pipelines`` packages are importable; :meth:`AsdPyfuncModel.from_dir` loads the same thing
-from a local ``asd score`` output folder without MLflow.
+``pipelines`` packages are importable. :meth:`AsdPyfuncModel.from_logged_model` builds it from
+a downloaded model folder's artifacts alone (no code from the folder runs), and
+:meth:`AsdPyfuncModel.from_dir` from a local ``asd score`` output folder without MLflow.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
@@ -41,6 +60,11 @@ SECTIONS_FILE = "sections.pt"
 MODEL_DIR = "model"
 DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "batch_size": 32,
                     "feature_dtype": "float32"}
+INPUT_ROOT_ENV = "ASD_INPUT_ROOT"
+# One message for every path that is not scored for where it is: outside the root, missing,
+# not a regular file, unreadable. Distinct messages would tell a caller which files exist.
+PATH_REFUSED = "path not allowed or not readable"
+CLIP_COLUMNS = ("audio", "path", "waveform")
 
 
 def section_key(machine: str, section: str) -> str:
@@ -89,6 +113,30 @@ def write_settings(cfg, directory: str | Path) -> Path:
     return path
 
 
+def input_root() -> Path | None:
+    """The resolved ``$ASD_INPUT_ROOT`` (None when unset); a setting that names no directory
+    fails the load rather than refusing every path later."""
+    value = os.environ.get(INPUT_ROOT_ENV, "").strip()
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{INPUT_ROOT_ENV}={value} is not a directory")
+    return root
+
+
+def audio_bytes(value) -> bytes:
+    """The file bytes of an ``audio`` cell: bytes as given, text as base64 (what JSON carries)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"audio is not valid base64: {err}") from err
+    raise TypeError(f"audio must be bytes or base64 text, got {type(value).__name__}")
+
+
 def load_sections(path: str | Path) -> dict:
     from asd.backend import SectionModel
 
@@ -97,7 +145,8 @@ def load_sections(path: str | Path) -> dict:
 
 
 class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
-    """Network + per-section prototypes/precision/threshold; scores WAV files or waveforms."""
+    """Network + per-section prototypes/precision/threshold; scores audio bytes, confined paths
+    or waveforms."""
 
     def __init__(self) -> None:
         self.model = None
@@ -105,6 +154,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         self.features = None
         self.sections: dict = {}
         self.settings: dict = dict(DEFAULT_SETTINGS)
+        self.input_root: Path | None = None
 
     # ------------------------------------------------------------------ loading
     def load_context(self, context) -> None:
@@ -122,6 +172,29 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         if settings["embedding"] not in ("whole", "windows"):
             raise ValueError(f"embedding must be 'whole' or 'windows', got {settings['embedding']!r}")
         self.settings = settings
+        self.input_root = input_root()
+
+    @classmethod
+    def from_logged_model(cls, directory: str | Path) -> "AsdPyfuncModel":
+        """Load a logged pyfunc folder (``MLmodel``) from its artifacts only: unlike
+        ``mlflow.pyfunc.load_model``, no code file or pickle in the folder is executed, so a
+        tampered registry entry cannot run code here. Artifact paths must stay in the folder."""
+        from mlflow.models import Model
+
+        directory = Path(directory).resolve()
+        conf = Model.load(str(directory)).flavors.get("python_function", {})
+        artifacts = {}
+        for key, info in (conf.get("artifacts") or {}).items():
+            path = (directory / str(info.get("path", ""))).resolve()
+            if not path.is_relative_to(directory):
+                raise ValueError(f"{directory}: artifact {key!r} points outside the model folder")
+            artifacts[key] = path
+        if MODEL_DIR not in artifacts or "sections" not in artifacts:
+            raise ValueError(f"{directory} is not an ASD prototype model "
+                             f"(needs the artifacts {MODEL_DIR!r} and 'sections')")
+        self = cls()
+        self._load(artifacts)
+        return self
 
     @classmethod
     def from_dir(cls, directory: str | Path, settings: dict | None = None) -> "AsdPyfuncModel":
@@ -144,20 +217,37 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         return sorted(self.sections)
 
     # ------------------------------------------------------------------ features
-    def clip_features(self, path=None, waveform=None, sample_rate=None) -> torch.Tensor:
-        """[n_mels, T] features of one clip, as the feature store holds them."""
+    def confined_bytes(self, path) -> bytes:
+        """The bytes of ``path`` if it resolves (symlinks followed) to a readable regular file
+        under the input root; else :data:`PATH_REFUSED`, the same whether or not it exists."""
+        try:
+            if self.input_root is not None:  # root / an absolute path is that path
+                resolved = (self.input_root / os.fspath(path)).resolve()
+                if resolved.is_relative_to(self.input_root) and resolved.is_file():
+                    return resolved.read_bytes()
+        except (OSError, RuntimeError, TypeError, ValueError):  # unreadable, link loop, not a path
+            pass
+        raise PermissionError(PATH_REFUSED)
+
+    def clip_features(self, row) -> torch.Tensor:
+        """[n_mels, T] features of one row's clip (``audio``, ``path`` or ``waveform``), as the
+        feature store holds them."""
         from asd.audio import AudioFormatError, load_audio, prepare_waveform
         from asd.features import log_mel
 
         f = self.features
-        if path is not None and not _missing(path):
-            wave, _ = load_audio(os.fspath(path), f.sample_rate, resample=f.resample, channels=f.channels)
-        elif waveform is not None and not _missing(waveform):
-            wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).reshape(-1)
-            sr = f.sample_rate if _missing(sample_rate) else int(sample_rate)
-            wave = prepare_waveform(wave, sr, f.sample_rate, f.resample, "waveform")
-        else:
-            raise ValueError("row has neither a 'path' nor a 'waveform'")
+        given = [c for c in CLIP_COLUMNS if not _missing(row.get(c))]
+        if len(given) != 1:
+            raise ValueError(f"a row needs exactly one of {', '.join(CLIP_COLUMNS)}; got "
+                             f"{', '.join(given) or 'none'}")
+        if given[0] == "waveform":
+            wave = torch.as_tensor(np.asarray(row["waveform"], dtype=np.float32)).reshape(-1)
+            rate = row.get("sample_rate")
+            wave = prepare_waveform(wave, f.sample_rate if _missing(rate) else int(rate), f.sample_rate,
+                                    f.resample, "waveform")
+        else:  # decoded from bytes, so that no error message names a file on this host
+            data = audio_bytes(row["audio"]) if given[0] == "audio" else self.confined_bytes(row["path"])
+            wave, _ = load_audio(data, f.sample_rate, resample=f.resample, channels=f.channels)
         feats = log_mel(wave.float().contiguous(), f)
         dtype = getattr(torch, str(self.settings.get("feature_dtype", "float32")), torch.float32)
         if dtype != torch.float32:  # the scoring job reads features back from a store of this type
@@ -185,7 +275,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
 
         df = _as_frame(model_input)
         n = len(df)
-        score, decision = [math.nan] * n, [None] * n
+        score, decision = [None] * n, [None] * n
         nearest_attr, error = [None] * n, [None] * n
         by_key: dict[str, list[tuple[int, int]]] = {}  # section -> (row position, feature index)
         features: list[torch.Tensor] = []
@@ -198,7 +288,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
                 if key not in self.sections:
                     raise KeyError(f"unknown machine/section {key}; the model knows "
                                    f"{', '.join(self.known_sections()) or 'none'}")
-                feats = self.clip_features(row.get("path"), row.get("waveform"), row.get("sample_rate"))
+                feats = self.clip_features(row)
             except Exception as err:  # one bad row must not stop the others
                 msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 error[pos] = str(msg) or type(err).__name__
@@ -212,9 +302,14 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
                 scores, nearest = sm.score(emb[torch.as_tensor([i for _, i in items])])
                 decisions = decide(scores, sm.threshold).tolist()
                 for (pos, _), s, d, k in zip(items, scores.tolist(), decisions, sm.nearest_keys(nearest)):
+                    if not math.isfinite(s):
+                        error[pos] = "the model gave a non-finite score"
+                        continue
                     score[pos], decision[pos], nearest_attr[pos] = float(s), int(d), str(k)
+        # object columns: a failed row's score is None, which JSON writes as null (a float
+        # column's NaN would be a bare NaN, invalid JSON for strict clients)
         return pd.DataFrame({
-            "score": pd.Series(score, index=df.index, dtype="float64"),
+            "score": pd.Series(score, index=df.index, dtype=object),
             "decision": pd.Series(decision, index=df.index, dtype=object),
             "nearest_attribute": pd.Series(nearest_attr, index=df.index, dtype=object),
             "error": pd.Series(error, index=df.index, dtype=object),
@@ -236,4 +331,5 @@ def _as_frame(model_input) -> pd.DataFrame:
         return pd.DataFrame(model_input)
     if isinstance(model_input, list):
         return pd.DataFrame(model_input)
-    raise TypeError(f"expected a pandas.DataFrame (machine, section, path|waveform), got {type(model_input)}")
+    raise TypeError(f"expected a pandas.DataFrame (machine, section, audio|path|waveform), "
+                    f"got {type(model_input)}")

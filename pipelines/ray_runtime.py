@@ -4,12 +4,17 @@
 (``num_cpus`` caps it; the dashboard is off because a laptop run does not need it).
 ``address="auto"``, ``ray://...`` or ``RAY_ADDRESS`` (set by Ray Jobs): join that cluster, whose
 size is the cluster's business, so ``num_cpus`` is ignored there.
+
+The local Ray listens on loopback only and checks Ray's token (docs/security.md): a local Ray
+otherwise serves its GCS, raylet and worker gRPC ports on every interface of the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -28,18 +33,70 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Idempotent ``ray.init``: a running Ray in this process is reused as it is."""
     import ray
 
+    from pipelines import console
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    console.route_ray_logs()
+    # workers' output (Ray Train's per-report lines, Ray Data's progress) stays in Ray's session
+    # logs unless -v; errors still reach the driver as exceptions
+    quiet = {"log_to_driver": console.verbose(), "configure_logging": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": quiet_state_api_pollers,
-                              "env_vars": dict(TRAIN_ENV)})
+        ensure_private_token()
+        with loopback_node():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet,
+                     runtime_env={"worker_process_setup_hook": quiet_state_api_pollers,
+                                  "env_vars": dict(TRAIN_ENV)})
         start_reaper()
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """Start the local Ray with 127.0.0.1 as its node IP, so that every Ray process binds loopback.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray maps a loopback address back to
+    the machine's routable IP, and its C++ servers then listen on ``*``. Ray keeps the loopback IP
+    only in its local-only mode (``ENABLE_RAY_CLUSTER`` false, read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once at import, the default on macOS and Windows), which
+    is switched on only while this process starts its Ray: a later ``ray start`` from here is not
+    affected."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def ensure_private_token() -> None:
+    """Create Ray's default token file (``~/.ray/auth_token``) readable by its owner only.
+
+    Ray 2.60 turns token authentication on for a local Ray and, when no token exists, writes one
+    with the umask's permissions (0644 under the usual 022): any local user could read it and use
+    the cluster. A token given by ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``, or
+    ``RAY_AUTH_MODE=disabled``, is left to whoever set it; an existing default file loses its
+    group/other permissions."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or \
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("Ray's token file %s was readable by other users: now 0600", path)
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits
 
 
 def start_reaper() -> None:

@@ -10,21 +10,27 @@ nested under the active pipeline run, or top-level when there is none):
 * artifacts — ``submission/`` (the evaluator's CSVs), ``results/`` (results.md, results.csv,
   scores.csv), ``plots/`` (:mod:`pipelines.plots`), ``config/config.yaml``, ``data/`` (feature
   store manifest summary, when :mod:`pipelines.store` provides one);
-* the model — an MLflow pyfunc (:class:`pipelines.pyfunc_model.AsdPyfuncModel`) carrying the
-  network folder (model.pt + meta.json), ``sections.pt`` and ``scoring.json``, registered
-  under ``cfg.mlflow.registered_model``. Every new version gets the alias ``challenger``; the
-  first one also ``champion``. Later promotions go through :func:`promote` (the retraining job).
+* inputs — the feature store's manifest as an MLflow dataset (context ``scoring``; its digest is
+  the ``data_manifest_digest`` tag): :func:`pipelines.tracking.log_manifest_input`;
+* the model — an MLflow pyfunc (:class:`pipelines.pyfunc_model.AsdPyfuncModel`), logged as
+  *models from code* (:mod:`pipelines.pyfunc_entry`) so that no version holds a pickle, carrying
+  the network folder (model.pt + meta.json), ``sections.pt`` and ``scoring.json`` as plain
+  artifacts, with a signature (:func:`model_signature`) and a JSON input example, registered under ``cfg.mlflow.registered_model``. Every new version gets the
+  alias ``challenger``; the first one also ``champion``. Later promotions go through
+  :func:`promote` (the retraining job).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import logging
 import math
 import os
 import re
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -46,8 +52,9 @@ MODEL_NAME_IN_RUN = "model"
 # What the pyfunc needs at load time. Pinned to the versions installed here (requirements.txt);
 # MLflow then neither infers nor resolves an environment. The project's own packages (asd,
 # pipelines) must be installed where the model is loaded (`pip install -e .` or the image).
-PYFUNC_PACKAGES = ("mlflow", "cloudpickle", "torch", "torchaudio", "numpy", "pandas", "soundfile",
-                   "PyYAML")
+PYFUNC_PACKAGES = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "soundfile", "PyYAML")
+# The models-from-code file logged as the model (MLflow runs it at load; nothing is unpickled).
+MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")
 _METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. /]+")
 
 
@@ -61,8 +68,13 @@ def _not_found(err: MlflowException) -> bool:
 
 
 def register_model(model_uri: str, name: str, tags: dict | None = None) -> str:
-    """Register ``model_uri`` as a new version of ``name`` (created if needed); return the version."""
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    """Register ``model_uri`` as a new version of ``name`` (created if needed); return the version.
+
+    MLflow prints its own "Successfully registered" lines straight to stderr: they go to the log."""
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    for line in said.getvalue().splitlines():
+        logging.getLogger("mlflow").info(line)
     return str(mv.version)
 
 
@@ -85,6 +97,11 @@ def set_version_tags(name: str, version, tags: dict) -> None:
     c = client()
     for k, v in tags.items():
         c.set_model_version_tag(name, str(version), k, "" if v is None else str(v))
+
+
+def describe_version(name: str, version, description: str) -> None:
+    """Set a model version's description (shown on its page in the MLflow UI)."""
+    client().update_model_version(name, str(version), description=description)
 
 
 def promote(name: str, version, previous_alias: str = PREVIOUS_CHAMPION) -> str | None:
@@ -121,15 +138,56 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def output_signature():
-    """Signature documenting the output columns only: inputs stay unenforced, because rows carry
-    either a path or a waveform array and sections may be given as ints."""
+def model_signature():
+    """The model's columns. Inputs: ``machine`` (string) and ``section`` ("00", 0 or
+    "section_00"), and per row one of ``audio`` (bytes, or base64 text in JSON), ``path`` and
+    ``waveform`` (+ optional ``sample_rate``). The columns that take several types are ``Any``:
+    MLflow would otherwise decode every ``binary`` cell as base64 (rows without audio fail the
+    whole request) and refuse int sections or numpy waveforms. Outputs: ``score`` (null where
+    the row failed), ``decision``, ``nearest_attribute``, ``error``."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    return ModelSignature(inputs=None, outputs=Schema([
-        ColSpec("double", "score"), ColSpec("long", "decision", required=False),
-        ColSpec("string", "nearest_attribute", required=False), ColSpec("string", "error", required=False)]))
+    inputs = Schema([
+        ColSpec("string", "machine"), ColSpec(AnyType(), "section"),
+        ColSpec(AnyType(), "audio", required=False), ColSpec("string", "path", required=False),
+        ColSpec(AnyType(), "waveform", required=False), ColSpec(AnyType(), "sample_rate", required=False)])
+    outputs = Schema([
+        ColSpec("double", "score", required=False), ColSpec("long", "decision", required=False),
+        ColSpec("string", "nearest_attribute", required=False), ColSpec("string", "error", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(scoring_dir: str | Path):
+    """One row the model scores: a quiet noise clip generated here, long enough for the model,
+    as base64 WAV (what JSON carries) for the first section the model knows (None if it knows
+    none). MLflow stores it as JSON and runs it through the model once when logging."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    import soundfile as sf
+    import torch
+
+    from pipelines.checkpoints import feature_config, load_meta
+    from pipelines.pyfunc_model import DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE
+
+    scoring_dir = Path(scoring_dir)
+    features = feature_config(load_meta(scoring_dir / "model"))
+    settings = dict(DEFAULT_SETTINGS)
+    if (scoring_dir / SETTINGS_FILE).is_file():
+        settings.update(json.loads((scoring_dir / SETTINGS_FILE).read_text()))
+    frames = max(int(settings["crop_frames"]) if settings["embedding"] == "windows" else 1,
+                 int(getattr(features, "min_frames", 1) or 1))
+    keys = sorted(torch.load(scoring_dir / SECTIONS_FILE, map_location="cpu", weights_only=True))
+    if not keys:  # a model without sections scores nothing: no example
+        return None
+    machine, _, section = keys[0].rpartition("/section_")
+    noise = np.random.default_rng(0).standard_normal(frames * features.hop_length) * 0.01
+    wav = io.BytesIO()
+    sf.write(wav, noise.astype(np.float32), features.sample_rate, format="WAV", subtype="PCM_16")
+    return pd.DataFrame({"machine": [machine], "section": [section],
+                         "audio": [base64.b64encode(wav.getvalue()).decode("ascii")]})
 
 
 def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None, name: str = MODEL_NAME_IN_RUN):
@@ -147,23 +205,22 @@ def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None,
     artifacts = {"model": str(model_dir), "sections": str(sections)}
     if settings.is_file():
         artifacts["settings"] = str(settings)
-    with warnings.catch_warnings():  # the signature documents outputs only, on purpose
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        return _log_model(name, artifacts)
+    return _log_model(name, artifacts, input_example(scoring_dir))
 
 
-def _log_model(name: str, artifacts: dict):
-    from pipelines.pyfunc_model import AsdPyfuncModel
-
+def _log_model(name: str, artifacts: dict, example=None):
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=AsdPyfuncModel(),
+        python_model=str(MODEL_CODE),
         artifacts=artifacts,
         pip_requirements=pip_requirements(),
-        signature=output_signature(),
+        signature=model_signature(),
+        input_example=example,
         metadata={"task": "anomalous sound detection (DCASE 2022 Task 2)",
-                  "input": "DataFrame: machine, section, path | waveform",
-                  "output": "DataFrame: score, decision, nearest_attribute, error"},
+                  "input": "DataFrame: machine, section, audio (bytes or base64) | path (under "
+                           "$ASD_INPUT_ROOT) | waveform",
+                  "output": "DataFrame: score (null where the row failed), decision, "
+                            "nearest_attribute, error"},
     )
 
 
@@ -195,24 +252,25 @@ def scoring_metrics(results: list) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def _manifest(cfg: PipelineConfig) -> tuple[str | None, object]:
-    """(digest, summary) of the feature-store manifest when pipelines.store can tell."""
+def _manifest(cfg: PipelineConfig) -> tuple[str | None, object, object]:
+    """(digest, summary, manifest) of the feature store when pipelines.store can tell."""
     try:
         from pipelines import store as store_mod
     except ImportError:
-        return None, None
+        return None, None, None
     store = cfg.path(cfg.extract.store)
     if not Path(store).exists():
-        return None, None
-    digest = summary = None
+        return None, None, None
+    digest = summary = manifest = None
     try:
         if hasattr(store_mod, "manifest_digest"):
             digest = store_mod.manifest_digest(store)
         if hasattr(store_mod, "store_manifest"):
-            summary = _summarise(store_mod.store_manifest(store))
+            manifest = store_mod.store_manifest(store)
+            summary = _summarise(manifest)
     except Exception as err:  # a manifest problem must not lose a finished scoring run
         log.warning("feature-store manifest of %s not logged: %s", store, err)
-    return digest, summary
+    return digest, summary, manifest
 
 
 def _summarise(manifest) -> object:
@@ -274,9 +332,10 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
             for p in written:
                 mlflow.log_artifact(str(p), "plots")
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/config.yaml")
-        digest, summary = _manifest(cfg)
+        digest, summary, manifest = _manifest(cfg)
         if digest is not None:
             mlflow.set_tag("data_manifest_digest", str(digest))
+            tracking.log_manifest_input(cfg.path(cfg.extract.store), "scoring", manifest, digest)
         if summary is not None:
             mlflow.log_dict(json.loads(json.dumps(summary, default=str)), "data/manifest_summary.json")
 
@@ -297,5 +356,6 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
         mlflow.set_tags({"registered_model": name, "registered_version": version})
         reg.update(model_uri=f"models:/{name}/{version}", version=int(version),
                    logged_model_uri=info.model_uri)
-        log.info("registered %s version %s (official score %s)", name, version, official)
+        log.info("registered %s version %s (official score %s)", name, version,
+                 "n/a" if official is None else f"{official:.4f}")
         return reg

@@ -9,8 +9,9 @@
    (``<run_dir>/frozen_eval_set.json``), so champion and challenger are compared on the same clips.
 6. Register the new version as ``challenger``; promote it to ``champion`` only if its official
    score >= champion's - ``retrain.tolerance``. The decision, both scores, the data manifest
-   digest and the parent version are tags on the new version; the previous champion keeps the
-   alias ``previous_champion`` for rollback.
+   digest and the parent version are tags on the new version, and the decision with both scores
+   and the rule is its description; the previous champion keeps the alias ``previous_champion``
+   for rollback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -76,6 +78,25 @@ def champion_model_dir(name: str, dst: Path) -> tuple[Path, object]:
     return found[0], version
 
 
+def decision_text(promoted: bool, challenger_score, champion_score, champion_version, tolerance: float,
+                  eval_clips: int, new_clips: int, data_digest: str) -> str:
+    """The retraining decision as a model version's description (Markdown)."""
+    def fmt(score) -> str:
+        return "none" if score is None or math.isnan(float(score)) else f"{float(score):.4f}"
+
+    rule = (f"challenger >= champion - tolerance: {fmt(challenger_score)} >= {fmt(champion_score)} "
+            f"- {tolerance:g}")
+    verdict = (f"**promoted** to `champion` (version {champion_version} keeps `previous_champion`)"
+               if promoted else f"**kept champion** version {champion_version}; this version stays "
+               "`challenger`")
+    return (f"Retraining decision: {verdict}.\n\n"
+            f"- challenger (this version) official score: {fmt(challenger_score)}\n"
+            f"- champion (version {champion_version}) official score: {fmt(champion_score)}\n"
+            f"- rule: {rule} ({'met' if promoted else 'not met'}), on the frozen evaluation set "
+            f"({eval_clips} clips)\n"
+            f"- data: {new_clips} new clip(s), feature-store manifest {data_digest}")
+
+
 def retrain(cfg: PipelineConfig) -> dict:
     import mlflow
 
@@ -109,12 +130,14 @@ def retrain(cfg: PipelineConfig) -> dict:
                 init = None
                 if cfg.pretrain.enabled:
                     with tracking.stage_run("pretrain") as run:
+                        tracking.log_manifest_input(store, "training", digest=data_digest)
                         init = run_training(cfg, "pretrain", store=store, out_dir=work / "pretrain",
                                             mlflow_run_id=run.info.run_id, tracking_uri=uri,
                                             run_name=f"retrain-pretrain-{stamp}")
             else:
                 init = champion_dir
             with tracking.stage_run("finetune") as run:
+                tracking.log_manifest_input(store, "training", digest=data_digest)
                 model_dir = run_training(cfg, "finetune", store=store, out_dir=work / "finetune",
                                          init_model=init, mlflow_run_id=run.info.run_id,
                                          tracking_uri=uri, run_name=f"retrain-finetune-{stamp}")
@@ -134,6 +157,9 @@ def retrain(cfg: PipelineConfig) -> dict:
                     "data_manifest_digest": data_digest, "parent_version": champion.version,
                     "new_clips": len(pending), "extracted_clips": ex.extracted}
             registry.set_version_tags(name, reg["version"], tags)
+            registry.describe_version(name, reg["version"], decision_text(
+                promote, challenger_score, champion_score, champion.version, cfg.retrain.tolerance,
+                len(on_frozen), len(pending), data_digest))
             mlflow.set_tags({f"retrain.{k}": str(v) for k, v in tags.items()})
             if promote:
                 registry.promote(name, reg["version"])
@@ -155,8 +181,10 @@ def register(subparsers) -> None:
 
 
 def main_args(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from pipelines import console
+
     cfg = load_config(args.config, args.overrides)
+    console.log_to_file(Path(cfg.run_dir) / "logs", "retrain")
     try:
         retrain(cfg)
     except RetrainLocked as err:

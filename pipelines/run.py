@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines import console
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError
 from pipelines.monitor import PeakMemory
@@ -158,6 +159,7 @@ def _train_stages(cfg, book, store, data_digest, uri, force, summary) -> tuple[P
             summary["stages"][stage] = {"skipped": True}
         else:
             with tracking.stage_run(stage) as run:
+                tracking.log_manifest_input(store, "training", digest=data_digest)
                 t0 = time.perf_counter()
                 with PeakMemory() as peak:
                     if stage == "knn":
@@ -194,12 +196,12 @@ def register(subparsers) -> None:
 
 
 def main_args(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.overrides)
+    console.log_to_file(Path(cfg.run_dir) / "logs", "run")
     summary = run_pipeline(cfg, force=args.force)
     results = Path(cfg.run_dir) / "results.md"
-    if results.is_file():
-        print(results.read_text())
+    if results.is_file():  # the Table 1 row here; every section in the file
+        print(results.read_text().split("## Per section")[0].rstrip() + f"\n\nper section: {results}\n")
     for stage, info in summary["stages"].items():
         print(f"  {stage:<9} " + ("up to date, skipped" if info.get("skipped") else
                                   f"{info['seconds']:7.1f} s, peak memory {info['peak_rss_mib']:,.0f} MiB"

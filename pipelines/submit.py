@@ -5,7 +5,8 @@ with the runtime environment the job needs (the project as working dir without d
 or runs; MLflow and Ray settings as environment variables), then follows the job's logs and
 exits with its status. The driver of the job runs on the head node, so paths in the config
 (``run_dir``, ``data.root``) must be valid there and, on multi-node clusters, on shared
-storage that every node mounts (see README: running on a cluster).
+storage that every node mounts (see README: running on a cluster). ``--dry-run`` lists the
+files that would be uploaded and submits nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from pathlib import Path
 from pipelines.ray_runtime import TRAIN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Never upload these: large, machine-specific, or produced by runs.
+# Never upload these: large, machine-specific, or produced by runs; and secrets, which would
+# land on every node of the cluster and in Ray's package store (docs/security.md). Patterns
+# are .gitignore syntax, matched by Ray against paths relative to the working dir.
 EXCLUDES = [".venv/", "runs/", "data/", "features/", "mlruns/", "mlartifacts/", "*.db",
-            ".git/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+            ".git", "__pycache__/", "*.egg-info/", ".pytest_cache/",
+            ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*",
+            "id_ed25519*", ".netrc", "*credentials*", ".ray/", ".ssh/", ".mlflow/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment variables forwarded to the job when set here.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "RAY_AUTH_MODE")
@@ -41,6 +46,27 @@ def runtime_env(working_dir: Path = PROJECT_ROOT, extra_env: dict | None = None)
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     env.update(extra_env or {})
     return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
+
+
+def upload_listing(env: dict) -> list[str]:
+    """What Ray will upload as the job's ``working_dir``: files and empty folders, relative to it.
+
+    Ray's own packaging walk (its default excludes, ``excludes``, and the .gitignore / .rayignore
+    files it honours), without building the package, so the list is exactly what Ray uploads."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(env["working_dir"]).absolute()
+    excludes = ray_constants.get_runtime_env_default_excludes() + list(env["excludes"])
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    found: list[str] = []
+
+    def add(path: Path) -> None:  # what Ray's zip handler packs
+        if path.is_file() or path.is_dir() and next(path.iterdir(), None) is None:
+            found.append(path.relative_to(root).as_posix())
+
+    _dir_travel(root, [_get_excludes(root, excludes)], add, include_gitignore=include_gitignore)
+    return sorted(found)
 
 
 def submit(address: str, entrypoint: str, *, env: dict | None = None, follow: bool = True,
@@ -104,12 +130,20 @@ def register(subparsers) -> None:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI the job must use (reachable from the cluster)")
     p.add_argument("--no-follow", action="store_true", help="submit and return without following logs")
     p.add_argument("--timeout", type=float, help="give up following after this many seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the files that would be uploaded and exit without connecting")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     env = {"MLFLOW_TRACKING_URI": args.mlflow_uri} if args.mlflow_uri else None
     entry = job_entrypoint(args.job, args.config, args.overrides, args.python)
+    if args.dry_run:
+        files = upload_listing(runtime_env(extra_env=env))
+        print("\n".join(files))
+        print(f"dry run: {len(files)} files of {PROJECT_ROOT} would be uploaded; nothing submitted to "
+              f"{args.address}: {entry}")
+        return 0
     job_id, status = submit(args.address, entry, env=env, follow=not args.no_follow, timeout_s=args.timeout)
     print(f"Ray job {job_id}: {status}")
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_follow or status == "SUCCEEDED") else 1

@@ -35,6 +35,7 @@ from asd.training import (
 )
 from pipelines.checkpoints import MODEL_FILE, copy_model, load_model, save_model
 from pipelines.config import PipelineConfig, add_config_arguments, from_dict, load_config, to_dict
+from pipelines.console import EpochProgress
 from pipelines.compute_process import prepare_compute_process
 from pipelines.errors import UserError, require_feature_store
 
@@ -251,6 +252,11 @@ def _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, st
     if rank != 0:
         ray.train.report(metrics)
         return
+    if loop_cfg.get("progress") is not None:  # the driver's progress bar (pipelines.console)
+        try:
+            loop_cfg["progress"].put_nowait(metrics)
+        except Exception as err:  # noqa: BLE001 - a progress line is never worth a failed epoch
+            log.warning("progress bar update failed (%s): training goes on", type(err).__name__)
     if loop_cfg.get("mlflow_run_id"):
         from pipelines.tracking import log_epoch_metrics
 
@@ -313,6 +319,9 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
 
         loop_cfg["data_ref"] = ray.put(load_split(store, "train", feature_version=cfg.features.version))
     storage = (Path(cfg.run_dir) / "ray_results").resolve()
+    epochs = (cfg.pretrain if stage == "pretrain" else cfg.finetune).epochs
+    progress = EpochProgress(stage, epochs)
+    loop_cfg["progress"] = progress.queue
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -322,14 +331,18 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    log.info("%s: %d workers, %d attribute classes", stage, tc.num_workers, len(class_keys))
-    result = trainer.fit()
+    log.info("%s: %d epochs on %d worker(s), %d attribute classes", stage, epochs, tc.num_workers, len(class_keys))
+    t0 = time.perf_counter()
+    with progress:
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         out = copy_model(d, out_dir)
         history = json.loads((Path(d) / HISTORY_FILE).read_text())
     write_history(history, out)
+    log.info("%s: %d epochs in %.0f s, final loss %.3f; model in %s", stage, len(history),
+             time.perf_counter() - t0, history[-1]["loss"], out)
     return out
 
 

@@ -4,26 +4,14 @@ Ray Job to a real local head started with `ray start --head` on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from local_cluster import cluster_env, start_head, stop_node
 
 ROOT = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).parent / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cluster_config_matches_ray_schema():
@@ -66,29 +54,15 @@ def test_job_entrypoint_and_runtime_env():
 @pytest.fixture
 def local_head():
     """`ray start --head` on loopback from this venv (auth disabled: a loopback test cluster)."""
-    gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    # a short temp dir: Ray's Unix socket paths under it must stay within the 107-byte limit
-    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-    # every port free and explicit, so that another Ray on the machine cannot take the agent's
-    agent_ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
-    cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", *agent_ports,
-           f"--temp-dir={temp}", "--disable-usage-stats"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if proc.returncode != 0:
-        pytest.fail(f"ray start --head failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    env = cluster_env()
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        head = start_head(num_cpus=2, env=env)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
+        yield head.dashboard_url, env
     finally:
-        # only this head's processes (their command lines carry its temp dir): `ray stop` would
-        # also stop every other Ray on the machine
-        for signal in ("-TERM", "-KILL"):
-            subprocess.run(["pkill", signal, "-f", temp], capture_output=True)
-            time.sleep(2)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_node(head.temp_dir)  # only this head's processes: `ray stop` would stop every Ray here
 
 
 @pytest.mark.slow

@@ -182,7 +182,8 @@ def test_nothing_usable_is_an_error(tmp_path, capsys):
         extract(tmp_path / "empty", tmp_path / "store2")
     rc = main(["extract", "--data", str(tmp_path / "bad"), "--store", str(tmp_path / "store3")])
     err = capsys.readouterr().err
-    assert rc == 2 and "none of the 1 clips" in err and len(err.strip().splitlines()) == 1  # one line, exit 2
+    # one error line, last (after the progress lines), exit 2, no traceback
+    assert rc == 2 and "none of the 1 clips" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
 def test_eval_layout_extracts_without_labels(tiny_data, tmp_path):

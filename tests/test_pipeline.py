@@ -47,6 +47,18 @@ def test_run_executes_every_stage(tiny_pipeline):
         assert r.data.metrics["peak_rss_mib"] == pytest.approx(stages[r.data.tags["stage"]]["peak_rss_mib"])
         assert r.data.metrics["peak_rss_mib"] > 100  # at least the driver (torch + mlflow imported)
     assert client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion").version == "1"
+    # lineage: training and scoring runs name the feature store's manifest as their dataset
+    digest = parent.data.tags["data_manifest_digest"]
+    contexts = {"pretrain": "training", "finetune": "training", "score": "scoring"}
+    for r in children:
+        if r.data.tags["stage"] in contexts:
+            assert _dataset_inputs(r) == [(contexts[r.data.tags["stage"]], digest)], r.data.tags["stage"]
+
+
+def _dataset_inputs(run) -> list[tuple[str, str]]:
+    """(context, digest) of a run's dataset inputs."""
+    return [({t.key: t.value for t in d.tags}.get("mlflow.data.context"), d.dataset.digest)
+            for d in run.inputs.dataset_inputs]
 
 
 def test_rerun_skips_up_to_date_stages(tiny_pipeline):
@@ -84,6 +96,12 @@ def test_retrain_on_a_data_drop(tiny_pipeline):
     if promoted:
         previous = client.get_model_version_by_alias(cfg.mlflow.registered_model, "previous_champion")
         assert previous.version == "1"
+    # the decision is the version's description; its run names the clips it was scored on
+    text = v2.description
+    assert f"{out['challenger_score']:.4f}" in text and f"{out['champion_score']:.4f}" in text
+    assert ("**promoted**" if promoted else "**kept champion**") in text
+    assert f"tolerance: {out['challenger_score']:.4f} >= {out['champion_score']:.4f} - " in text
+    assert _dataset_inputs(client.get_run(v2.run_id)) == [("scoring", v2.tags["data_manifest_digest"])]
 
     # nothing new: a second retrain does nothing and registers nothing
     again = retrain(cfg)

@@ -1,5 +1,6 @@
 """MLflow side against a REAL tracking server (fixture ``mlflow_server``): logging a scoring run,
-the pyfunc model, registry aliases, and ``asd predict``.
+the pyfunc model (models from code: no pickle in a version), its input boundary (audio bytes,
+paths only under ``$ASD_INPUT_ROOT``), registry aliases, and ``asd predict``.
 
 The trained model and the scoring result are built here (a tiny untrained-but-normalised
 EmbeddingNet on synthetic DCASE-named clips), so the test does not depend on the training job.
@@ -9,10 +10,12 @@ The scoring result comes from the real ``pipelines.score.run_scoring`` on featur
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from asd.training import input_stats  # noqa: E402
 from pipelines import cli, registry  # noqa: E402
 from pipelines.checkpoints import save_model  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.pyfunc_model import INPUT_ROOT_ENV, PATH_REFUSED  # noqa: E402
 
 SR = 16000
 SECONDS = 3
@@ -97,6 +101,14 @@ def _resolve(path: str, root: Path) -> str:
         if cand.is_file():
             return str(cand)
     raise FileNotFoundError(path)
+
+
+def strict_json(text: str | bytes):
+    """``json.loads`` that rejects NaN and Infinity, as strict JSON clients do."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _restore_mlflow_uris(saved: dict) -> None:
@@ -243,6 +255,67 @@ def test_artifacts_of_scoring_run(setup):
     assert "torch==" in reqs and "mlflow==" in reqs
 
 
+def test_registered_model_holds_no_pickle(setup, tmp_path):
+    """Models from code: the version holds its code file and plain artifacts, nothing unpickled."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path),
+                                    tracking_uri=setup.uri))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if p.suffix in (".pkl", ".pickle")]
+    conf = Model.load(str(local)).flavors["python_function"]
+    assert "python_model" not in conf and Path(conf["model_code_path"]).name == "pyfunc_entry.py"
+    assert (local / "pyfunc_entry.py").is_file()
+    assert "cloudpickle" not in (local / "requirements.txt").read_text()
+
+
+def test_version_has_signature_and_scoring_input_example(setup, monkeypatch, tmp_path):
+    """The version states its columns and carries a JSON input example (base64 WAV) that scores."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path),
+                                    tracking_uri=setup.uri))
+    mlmodel = Model.load(str(local))
+    inputs = {c.name: c for c in mlmodel.signature.inputs.inputs}
+    assert list(inputs) == ["machine", "section", "audio", "path", "waveform", "sample_rate"]
+    assert inputs["machine"].required and inputs["section"].required
+    assert not any(inputs[c].required for c in ("audio", "path", "waveform", "sample_rate"))
+    assert mlmodel.signature.outputs.input_names() == ["score", "decision", "nearest_attribute", "error"]
+    info = mlmodel.saved_input_example_info
+    assert info["artifact_path"].endswith(".json")
+    strict_json((local / info["artifact_path"]).read_text())
+    example = mlmodel.load_input_example(str(local))
+    assert list(example.columns) == ["machine", "section", "audio"]
+    assert (example.loc[0, "machine"], example.loc[0, "section"]) in {(m, "00") for m in MACHINES}
+    out = _load_champion(setup, monkeypatch, None).predict(example)
+    assert out.loc[0, "error"] is None and math.isfinite(out.loc[0, "score"])
+    serving = json.loads((local / "serving_input_example.json").read_text())
+    assert serving["dataframe_split"]["columns"] == ["machine", "section", "audio"]
+
+
+def test_scoring_run_has_the_feature_store_manifest_as_dataset_input(setup):
+    """Lineage: the scoring run names the exact clips (the manifest's digest and row count)."""
+    from pipelines.store import current_version, manifest_digest, store_manifest
+    from pipelines.tracking import MANIFEST_COLUMNS
+
+    store = setup.cfg.path(setup.cfg.extract.store)
+    run = mlflow.MlflowClient(setup.uri).get_run(setup.reg1["run_id"])
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds, tags = inputs[0].dataset, {t.key: t.value for t in inputs[0].tags}
+    assert tags["mlflow.data.context"] == "scoring"
+    assert ds.digest == manifest_digest(store) == run.data.tags["data_manifest_digest"]
+    mv = setup.client.get_model_version(MODEL_NAME, str(setup.reg1["version"]))
+    assert mv.tags["data_manifest_digest"] == ds.digest
+    assert json.loads(ds.profile)["num_rows"] == len(store_manifest(store))
+    assert [c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]] == list(MANIFEST_COLUMNS)
+    assert ds.source_type == "local"
+    assert Path(json.loads(ds.source)["uri"]) == (Path(store) / f"v-{current_version(store)}"
+                                                  / "manifest.parquet").resolve()
+
+
 def test_plots_write_pngs(setup, tmp_path):
     from pipelines import plots
 
@@ -253,12 +326,26 @@ def test_plots_write_pngs(setup, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pyfunc
-def test_champion_pyfunc_reproduces_scoring_job(setup, test_clips):
+def _load_champion(setup, monkeypatch, root: Path | None):
+    """The champion through mlflow.pyfunc.load_model, with ``root`` as the input root (or none)."""
+    if root is None:
+        monkeypatch.delenv(INPUT_ROOT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(INPUT_ROOT_ENV, str(root))
     mlflow.set_tracking_uri(setup.uri)
     mlflow.set_registry_uri(setup.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+
+
+@pytest.mark.parametrize("column", ["path", "audio", "audio_base64"])
+def test_champion_pyfunc_reproduces_scoring_job(setup, test_clips, monkeypatch, column):
+    """Paths under the input root, WAV bytes and base64 text score as the scoring job did."""
+    model = _load_champion(setup, monkeypatch, setup.root)
+    clips = {"path": list(test_clips["wav"]),
+             "audio": [Path(p).read_bytes() for p in test_clips["wav"]]}
+    clips["audio_base64"] = [base64.b64encode(b).decode("ascii") for b in clips["audio"]]
     df = pd.DataFrame({"machine": test_clips["machine"], "section": test_clips["section"],
-                       "path": test_clips["wav"]})
+                       column.split("_")[0]: clips[column]})
     out = model.predict(df)
     assert list(out.columns) == ["score", "decision", "nearest_attribute", "error"]
     assert out["error"].isna().all()
@@ -268,9 +355,62 @@ def test_champion_pyfunc_reproduces_scoring_job(setup, test_clips):
     assert out["nearest_attribute"].tolist() == test_clips["nearest_attribute"].astype(str).tolist()
 
 
-def test_pyfunc_waveform_int_section_and_bad_rows(setup, test_clips):
-    mlflow.set_tracking_uri(setup.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+def test_pyfunc_paths_confined_to_input_root(setup, test_clips, monkeypatch, tmp_path):
+    """Outside the root, `../`, through a symlink, missing, a folder: one error, whether or not
+    the file exists; inside the root (relative or absolute) the clip scores."""
+    first = test_clips.iloc[0]
+    root = tmp_path / "root"
+    (root / "clips").mkdir(parents=True)
+    shutil.copy(first["wav"], root / "clips" / "a.wav")
+    shutil.copy(first["wav"], tmp_path / "outside.wav")
+    (root / "link.wav").symlink_to(tmp_path / "outside.wav")
+    refused = [str(tmp_path / "outside.wav"), str(tmp_path / "missing.wav"), "../outside.wav",
+               "../missing.wav", "clips/../../outside.wav", "link.wav", "clips/missing.wav", "clips",
+               first["wav"]]
+    allowed = ["clips/a.wav", str(root / "clips" / "a.wav")]
+
+    def predict(model, paths):
+        return model.predict(pd.DataFrame({"machine": first["machine"], "section": first["section"],
+                                           "path": paths}))
+
+    out = predict(_load_champion(setup, monkeypatch, root), refused + allowed)
+    assert out["error"].iloc[:len(refused)].tolist() == [PATH_REFUSED] * len(refused)
+    assert out["score"].iloc[:len(refused)].isna().all()
+    assert out["error"].iloc[len(refused):].isna().all()
+    np.testing.assert_allclose(out["score"].iloc[len(refused):].astype(float), first["score"],
+                               rtol=TOL, atol=TOL)
+    # without a root no path is read at all
+    out = predict(_load_champion(setup, monkeypatch, None), allowed + [first["wav"]])
+    assert out["error"].tolist() == [PATH_REFUSED] * 3
+    with pytest.raises(Exception, match=INPUT_ROOT_ENV):
+        _load_champion(setup, monkeypatch, tmp_path / "no-such-folder")
+
+
+def test_scoring_server_json_carries_base64_audio(setup, test_clips, monkeypatch):
+    """The request body `mlflow models serve` parses: base64 audio scores, a path outside the
+    root and bad base64 are per-row errors."""
+    from mlflow.pyfunc import scoring_server
+
+    model = _load_champion(setup, monkeypatch, setup.root / "dev_data" / "fan")
+    first = test_clips.iloc[0]
+    audio = base64.b64encode(Path(first["wav"]).read_bytes()).decode("ascii")
+    base = {"machine": first["machine"], "section": first["section"]}
+    outside = next((setup.root / "dev_data" / "valve" / "train").glob("*.wav")).name
+    body = json.dumps({"dataframe_records": [{**base, "audio": audio}, {**base, "path": "/etc/passwd"},
+                                             {**base, "path": f"../valve/train/{outside}"},
+                                             {**base, "audio": "not base64!"}]})
+    resp = scoring_server.invocations(body, "application/json", model, None)
+    assert resp.status == 200
+    rows = strict_json(resp.response)["predictions"]
+    assert rows[0]["error"] is None
+    assert rows[0]["score"] == pytest.approx(first["score"], rel=TOL, abs=TOL)
+    assert [r["error"] for r in rows[1:3]] == [PATH_REFUSED] * 2
+    assert "base64" in rows[3]["error"]
+    assert [r["score"] for r in rows[1:]] == [None] * 3 and [r["decision"] for r in rows[1:]] == [None] * 3
+
+
+def test_pyfunc_waveform_int_section_and_bad_rows(setup, test_clips, monkeypatch):
+    model = _load_champion(setup, monkeypatch, setup.root)
     first = test_clips.iloc[0]
     wave, _ = load_audio(first["wav"])
     df = pd.DataFrame([
@@ -279,14 +419,118 @@ def test_pyfunc_waveform_int_section_and_bad_rows(setup, test_clips):
         {"machine": first["machine"], "section": 7, "path": first["wav"], "waveform": None},
         {"machine": "toaster", "section": "00", "path": first["wav"], "waveform": None},
         {"machine": first["machine"], "section": "00", "path": first["wav"], "waveform": None},
+        {"machine": first["machine"], "section": "00", "path": first["wav"], "waveform": wave.numpy()},
     ])
     out = model.predict(df)
     assert out.loc[0, "error"] is None
     assert out.loc[0, "score"] == pytest.approx(first["score"], rel=TOL, abs=TOL)
-    assert "cannot decode" in out.loc[1, "error"]
+    assert out.loc[1, "error"] == PATH_REFUSED
     assert "section_07" in out.loc[2, "error"] and "toaster" in out.loc[3, "error"]
-    assert math.isnan(out.loc[1, "score"]) and out.loc[2, "decision"] is None
+    assert out.loc[1, "score"] is None and out.loc[2, "decision"] is None
     assert out.loc[4, "score"] == pytest.approx(first["score"], rel=TOL, abs=TOL)
+    assert "exactly one of audio, path, waveform" in out.loc[5, "error"]
+
+
+# ----------------------------------------------------------------------------- mlflow models serve
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_scores_as_asd_predict(setup, test_clips, tmp_path, capsys):
+    """The documented `mlflow models serve -m models:/<name>/<version> --env-manager local`, with
+    the venv's bin on PATH (MLflow execs `uvicorn` by name): base64 WAVs (dataframe_records) and
+    paths under $ASD_INPUT_ROOT (dataframe_split) score as `asd predict` scores the same files;
+    bad rows come back with a null score and an error; every body is strict JSON."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"models:/{MODEL_NAME}/1"
+    rc = cli.main(["predict", "--model", uri, "--tracking-uri", setup.uri, "--json", *test_clips["wav"]])
+    expected = {c["path"]: c for c in json.loads(capsys.readouterr().out)["clips"]}
+    assert rc == 0 and len(expected) == len(test_clips)
+
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=setup.uri,
+               MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+               **{INPUT_ROOT_ENV: str(setup.root)})
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "--env-manager",
+                                 "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            try:
+                if _http(f"{base}/ping", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server not up in 240 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+
+        # base64 WAVs as records, plus one undecodable and one refused path
+        records = [{"machine": r.machine, "section": r.section,
+                    "audio": base64.b64encode(Path(r.wav).read_bytes()).decode("ascii")}
+                   for r in test_clips.itertuples()]
+        first = test_clips.iloc[0]
+        bad = [{"machine": first["machine"], "section": first["section"], "audio": "not base64!"},
+               {"machine": first["machine"], "section": first["section"], "path": "/etc/passwd"}]
+        status, body = _http(f"{base}/invocations", {"dataframe_records": records + bad})
+        assert status == 200, body[:2000]
+        rows = strict_json(body)["predictions"]
+        assert len(rows) == len(records) + 2
+        for row, clip in zip(rows, test_clips.itertuples()):
+            want = expected[clip.wav]
+            assert row["error"] is None
+            assert row["score"] == pytest.approx(want["score"], rel=TOL, abs=TOL)
+            assert (row["decision"], row["nearest_attribute"]) == (want["decision"], want["nearest_attribute"])
+        assert "base64" in rows[-2]["error"] and rows[-1]["error"] == PATH_REFUSED
+        assert [r["score"] for r in rows[-2:]] == [None, None]
+
+        # paths relative to the input root, as split
+        rel = [str(Path(p).relative_to(setup.root)) for p in test_clips["wav"]]
+        split = {"columns": ["machine", "section", "path"],
+                 "data": [[m, s, p] for m, s, p in zip(test_clips["machine"], test_clips["section"], rel)]}
+        status, body = _http(f"{base}/invocations", {"dataframe_split": split})
+        assert status == 200, body[:2000]
+        rows = strict_json(body)["predictions"]
+        assert [r["error"] for r in rows] == [None] * len(rel)
+        np.testing.assert_allclose([r["score"] for r in rows],
+                                   [expected[p]["score"] for p in test_clips["wav"]], rtol=TOL, atol=TOL)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------- asd predict
@@ -349,6 +593,22 @@ def test_predict_cli_local_folders(setup, test_clips, capsys):
         assert rc == 0 and len(lines) == 2
         for ln, row in zip(lines, valve.itertuples()):
             assert float(ln[1]) == pytest.approx(row.score, abs=2e-6 + TOL)
+
+
+def test_predict_cli_runs_no_code_from_the_model(setup, test_clips, tmp_path, capsys):
+    """`asd predict` builds the model from the artifacts: a replaced code file in a downloaded
+    model folder is never run."""
+    from mlflow.artifacts import download_artifacts
+
+    folder = Path(download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path / "model"),
+                                     tracking_uri=setup.uri))
+    marker = tmp_path / "ran"
+    (folder / "pyfunc_entry.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    row = test_clips.iloc[0]
+    rc = cli.main(["predict", "--model", str(folder), row["wav"]])
+    lines = _parse_lines(capsys.readouterr().out)
+    assert rc == 0 and not marker.exists()
+    assert float(lines[0][1]) == pytest.approx(row["score"], abs=2e-6 + TOL)
 
 
 def test_predict_cli_real_dcase_clips(setup, real_audio_dir, capsys):

@@ -1,0 +1,39 @@
+"""The console: the project's lines and errors on stderr, library logs only in the run's log file."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipelines import console
+
+
+@pytest.fixture
+def fresh_logging():
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, dict(console._state))
+    root.handlers = []
+    yield
+    root.handlers, root.level = saved[0], saved[1]
+    console._state.update(saved[2])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_logs_reach_the_file_and_only_errors_reach_the_console(fresh_logging, tmp_path, capsys, verbose):
+    console.configure(verbose=verbose)
+    path = console.log_to_file(tmp_path / "logs", "run")
+    console.route_ray_logs()
+    logging.getLogger("asd.train").info("own progress line")
+    logging.getLogger("ray.data._internal.execution.streaming_executor").info("execution plan of dataset")
+    logging.getLogger("ray.train").warning("a harmless library warning")
+    logging.getLogger("mlflow.store.db.utils").info("creating tables")
+    logging.getLogger("ray._private.worker").error("a real error")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    out, err = capsys.readouterr()
+    assert f"logs: {path}" in out
+    assert "own progress line" in err and "a real error" in err
+    for line in ("execution plan of dataset", "a harmless library warning", "creating tables"):
+        assert (line in err) == verbose
+        assert line in path.read_text()  # always in the file
