@@ -16,6 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -70,8 +71,6 @@ def resample(wave: torch.Tensor, source_rate: int, target_rate: int) -> torch.Te
     1-D waveform; time and memory grow with the clip's length only (see ``MAX_RATIO_TERM``)."""
     from scipy.signal import resample_poly
 
-    if source_rate == target_rate:
-        return wave
     ratio = resample_ratio(source_rate, target_rate)
     if ratio == 1:
         return wave
@@ -132,16 +131,12 @@ def load_audio(
     if resample not in ("resample", "reject") or channels not in ("downmix", "reject"):
         raise ValueError(f"unknown audio policy resample={resample!r} channels={channels!r}")
     name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
-    raw = source if isinstance(source, bytes) else None
-    try:
-        data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else name,
-                           dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
+    try:  # one read: the bytes are decoded and their header checked (wav_declared_frames)
+        raw = source if isinstance(source, bytes) else Path(name).read_bytes()
+        data, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except Exception as err:  # OSError, and soundfile's several types (LibsndfileError, RuntimeError, ...)
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "<bytes>", str(err))
         raise AudioFormatError(f"{name}: cannot decode audio: {reason}") from err
-    if raw is None:
-        with open(name, "rb") as fh:
-            raw = fh.read(4096)  # the header; the data chunk's size is in it
     frames, n_channels = data.shape
     if n_channels > 1 and channels == "reject":
         raise AudioFormatError(f"{name}: {n_channels} channels, expected mono")

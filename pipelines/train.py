@@ -256,7 +256,8 @@ def _report(epoch, model, optimizer, scheduler, history, rank, loop_cfg, cfg, st
         try:
             loop_cfg["progress"].put_nowait(metrics)
         except Exception as err:  # noqa: BLE001 - a progress line is never worth a failed epoch
-            log.warning("progress bar update failed (%s): training goes on", type(err).__name__)
+            log.warning("progress bar update failed (%s): training goes on without it", type(err).__name__)
+            loop_cfg["progress"] = None  # one warning, not one per epoch
     if loop_cfg.get("mlflow_run_id"):
         from pipelines.tracking import log_epoch_metrics
 
