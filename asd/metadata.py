@@ -17,13 +17,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DOMAINS = ("source", "target")
-SPLITS = ("train", "test")
-LABELS = ("normal", "anomaly")
+from asd.contracts import DOMAINS, LABELS, SPLITS
 
 _LABELLED = re.compile(
-    r"^section_(?P<section>[0-9A-Za-z]+)_(?P<domain>source|target)_(?P<split>train|test)_"
-    r"(?P<label>normal|anomaly)_(?P<index>\d+)(?:_(?P<attribute>.*))?$"
+    rf"^section_(?P<section>[0-9A-Za-z]+)_(?P<domain>{'|'.join(DOMAINS)})_(?P<split>{'|'.join(SPLITS)})_"
+    rf"(?P<label>{'|'.join(LABELS)})_(?P<index>\d+)(?:_(?P<attribute>.*))?$"
 )
 _UNLABELLED = re.compile(r"^section_(?P<section>[0-9A-Za-z]+)_test_(?P<index>\d+)$")
 

@@ -43,6 +43,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from asd.contracts import (GROUND_TRUTH_DOMAIN, decision_file_name, ground_truth_file_name,
+                           score_file_name)
+
 logger = logging.getLogger(__name__)
 
 MAX_FPR = 0.1
@@ -347,25 +350,6 @@ def _cell(v) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _section_str(section: str | int) -> str:
-    return f"{section:02d}" if isinstance(section, (int, np.integer)) else str(section)
-
-
-def score_file_name(machine: str, section: str | int) -> str:
-    """``anomaly_score_<machine>_section_<XX>_test.csv``."""
-    return f"anomaly_score_{machine}_section_{_section_str(section)}_test.csv"
-
-
-def decision_file_name(machine: str, section: str | int) -> str:
-    """``decision_result_<machine>_section_<XX>_test.csv``."""
-    return f"decision_result_{machine}_section_{_section_str(section)}_test.csv"
-
-
-def ground_truth_file_name(machine: str, section: str | int) -> str:
-    """``ground_truth_<machine>_section_<XX>_test.csv`` (same name in ``ground_truth_domain/``)."""
-    return f"ground_truth_{machine}_section_{_section_str(section)}_test.csv"
-
-
 def _sorted_rows(names: Sequence[str], values: Sequence) -> list[tuple[str, object]]:
     base = [os.path.basename(str(n)) for n in names]
     if hasattr(values, "detach"):
@@ -485,7 +469,7 @@ def read_ground_truth(
     names = [names[i] for i in order]
     y = y[order]
     if domain_path is None:
-        cand = Path(label_path).parent.parent / "ground_truth_domain" / Path(label_path).name
+        cand = Path(label_path).parent.parent / GROUND_TRUTH_DOMAIN / Path(label_path).name
         domain_path = cand if cand.exists() else None
     if domain_path is None:
         return names, y, None
@@ -531,7 +515,7 @@ def evaluate_submission(
     ``domain_dir`` (default ``<ground_truth_dir>/../ground_truth_domain``).
     """
     sub, gt = Path(submission_dir), Path(ground_truth_dir)
-    dom = Path(domain_dir) if domain_dir is not None else gt.parent / "ground_truth_domain"
+    dom = Path(domain_dir) if domain_dir is not None else gt.parent / GROUND_TRUTH_DOMAIN
     results = []
     for gt_file in sorted(gt.iterdir()):
         m = _GT_RE.match(gt_file.name)

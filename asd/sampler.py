@@ -6,6 +6,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+EPOCH_SEED_STRIDE = 1_000_003  # a prime: the seeds of (seed, epoch) pairs do not collide in practice
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random stream under a run seed (sampling, crops, prototypes)."""
+    return seed * EPOCH_SEED_STRIDE + epoch
+
 
 class BalancedBatchSampler:
     """Mini-batches of N attribute classes x K clips.
@@ -37,7 +44,7 @@ class BalancedBatchSampler:
 
     def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
         """Yield ``len(self)`` index tensors of N*K clip indices for the given epoch."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         queue: list[int] = []
         for _ in range(self.batches_per_epoch):
             chosen: list[int] = []

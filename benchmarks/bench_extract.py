@@ -6,7 +6,7 @@
     ``asd.features.log_mel``), with 1 torch thread and with torch's default threads, first with
     glibc's default allocator settings, then after ``pipelines.compute_process.tune_allocator``
     (which every extraction worker applies; the tuned loop is the fair reference for (c));
-(c) ``pipelines.extract.extract``: Ray Data workers into the Parquet store (hashing, manifest and
+(c) ``pipelines.stages.extract.extract``: Ray Data workers into the Parquet store (hashing, manifest and
     Parquet writing included; Ray started before the clock, and its start-up reported apart);
 (d) the per-shard work of (c) (read, hash, decode, features, Parquet write), shard after shard in
     this one process: the same work as (c) without Ray.
@@ -62,7 +62,7 @@ def shard_loop(data: Path, paths: list[Path], fcfg: FeatureConfig, dtype: str, b
     """(d) The extraction's own per-shard work (read, hash, decode, features, Parquet write) in this
     one process, shard after shard: what (c) parallelises, without Ray."""
     from pipelines.compute_process import prepare_compute_process
-    from pipelines.extract import _shards, discover, extract_shard
+    from pipelines.stages.extract import _shards, discover, extract_shard
 
     prepare_compute_process(1)  # as an extraction worker
     wanted = {p.resolve() for p in paths}
@@ -80,7 +80,7 @@ def shard_loop(data: Path, paths: list[Path], fcfg: FeatureConfig, dtype: str, b
 
 def compare_dtypes(data: Path, work: Path, fcfg: FeatureConfig, batch_size: int) -> dict:
     """Store size, read time of the train split, and rounding error: float16 against float32."""
-    from pipelines.extract import extract
+    from pipelines.stages.extract import extract
     from pipelines.store import load_split
 
     res, tables = {}, {}
@@ -143,7 +143,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.extract import extract
+    from pipelines.stages.extract import extract
 
     t0 = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False)

@@ -31,7 +31,7 @@ def one_rate(rate: int, seconds: float, repeat: int) -> dict:
 
     from asd.audio import resample_ratio
     from asd.features import FeatureConfig
-    from pipelines.extract import featurise_clip
+    from pipelines.stages.extract import featurise_clip
 
     torch.set_num_threads(1)
     buf = io.BytesIO()

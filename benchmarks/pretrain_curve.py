@@ -1,7 +1,7 @@
 """Why does pre-training help or hurt? Detection quality against training epoch, per variant.
 
 For each variant (a named list of config overrides) the pre-training stage runs in this process
-with the pipeline's own :class:`pipelines.train.StageTrainer` (one worker, which trains the same
+with the pipeline's own :class:`pipelines.detectors.prototype.StageTrainer` (one worker, which trains the same
 network as any number of Ray Train workers: docs/method.md), and the network is scored with the
 scoring job's own functions (window-mean embeddings, per-section Mahalanobis backend, DCASE
 metrics) before training (epoch 0) and every ``--every`` epochs. Optionally each variant's final
@@ -23,9 +23,10 @@ import torch
 
 from asd import metrics as M
 from pipelines.config import load_config
-from pipelines.score import embed_table, fit_sections, labelled_results, score_clips
+from pipelines.detectors.prototype import (StageTrainer, class_labels, embed_table, fit_sections, score_clips,
+                                           training_classes)
+from pipelines.stages.score import labelled_results
 from pipelines.store import load_split
-from pipelines.train import StageTrainer, _class_labels, training_classes
 
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
 
@@ -43,7 +44,7 @@ def run_variant(cfg, store: Path, epochs_every: int, finetune: bool) -> dict:
     version = cfg.features.version
     train, test = load_split(store, "train", feature_version=version), load_split(store, "test", feature_version=version)
     keys = training_classes(store, version)
-    labels = _class_labels(train.meta, keys)
+    labels = class_labels(train.meta, keys)
     curve = []
     trainer = StageTrainer(cfg, "pretrain", train.features, labels, len(keys))
     curve.append({"epoch": 0, "loss": float("nan"), **evaluate(trainer.core, cfg, train, test)})
@@ -69,7 +70,7 @@ def scratch_finetune(cfg, store: Path) -> dict:
     version = cfg.features.version
     train, test = load_split(store, "train", feature_version=version), load_split(store, "test", feature_version=version)
     keys = training_classes(store, version)
-    ft = StageTrainer(cfg, "finetune", train.features, _class_labels(train.meta, keys), len(keys))
+    ft = StageTrainer(cfg, "finetune", train.features, class_labels(train.meta, keys), len(keys))
     for epoch in range(cfg.finetune.epochs):
         ft.epoch(epoch)
     return evaluate(ft.core, cfg, train, test)
@@ -133,7 +134,7 @@ def main() -> None:
     cfg0 = load_config(args.config, common)
     store = cfg0.path(cfg0.extract.store)
     if not (Path(store) / "features.json").exists():
-        from pipelines.extract import extract_from_config
+        from pipelines.stages.extract import extract_from_config
 
         extract_from_config(cfg0, cfg0.data.root, store)
     results_file = out / "curves.json"

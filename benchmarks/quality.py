@@ -104,8 +104,8 @@ def reuse_stages(donor: Path, run_dir: Path, stages) -> None:
 
 def run_variant(config: str, base: Path, table: str, name: str, overrides: list[str], seed: int,
                 common: list[str]) -> dict:
-    from pipelines.run import run_pipeline
-    from pipelines.score import labelled_results
+    from pipelines.operations.run import run_pipeline
+    from pipelines.stages.score import labelled_results
 
     run_dir = base / "runs" / run_name(table, name, seed)
     cfg = load_config(config, [*common, f"run_dir={run_dir}", f"train.seed={seed}",

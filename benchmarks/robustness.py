@@ -90,8 +90,8 @@ def regime_data(regime: str, base: Path) -> Path:
 
 
 def run_method(config: str, base: Path, regime: str, method: str, seed: int, overrides: list[str]) -> dict:
-    from pipelines.run import run_pipeline
-    from pipelines.score import labelled_results
+    from pipelines.operations.run import run_pipeline
+    from pipelines.stages.score import labelled_results
 
     work = base / regime
     run_dir = work / "runs" / f"{slug(method)}-seed{seed}"

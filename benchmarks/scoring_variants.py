@@ -32,9 +32,11 @@ import torch
 
 from asd import metrics as M
 from asd.backend import calibrate_threshold, fit_section
+from asd.contracts import section_key
 from pipelines.checkpoints import load_model
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.score import embed_table, labelled_results, score_clips, section_key
+from pipelines.detectors.prototype import embed_table, score_clips
+from pipelines.stages.score import labelled_results
 from pipelines.store import load_split
 
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
+from asd.contracts import META_FILE, MODEL_FILE
 from asd.features import FeatureConfig
 from asd.model import EmbeddingNet, ModelConfig
 
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
 
 
 def save_model(directory: str | Path, model: torch.nn.Module, meta: dict) -> Path:

@@ -22,13 +22,13 @@ from pipelines.errors import UserError
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {
     "synth": "pipelines.synth.cli",
-    "extract": "pipelines.extract",
-    "train": "pipelines.train",
-    "score": "pipelines.score",
-    "predict": "pipelines.predict",
-    "run": "pipelines.run",
-    "retrain": "pipelines.retrain",
-    "submit": "pipelines.submit",
+    "extract": "pipelines.stages.extract",
+    "train": "pipelines.stages.train",
+    "score": "pipelines.stages.score",
+    "predict": "pipelines.serving.predict",
+    "run": "pipelines.operations.run",
+    "retrain": "pipelines.operations.retrain",
+    "submit": "pipelines.operations.submit",
 }
 
 
@@ -55,7 +55,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 _HELP = {
     "synth": "generate synthetic machine sounds in the DCASE 2022 layout",
     "extract": "extract inverted log-Mel features into the Parquet feature store (Ray Data)",
-    "train": "pre-train or fine-tune the embedding network (Ray Train)",
+    "train": "train the configured detector, or one of its stages (Ray Train)",
     "score": "score test clips, compute DCASE metrics, log to MLflow and register the model",
     "predict": "score WAV files with a registered or local model",
     "run": "run the whole pipeline from a config",

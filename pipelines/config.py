@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from asd.backend import COVARIANCE_MODES
 from asd.features import FEATURE_KINDS, FeatureConfig
 from asd.model import STEMS, ModelConfig
+from pipelines import detectors
 from pipelines.errors import UserError
 from pipelines.store import FEATURE_DTYPES
 
@@ -66,7 +67,7 @@ NonNegativeFloat = Annotated[Float, Field(ge=0)]
 UnitFraction = Annotated[Float, Field(ge=0, le=1)]  # [0, 1]
 PositiveFraction = Annotated[Float, Field(gt=0, le=1)]  # (0, 1]
 Momentum = Annotated[Float, Field(ge=0, lt=1)]  # [0, 1)
-# 0 epochs: the stage's initial network is its model (pipelines/train.py, the untrained reference)
+# 0 epochs: the stage's initial network is its model (pipelines/detectors/prototype.py, the untrained reference)
 Epochs = NonNegativeInt
 
 
@@ -291,8 +292,8 @@ class RetrainConfig:
     lock_timeout_s: NonNegativeFloat = 0.0
 
 
-METHODS = ("prototype", "ae", "knn")
-# what the AE baseline accepts; librosa_logmel is the official recipe's front end (pipelines/ae.py)
+METHODS = detectors.NAMES  # the registered detectors (pipelines/detectors)
+# what the AE baseline accepts; librosa_logmel is the official recipe's front end (pipelines/detectors/ae.py)
 AE_FEATURE_KINDS = ("librosa_logmel", "logmel")
 
 
@@ -300,7 +301,7 @@ AE_FEATURE_KINDS = ("librosa_logmel", "logmel")
 class PipelineConfig:
     name: Text = "demo"
     run_dir: Text = "runs/demo"
-    # "prototype" (the paper), "ae" (DCASE baseline) or "knn" (floor baseline)
+    # a registered detector: "prototype" (the paper), "ae" (DCASE baseline) or "knn" (floor baseline)
     method: Literal[METHODS] = "prototype"
     data: DataConfig = field(default_factory=DataConfig)
     features: Features = field(default_factory=FeatureConfig)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # Ray Train's controller drains each worker's one-slot result queue once per health check
 # (2 s by default), so every ray.train.report waited up to 2 s: with short epochs (tests, small
 # stores, GPUs) training ran at one epoch per 2 s. Polling every 0.25 s costs one small RPC per
-# worker; set on the local Ray here and in the runtime env of submitted jobs (pipelines/submit.py),
+# worker; set on the local Ray here and in the runtime env of submitted jobs (pipelines/operations/submit.py),
 # unless the environment sets it.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
 

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from asd.contracts import class_ids
+
 STORE_FILE = "store.json"
 LOCK_FILE = ".lock"
 JOURNAL = "journal"
@@ -239,8 +241,7 @@ def load_split(store: str | os.PathLike, split: str, feature_version: str | None
     order = sorted(rows, key=lambda i: paths[i])
     table = table.take(pa.array(order, type=pa.int64()))
     meta = table.drop_columns(["features"]).to_pandas() if with_features else table.to_pandas()
-    classes = sorted(meta["attribute_class"].dropna().unique().tolist())
-    ids = {k: i for i, k in enumerate(classes)}
+    ids = class_ids(meta["attribute_class"])
     meta["attribute_class_id"] = meta["attribute_class"].map(ids).fillna(-1).astype(int)
     feats = (_features_of(table.column("features"), meta["n_mels"].to_numpy(), meta["n_frames"].to_numpy())
              if with_features else [])

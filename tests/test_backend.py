@@ -236,3 +236,10 @@ def test_bad_arguments():
         backend.fit_section(emb, ids[:-1])
     with pytest.raises(ValueError):
         backend.precision_from_covariance(torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_decide_is_strictly_greater_than_the_threshold():
+    """decision = 1 only when the score is strictly above the threshold (a tie is normal)."""
+    scores = np.array([0.5, 2.0, 2.0 + 1e-12, 3.0])
+    assert backend.decide(scores, 2.0).tolist() == [0, 0, 1, 1]
+    assert backend.decide(torch.from_numpy(scores), 3.0).tolist() == [0, 0, 0, 0]

@@ -22,7 +22,7 @@ import pytest
 
 from asd.audio import MAX_RATIO_TERM, AudioFormatError, load_audio, resample_ratio
 from pipelines import store as S
-from pipelines.extract import ExtractError, extract, extract_shard
+from pipelines.stages.extract import ExtractError, extract, extract_shard
 from pipelines.locks import exclusive_lock
 
 SR = 16000
@@ -209,7 +209,7 @@ def test_rates_outside_the_accepted_range_are_refused(tmp_path, write_wav):
 
 
 def test_an_unexpected_error_in_one_clip_quarantines_only_that_clip(tmp_path, write_wav, monkeypatch):
-    import pipelines.extract as E
+    import pipelines.stages.extract as E
     from asd.features import FeatureConfig
 
     for i in range(2):

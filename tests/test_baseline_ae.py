@@ -166,6 +166,18 @@ def test_clip_score_is_the_mean_squared_error_of_an_independent_forward_pass():
         assert score == pytest.approx(want, rel=1e-5)
 
 
+def test_clip_score_hand_computed_with_a_frame_swapping_model():
+    """Clip score = mean over the clip's frame-major vectors of the per-vector mean squared error,
+    by hand: a model that swaps the two frames of each 2-frame vector."""
+    swap = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        swap.weight.copy_(torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]],
+                                       dtype=torch.float32))
+    clip = torch.tensor([[1.0, 3.0, 6.0], [0.0, 0.0, 2.0]])  # [n_mels=2, 3 frames]
+    # vectors [1, 0, 3, 0] and [3, 0, 6, 2]; errors (4 + 4) / 4 = 2 and (9 + 4 + 9 + 4) / 4 = 6.5
+    assert clip_scores(swap, [clip, torch.tensor([[5.0, 5.0], [1.0, 1.0]])], 2).tolist() == [4.25, 0.0]
+
+
 def test_autoencoder_is_initialised_as_keras():
     model = DenseAutoencoder()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -211,7 +223,7 @@ def test_run_pipeline_with_the_ae_method(tmp_path, ray_session):
     import pandas as pd
 
     from pipelines.config import load_config
-    from pipelines.run import run_pipeline
+    from pipelines.operations.run import run_pipeline
 
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
                                "method=ae", "features.kind=librosa_logmel", "mlflow.experiment=asd-ae-test"])
@@ -226,3 +238,65 @@ def test_run_pipeline_with_the_ae_method(tmp_path, ray_session):
     for _, rows in scores.groupby("machine"):
         flagged, passed = rows[rows["decision"] == 1]["score"], rows[rows["decision"] == 0]["score"]
         assert flagged.empty or passed.empty or passed.max() < flagged.min()
+
+
+def _ae_tables(cfg, seed=0):
+    """Train/test ClipTables of two machines x two sections, rows interleaved across machines;
+    section 01 is louder (larger errors) than section 00, test clips span normal to 3x louder."""
+    import pandas as pd
+
+    from pipelines.store import ClipTable
+
+    g = torch.Generator().manual_seed(seed)
+    tables = {}
+    for split, scales in (("train", [1.0] * 8), ("test", [1.0, 1.0, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0])):
+        rows, feats = [], []
+        for i, scale in enumerate(scales):
+            for section, loud in (("00", 1.0), ("01", 2.0)):
+                for machine in ("fan", "valve"):
+                    feats.append(scale * loud * torch.randn(cfg.features.n_mels, 12 + i, generator=g))
+                    rows.append({"machine": machine, "section": section,
+                                 "path": f"{machine}/{split}/section_{section}_{i:02d}.wav"})
+        tables[split] = ClipTable(pd.DataFrame(rows), feats)
+    return tables["train"], tables["test"]
+
+
+def test_ae_scoring_fits_one_gamma_threshold_per_machine_type(tmp_path, monkeypatch):
+    """The AE detector's scoring: every clip scored by its machine's AE (independent numpy forward); one gamma
+    threshold per machine type from the scores of all its training clips (every section)."""
+    from scipy import stats
+
+    from pipelines.detectors import ae
+    from pipelines.detectors.ae import _ae_config, save_ae
+    from pipelines.config import load_config
+
+    cfg = load_config("tiny", ["features.n_mels=4", "model.n_mels=4", "ae.frames=3", "ae.hidden=8", "ae.bottleneck=2"])
+    torch.manual_seed(0)
+    models = {m: DenseAutoencoder(_ae_config(cfg)).eval() for m in ("fan", "valve")}
+    save_ae(tmp_path / "ae", models, cfg, epochs=1)
+    train, test = _ae_tables(cfg)
+    fitted = []
+    real_fit = ae.fit_gamma_threshold
+    monkeypatch.setattr(ae, "fit_gamma_threshold",
+                        lambda s, *a, **k: fitted.append(np.asarray(s, np.float64)) or real_fit(s, *a, **k))
+    scored, _ = ae.DETECTOR.score(cfg, tmp_path / "ae", train, test)
+
+    def ref_score(table, i):
+        x = _ref_vectors(table.features[i].double().numpy(), 3)
+        return np.mean(np.square(x - _ref_ae_forward(models[table.meta["machine"][i]], x)))
+
+    q = cfg.score.threshold_quantile
+    want_train = np.array([ref_score(train, i) for i in range(len(train))])
+    want_test = np.array([ref_score(test, i) for i in range(len(test))])
+    np.testing.assert_allclose(scored["score"].to_numpy(float), want_test, rtol=1e-5)
+    assert len(fitted) == 2  # one fit per machine type, each on all its training clips
+    for machine, fit_on in zip(("fan", "valve"), fitted):
+        own = want_train[(train.meta["machine"] == machine).to_numpy()]
+        np.testing.assert_allclose(np.sort(fit_on), np.sort(own), rtol=1e-5)
+        # the 3-parameter gamma MLE is ill-conditioned (loc at the minimum): fit the job's own
+        # float32 scores, just checked above, rather than the float64 reference ones
+        threshold = stats.gamma.ppf(q, *stats.gamma.fit(fit_on))
+        rows = (test.meta["machine"] == machine).to_numpy()
+        want = (want_test[rows] > threshold).astype(int)
+        assert list(scored["decision"][rows]) == list(want)
+        assert 0 < want.sum() < len(want)

@@ -43,10 +43,10 @@ def test_cluster_config_schema_rejects_a_broken_config():
 
 
 def test_job_entrypoint_and_runtime_env():
-    from pipelines.submit import job_entrypoint, runtime_env
+    from pipelines.operations.submit import job_entrypoint, runtime_env
 
     entry = job_entrypoint("run", "tiny", ["run_dir=/tmp/x y"], python="/v/bin/python")
-    assert entry == "/v/bin/python -m pipelines.run --config tiny --set 'run_dir=/tmp/x y'"
+    assert entry == "/v/bin/python -m pipelines run --config tiny --set 'run_dir=/tmp/x y'"
     env = runtime_env()
     assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"]
 
@@ -70,7 +70,7 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.submit import job_entrypoint, runtime_env, submit_job, wait_for_job
+    from pipelines.operations.submit import job_entrypoint, runtime_env, submit_job, wait_for_job
 
     address, env = local_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

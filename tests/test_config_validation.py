@@ -303,7 +303,7 @@ def _scoring_folder(out: Path) -> None:
 
 
 def test_register_only_reads_the_local_results(tmp_path):
-    from pipelines.score import ScoringResult
+    from pipelines.stages.score import ScoringResult
 
     _scoring_folder(tmp_path / "scoring")
     result = ScoringResult.load(tmp_path / "scoring")

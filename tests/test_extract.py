@@ -18,9 +18,9 @@ import torch
 from asd.audio import load_audio
 from asd.features import FeatureConfig, log_mel
 from pipelines import store as S
-from pipelines.extract import ExtractError, extract, pending_clips
+from pipelines.stages.extract import ExtractError, extract, pending_clips
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
 def _reference(path: Path, fcfg: FeatureConfig) -> torch.Tensor:

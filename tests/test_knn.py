@@ -129,7 +129,7 @@ def _write_store(store: Path, fcfg: FeatureConfig, rng: np.random.Generator) -> 
     """A feature store written directly (no Ray): per section 9 train clips (6 source + 3 target)
     and 8 test clips (normal/anomaly x source/target), float32 features of varying length."""
     from pipelines import store as S
-    from pipelines.extract import write_shard
+    from pipelines.stages.extract import write_shard
 
     vdir = S.version_dir(store, fcfg.version)
     clips, manifest = [], []
@@ -196,8 +196,8 @@ def knn_store(tmp_path):
 
 
 def test_knn_scoring_matches_numpy(knn_store, tmp_path):
-    from pipelines.knn import KNN_FILE, run_knn_stage
-    from pipelines.score import method_label, run_scoring
+    from pipelines.detectors.knn import KNN_FILE, run_knn_stage
+    from pipelines.stages.score import method_label, run_scoring
 
     cfg, store, clips = knn_store
     model_dir = run_knn_stage(cfg, store=store, out_dir=tmp_path / "models" / "knn")
@@ -265,7 +265,7 @@ def test_asd_score_keeps_its_results_when_mlflow_is_down(knn_store, dead_trackin
 def test_run_pipeline_with_the_knn_method(tmp_path, ray_session):
     """`asd run` on the tiny preset (local Ray, SQLite MLflow): a knn stage instead of training,
     nothing registered, and a re-run skips every stage."""
-    from pipelines.run import run_pipeline
+    from pipelines.operations.run import run_pipeline
 
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
                                "method=knn", "features.kind=logmel", "mlflow.experiment=asd-knn-test"])

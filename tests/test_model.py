@@ -196,3 +196,64 @@ def test_synced_batchnorm_on_one_worker_is_batchnorm():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3, msg=name)
     for (name, r), s in zip(reference.named_buffers(), synced.buffers()):
         torch.testing.assert_close(s.float(), r.float(), atol=1e-4, rtol=1e-4, msg=name)
+
+
+def _down(n: int) -> int:
+    """Output length of a stride-2 convolution or pooling with 'same' padding (k=3/p=1, k=7/p=3)."""
+    return (n - 1) // 2 + 1
+
+
+def _ref_trunk_shapes(cfg: ModelConfig, height: int, frames: int) -> list[tuple[int, int, int]]:
+    """(channels, F, T) after every residual block: the standard stem halves twice (7x7/2 conv,
+    3x3/2 max-pool), stride1 keeps the size; stage i has width * 2**i channels and its first
+    block halves F and T for i > 0."""
+    f, t = (_down(_down(height)), _down(_down(frames))) if cfg.stem == "standard" else (height, frames)
+    shapes = []
+    for i, n in enumerate(cfg.blocks):
+        if i > 0:
+            f, t = _down(f), _down(t)
+        shapes += [(cfg.width * 2**i, f, t)] * n
+    return shapes
+
+
+def _ref_parameter_count(cfg: ModelConfig) -> int:
+    """Trainable parameters from the layer shapes: bias-free convolutions, BatchNorm weight+bias,
+    a 1x1 projection skip (conv + BN) where a block changes stride or width, two 2-layer 1x1-conv
+    attention scorers and the linear projection."""
+    w, a = cfg.width, cfg.attention_dim
+    total = (49 if cfg.stem == "standard" else 9) * w + 2 * w
+    c_in = w
+    for i, n in enumerate(cfg.blocks):
+        c = w * 2**i
+        for j in range(n):
+            cin = c_in if j == 0 else c
+            total += 9 * cin * c + 2 * c + 9 * c * c + 2 * c
+            if (i > 0 and j == 0) or cin != c:
+                total += cin * c + 2 * c
+        c_in = c
+    total += 2 * (c_in * a + a + a + 1)
+    return total + c_in * cfg.embedding_dim + cfg.embedding_dim
+
+
+@pytest.mark.parametrize("stem, blocks, height, frames", [
+    ("standard", (2, 2, 2, 2), 128, 313), ("standard", (2, 2, 2, 2), 40, 101),
+    ("stride1", (2, 2, 2, 2), 32, 70), ("standard", (1, 3, 2), 64, 64)])
+def test_trunk_feature_map_sizes_and_parameter_count(stem, blocks, height, frames):
+    """Feature map after every residual block, and the parameter count, from the architecture."""
+    cfg = ModelConfig(width=4, embedding_dim=16, stem=stem, blocks=blocks, attention_dim=8, n_mels=height)
+    net = EmbeddingNet(cfg).eval()
+    seen = []
+    for block in net.trunk:
+        block.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        net(torch.randn(2, 1, height, frames))
+    assert seen == _ref_trunk_shapes(cfg, height, frames)
+    assert sum(p.numel() for p in net.parameters()) == _ref_parameter_count(cfg)
+
+
+def test_default_trunk_has_resnet18_parameter_count():
+    """Stem + residual stages at width 64 are ResNet18's (11,689,512 parameters in torchvision)
+    less its 1000-way fc (513,000) and with a 1-channel instead of 3-channel 7x7 input conv."""
+    net = EmbeddingNet(ModelConfig())
+    trunk = sum(p.numel() for m in (net.stem, net.trunk) for p in m.parameters())
+    assert trunk == 11_689_512 - 513_000 - 7 * 7 * 64 * (3 - 1)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, mlflow_server, ray_session):
-    from pipelines.run import run_pipeline
+    from pipelines.operations.run import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     cfg = load_config("tiny", [f"run_dir={root / 'run'}", f"data.root={root / 'data'}",
@@ -62,7 +62,7 @@ def _dataset_inputs(run) -> list[tuple[str, str]]:
 
 
 def test_rerun_skips_up_to_date_stages(tiny_pipeline):
-    from pipelines.run import run_pipeline
+    from pipelines.operations.run import run_pipeline
 
     cfg, _ = tiny_pipeline
     again = run_pipeline(cfg)
@@ -72,7 +72,7 @@ def test_rerun_skips_up_to_date_stages(tiny_pipeline):
 
 
 def test_retrain_on_a_data_drop(tiny_pipeline):
-    from pipelines.retrain import retrain
+    from pipelines.operations.retrain import retrain
     from pipelines.synth.generate import add_drop
 
     cfg, _ = tiny_pipeline
@@ -111,7 +111,7 @@ def test_retrain_on_a_data_drop(tiny_pipeline):
 
 
 def test_retrain_lock_prevents_overlap(tiny_pipeline):
-    from pipelines.retrain import RetrainLocked, retrain, run_lock
+    from pipelines.operations.retrain import RetrainLocked, retrain, run_lock
 
     cfg, _ = tiny_pipeline
     with run_lock(Path(cfg.run_dir) / "retrain.lock"):

@@ -4,8 +4,8 @@ paths only under ``$ASD_INPUT_ROOT``), registry aliases, and ``asd predict``.
 
 The trained model and the scoring result are built here (a tiny untrained-but-normalised
 EmbeddingNet on synthetic DCASE-named clips), so the test does not depend on the training job.
-The scoring result comes from the real ``pipelines.score.run_scoring`` on features extracted by
-``pipelines.extract`` into a real Parquet store.
+The scoring result comes from the real ``pipelines.stages.score.run_scoring`` on features extracted by
+``pipelines.stages.extract`` into a real Parquet store.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from asd.features import FeatureConfig, log_mel  # noqa: E402
 from asd.metadata import discover_clips, parse_clip_name  # noqa: E402
 from asd.model import EmbeddingNet, ModelConfig  # noqa: E402
 from asd.training import input_stats  # noqa: E402
-from pipelines import cli, registry  # noqa: E402
+from pipelines import cli  # noqa: E402
+from pipelines.serving import registry  # noqa: E402
 from pipelines.checkpoints import save_model  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
-from pipelines.pyfunc_model import INPUT_ROOT_ENV, PATH_REFUSED  # noqa: E402
+from pipelines.serving.pyfunc_model import INPUT_ROOT_ENV, PATH_REFUSED  # noqa: E402
 
 SR = 16000
 SECONDS = 3
@@ -125,7 +126,7 @@ def _restore_mlflow_uris(saved: dict) -> None:
 @pytest.fixture(scope="module")
 def setup(mlflow_server, ray_session, tmp_path_factory):
     """Data, model, scoring result, and two log_scoring calls against the server."""
-    from pipelines.score import run_scoring
+    from pipelines.stages.score import run_scoring
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     base = tmp_path_factory.mktemp("registry")
@@ -142,7 +143,7 @@ def setup(mlflow_server, ray_session, tmp_path_factory):
     cfg.mlflow.registered_model = MODEL_NAME
     store, out = cfg.path(cfg.extract.store), base / "scoring"
 
-    from pipelines.extract import extract
+    from pipelines.stages.extract import extract
 
     extract(root, store, cfg.features, dtype=cfg.extract.dtype, batch_size=16, ray_num_cpus=2)
     result = run_scoring(cfg, model_dir, store, out, ground_truth_root=root)
@@ -168,6 +169,7 @@ def test_clips(setup) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- registry
+@pytest.mark.slow
 def test_first_version_is_champion_and_challenger(setup):
     assert setup.reg1["version"] == 1
     assert setup.first_aliases == ["challenger", "champion"]
@@ -178,6 +180,7 @@ def test_first_version_is_champion_and_challenger(setup):
     assert float(mv.tags["official_score"]) == pytest.approx(setup.result.official_score, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_second_version_is_challenger_only(setup):
     assert setup.reg2["version"] == 2
     c = setup.client
@@ -188,6 +191,7 @@ def test_second_version_is_challenger_only(setup):
     assert registry.get_alias_version("no-such-registered-model", "champion") is None
 
 
+@pytest.mark.slow
 def test_scoring_run_is_nested_under_active_parent(setup):
     mlflow.set_tracking_uri(setup.uri)
     with mlflow.start_run(run_name="parent") as parent:
@@ -199,6 +203,7 @@ def test_scoring_run_is_nested_under_active_parent(setup):
     assert registry.get_alias_version(MODEL_NAME, "champion").version == "1"
 
 
+@pytest.mark.slow
 def test_logged_metrics_equal_metrics_of_submission_csvs(setup):
     """Recompute every metric from the evaluator files the scoring job wrote (labels from names)."""
     run = setup.client.get_run(setup.reg1["run_id"])
@@ -228,6 +233,7 @@ def test_logged_metrics_equal_metrics_of_submission_csvs(setup):
     assert run.data.params["score.embedding"] == "windows"
 
 
+@pytest.mark.slow
 def test_artifacts_of_scoring_run(setup):
     from mlflow.artifacts import download_artifacts
 
@@ -255,6 +261,7 @@ def test_artifacts_of_scoring_run(setup):
     assert "torch==" in reqs and "mlflow==" in reqs
 
 
+@pytest.mark.slow
 def test_registered_model_holds_no_pickle(setup, tmp_path):
     """Models from code: the version holds its code file and plain artifacts, nothing unpickled."""
     from mlflow.artifacts import download_artifacts
@@ -270,6 +277,7 @@ def test_registered_model_holds_no_pickle(setup, tmp_path):
     assert "cloudpickle" not in (local / "requirements.txt").read_text()
 
 
+@pytest.mark.slow
 def test_version_has_signature_and_scoring_input_example(setup, monkeypatch, tmp_path):
     """The version states its columns and carries a JSON input example (base64 WAV) that scores."""
     from mlflow.artifacts import download_artifacts
@@ -295,6 +303,7 @@ def test_version_has_signature_and_scoring_input_example(setup, monkeypatch, tmp
     assert serving["dataframe_split"]["columns"] == ["machine", "section", "audio"]
 
 
+@pytest.mark.slow
 def test_scoring_run_has_the_feature_store_manifest_as_dataset_input(setup):
     """Lineage: the scoring run names the exact clips (the manifest's digest and row count)."""
     from pipelines.store import current_version, manifest_digest, store_manifest
@@ -316,8 +325,9 @@ def test_scoring_run_has_the_feature_store_manifest_as_dataset_input(setup):
                                                   / "manifest.parquet").resolve()
 
 
+@pytest.mark.slow
 def test_plots_write_pngs(setup, tmp_path):
-    from pipelines import plots
+    from pipelines.stages import plots
 
     written = plots.plot_all(setup.result.scores, setup.result.sections, tmp_path)
     assert len(written) == 2 * len(MACHINES) + 1
@@ -337,6 +347,7 @@ def _load_champion(setup, monkeypatch, root: Path | None):
     return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", ["path", "audio", "audio_base64"])
 def test_champion_pyfunc_reproduces_scoring_job(setup, test_clips, monkeypatch, column):
     """Paths under the input root, WAV bytes and base64 text score as the scoring job did."""
@@ -355,6 +366,7 @@ def test_champion_pyfunc_reproduces_scoring_job(setup, test_clips, monkeypatch, 
     assert out["nearest_attribute"].tolist() == test_clips["nearest_attribute"].astype(str).tolist()
 
 
+@pytest.mark.slow
 def test_pyfunc_paths_confined_to_input_root(setup, test_clips, monkeypatch, tmp_path):
     """Outside the root, `../`, through a symlink, missing, a folder: one error, whether or not
     the file exists; inside the root (relative or absolute) the clip scores."""
@@ -386,6 +398,7 @@ def test_pyfunc_paths_confined_to_input_root(setup, test_clips, monkeypatch, tmp
         _load_champion(setup, monkeypatch, tmp_path / "no-such-folder")
 
 
+@pytest.mark.slow
 def test_scoring_server_json_carries_base64_audio(setup, test_clips, monkeypatch):
     """The request body `mlflow models serve` parses: base64 audio scores, a path outside the
     root and bad base64 are per-row errors."""
@@ -409,6 +422,7 @@ def test_scoring_server_json_carries_base64_audio(setup, test_clips, monkeypatch
     assert [r["score"] for r in rows[1:]] == [None] * 3 and [r["decision"] for r in rows[1:]] == [None] * 3
 
 
+@pytest.mark.slow
 def test_pyfunc_waveform_int_section_and_bad_rows(setup, test_clips, monkeypatch):
     model = _load_champion(setup, monkeypatch, setup.root)
     first = test_clips.iloc[0]
@@ -538,6 +552,7 @@ def _parse_lines(text: str) -> list[list[str]]:
     return [line.split("\t") for line in text.strip().splitlines()]
 
 
+@pytest.mark.slow
 def test_predict_cli_registry_model_with_one_unreadable_clip(setup, test_clips, capsys):
     valve = test_clips[test_clips["machine"] == "valve"].head(3)
     paths = valve["wav"].tolist() + ["/nonexistent/valve/test/section_00_source_test_normal_9999.wav"]
@@ -554,6 +569,7 @@ def test_predict_cli_registry_model_with_one_unreadable_clip(setup, test_clips, 
     assert lines[3][1].startswith("ERROR: ")
 
 
+@pytest.mark.slow
 def test_predict_cli_infers_machine_section_from_dcase_paths(setup, test_clips, capsys):
     paths = test_clips["wav"].tolist()
     rc = cli.main(["predict", "--model", f"models:/{MODEL_NAME}@champion", "--tracking-uri",
@@ -568,6 +584,7 @@ def test_predict_cli_infers_machine_section_from_dcase_paths(setup, test_clips, 
         assert c["score"] == pytest.approx(row.score, rel=TOL, abs=TOL)
 
 
+@pytest.mark.slow
 def test_predict_cli_usage_errors(setup, test_clips, capsys):
     clip = test_clips["wav"].iloc[0]
     base = ["predict", "--tracking-uri", setup.uri]
@@ -581,6 +598,7 @@ def test_predict_cli_usage_errors(setup, test_clips, capsys):
     assert rc == 2 and "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_predict_cli_local_folders(setup, test_clips, capsys):
     """--model as an `asd score` output folder and as a downloaded pyfunc folder."""
     from mlflow.artifacts import download_artifacts
@@ -595,6 +613,7 @@ def test_predict_cli_local_folders(setup, test_clips, capsys):
             assert float(ln[1]) == pytest.approx(row.score, abs=2e-6 + TOL)
 
 
+@pytest.mark.slow
 def test_predict_cli_runs_no_code_from_the_model(setup, test_clips, tmp_path, capsys):
     """`asd predict` builds the model from the artifacts: a replaced code file in a downloaded
     model folder is never run."""
@@ -611,6 +630,7 @@ def test_predict_cli_runs_no_code_from_the_model(setup, test_clips, tmp_path, ca
     assert float(lines[0][1]) == pytest.approx(row["score"], abs=2e-6 + TOL)
 
 
+@pytest.mark.slow
 def test_predict_cli_real_dcase_clips(setup, real_audio_dir, capsys):
     clips = sorted(str(p) for p in real_audio_dir.glob("*.wav"))
     rc = cli.main(["predict", "--model", f"models:/{MODEL_NAME}@champion", "--tracking-uri", setup.uri,
@@ -623,6 +643,7 @@ def test_predict_cli_real_dcase_clips(setup, real_audio_dir, capsys):
 
 
 # ----------------------------------------------------------------------------- promotion helpers
+@pytest.mark.slow
 def test_promote_and_rollback(setup):
     assert registry.promote(MODEL_NAME, 2) == "1"
     assert registry.get_alias_version(MODEL_NAME, "champion").version == "2"
@@ -634,8 +655,8 @@ def test_promote_and_rollback(setup):
 
 
 def test_section_and_path_inference():
-    from pipelines.predict import infer_machine_section
-    from pipelines.pyfunc_model import normalize_section
+    from pipelines.serving.predict import infer_machine_section
+    from pipelines.serving.pyfunc_model import normalize_section
 
     assert [normalize_section(s) for s in (0, "0", "00", "section_01", 3.0, np.int64(2))] == \
         ["00", "00", "00", "01", "03", "02"]

@@ -117,6 +117,7 @@ def test_local_token_file_is_private(tmp_path, monkeypatch):
 
 # --- the cluster launcher ----------------------------------------------------------------------
 
+@pytest.mark.slow  # about 4 s: runs the head's setup commands (Python subprocesses)
 def test_cluster_launcher_provisions_a_private_token_for_every_node(tmp_path):
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
@@ -372,7 +373,7 @@ def _working_dir(root: Path) -> set[str]:
     secrets = [".env", ".env.production", "key.pem", "tls/server.key", "cert.p12", "aws/credentials",
                "gcp-credentials.json", ".netrc", "id_rsa", "id_ed25519.pub", ".ray/auth_token",
                ".git/config", ".git/objects/ab/cdef", ".venv/bin/python", "runs/demo/mlflow.db"]
-    normal = ["README.md", "pipelines/run.py", "pipelines/__init__.py", "configs/demo.yaml",
+    normal = ["README.md", "pipelines/operations/run.py", "pipelines/__init__.py", "configs/demo.yaml",
               "infra/k8s/rayjob.yaml", "docs/keys.md"]
     for name in secrets + normal:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -383,7 +384,7 @@ def _working_dir(root: Path) -> set[str]:
 def test_submit_upload_excludes_secrets_and_lists_exactly_what_ray_packs(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
-    from pipelines.submit import runtime_env, upload_listing
+    from pipelines.operations.submit import runtime_env, upload_listing
 
     expected = _working_dir(tmp_path / "project")
     env = runtime_env(working_dir=tmp_path / "project")
@@ -405,5 +406,5 @@ def test_submit_dry_run_lists_the_upload_and_never_connects(monkeypatch, capsys)
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
     assert main(["submit", "--dry-run", "--address", f"http://127.0.0.1:{_free_port()}"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert "pipelines/submit.py" in listed and "dry run:" in listed[-1]
+    assert "pipelines/operations/submit.py" in listed and "dry run:" in listed[-1]
     assert not [f for f in listed[:-1] if f.startswith((".git/", ".venv/", "runs/", "data/"))]

@@ -43,15 +43,16 @@ def _prototypes(local, all_reduce=None):
 def _worker(cfg):
     import ray.train
 
-    from pipelines.train import _dist
+    from pipelines.distributed import worker_group
 
-    workers = _dist()
+    workers = worker_group()
     rank = workers.rank
     protos, _ = _prototypes(range(rank, N_CLIPS, workers.world), workers.all_reduce)
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(protos.tolist()))
     ray.train.report({"done": 1})
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_process(ray_session, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -4,6 +4,8 @@ mid-run is recovered from the last checkpoint rather than from scratch."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +16,12 @@ from pipelines.checkpoints import load_model
 from pipelines.config import load_config
 
 
+pytestmark = pytest.mark.slow  # Ray Train runs of the tiny preset
+
+
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory, ray_session):
-    from pipelines.extract import extract
+    from pipelines.stages.extract import extract
     from pipelines.synth.generate import PRESETS, generate
 
     root = tmp_path_factory.mktemp("tiny")
@@ -39,7 +44,7 @@ PRETRAIN_EPOCHS, PRETRAIN_MILESTONES = 30, [20]
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_store):
-    from pipelines.train import run_training
+    from pipelines.detectors.prototype import run_training
 
     cfg, store = tiny_store
     cfg.pretrain.epochs, cfg.pretrain.lr_milestones = PRETRAIN_EPOCHS, PRETRAIN_MILESTONES
@@ -47,9 +52,9 @@ def pretrained(tiny_store):
 
 
 def test_pretrain_then_finetune_two_workers(tiny_store, pretrained):
-    from pipelines.score import embed_table
+    from pipelines.detectors.prototype import embed_table
     from pipelines.store import load_split
-    from pipelines.train import run_training
+    from pipelines.detectors.prototype import run_training
 
     cfg, store = tiny_store
     hist = _history(pretrained)
@@ -78,19 +83,34 @@ def test_pretrain_then_finetune_two_workers(tiny_store, pretrained):
     cfg.score.embedding = "whole"
 
 
+@dataclass(frozen=True)
+class FailOnce:
+    """Epoch callback: the worker of ``rank`` raises at the start of ``epoch``, once (the marker
+    file, shared by the restarted group, says it already did)."""
+
+    epoch: int
+    rank: int
+    marker: str
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if (epoch, rank) == (self.epoch, self.rank) and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"failed at epoch {epoch}\n")
+            raise RuntimeError(f"injected worker failure at epoch {epoch} (fault test)")
+
+
 def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, tmp_path):
     """A worker fails at epoch 2 of a 4-epoch run; the restarted group resumes from the epoch-1
     checkpoint, and every epoch's loss equals the uninterrupted run's (same seed and schedule):
     the weights, optimizer, scheduler and random streams all came back, and two runs of one
     config train the same model."""
-    from pipelines.train import run_training
+    from pipelines.detectors.prototype import run_training
 
     cfg, store = tiny_store
     # the first 4 epochs of the pretrained fixture's schedule: no lr step before epoch 20
     cfg.pretrain.epochs, cfg.pretrain.lr_milestones, cfg.train.max_failures = 4, [], 1
     marker = tmp_path / "failed-once"
     out = run_training(cfg, "pretrain", store=store, out_dir=tmp_path / "model", run_name="fault-test",
-                       fault={"epoch": 2, "rank": 1, "marker": str(marker)})
+                       callbacks=[FailOnce(epoch=2, rank=1, marker=str(marker))])
     assert marker.is_file(), "the injected failure did not happen"
     hist = _history(out)
     # the restarted worker group resumed at epoch 2 (checkpoint of epoch 1), not at 0

@@ -38,7 +38,7 @@ def _data():
 
 
 def _train(stage: str, workers=None) -> tuple[list[float], dict]:
-    from pipelines.train import StageTrainer
+    from pipelines.detectors.prototype import StageTrainer
 
     features, labels = _data()
     kwargs = {"workers": workers} if workers is not None else {}
@@ -57,9 +57,9 @@ def _train(stage: str, workers=None) -> tuple[list[float], dict]:
 def _worker(cfg):
     import ray.train
 
-    from pipelines.train import _dist
+    from pipelines.distributed import worker_group
 
-    workers = _dist()
+    workers = worker_group()
     losses, state = _train(cfg["stage"], workers)
     out = Path(cfg["out"])
     (out / f"{cfg['stage']}-rank{workers.rank}.json").write_text(json.dumps(losses))
@@ -93,7 +93,7 @@ def test_two_workers_train_like_one_process(stage, ray_session, tmp_path):
 def test_steps_do_not_depend_on_workers():
     """Steps per epoch come from the global batch (and min_steps), never from the worker count."""
     from asd.training import Workers
-    from pipelines.train import StageTrainer
+    from pipelines.detectors.prototype import StageTrainer
 
     features, labels = _data()
     for stage, natural in (("pretrain", N_CLIPS // 8), ("finetune", -(-N_CLIPS // 6))):

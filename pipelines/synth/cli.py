@@ -48,10 +48,10 @@ def register(subparsers) -> None:
                    help="target: more target train clips per section; attribute: a new target attribute value "
                         "per section; section: a new section per machine type")
     d.add_argument("--count", type=int, default=10, help="clips per section in the drop (default 10)")
-    p.set_defaults(func=main_args)
+    p.set_defaults(func=main)
 
 
-def main_args(args) -> int:
+def main(args) -> int:
     strength = tuple(args.anomaly_strength) if args.anomaly_strength else None
     snr = tuple(args.snr) if args.snr else None
     try:

@@ -25,17 +25,17 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from asd.contracts import (DEV_DATA, DOMAINS, EVAL_DATA, GROUND_TRUTH_DATA, GROUND_TRUTH_DOMAIN, LABELS,
+                           ground_truth_file_name, labelled_clip_name, unlabelled_clip_name)
 from pipelines.compute_process import tune_allocator
 from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, keyed_rng, render_clip
 
-log = logging.getLogger("asd.synth")
+log = logging.getLogger(__name__)
 
 # Calibrated against the official AE baseline (docs/synthetic-data.md): anomaly strength, uniform per
 # clip (0 = none, 1 = plainly audible), and machine-to-background ratio in dB, uniform per clip.
 DEFAULT_STRENGTH = (0.5, 2.0)
 DEFAULT_SNR_DB = (3.0, 12.0)
-DOMAINS = ("source", "target")
-LABELS = ("normal", "anomaly")
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def attribute_string(attrs) -> str:
 
 
 def labelled_name(section: str, domain: str, split: str, label: str, index: int, attrs) -> str:
-    tail = attribute_string(attrs)
-    return f"section_{section}_{domain}_{split}_{label}_{index:04d}" + (f"_{tail}" if tail else "") + ".wav"
+    return labelled_clip_name(section, domain, split, label, index, attribute_string(attrs))
 
 
 def render_job(job: ClipJob) -> np.ndarray:
@@ -260,7 +259,7 @@ def plan_dataset(preset: SynthPreset, root: Path, seed: int, eval_data: bool) ->
                  "target": {**common, "snr_db": (preset.snr_db[0] + offset, preset.snr_db[1] + offset)}}
     datasets = [("dev", preset.dev_sections)] + ([("eval", preset.eval_sections)] if eval_data else [])
     for dataset, sections in datasets:
-        data = root / f"{dataset}_data"
+        data = root / {"dev": DEV_DATA, "eval": EVAL_DATA}[dataset]
         for machine in preset.machines:
             for section in sections:
                 spec = MACHINES[machine].spec(section)
@@ -282,17 +281,17 @@ def _plan_eval_test(plan: Plan, root: Path, machine: str, section: str, spec, pe
     """Unlabelled eval test clips, shuffled so that the index reveals nothing; ground truth."""
     groups = [(d, lab, i) for d in DOMAINS for lab in LABELS for i in range(per_group)]
     order = keyed_rng("eval-order", machine, section, seed=by_domain["source"]["seed"]).permutation(len(groups))
-    gt_name = f"ground_truth_{machine}_section_{section}_test.csv"
+    gt_name = ground_truth_file_name(machine, section)
     for file_index, g in zip(order, groups):
         domain, label, i = g
         combos = spec.values(domain)
-        name = f"section_{section}_test_{int(file_index):04d}.wav"
-        plan.add(root / "eval_data" / machine / "test" / name,
+        name = unlabelled_clip_name(section, int(file_index))
+        plan.add(root / EVAL_DATA / machine / "test" / name,
                  dict(machine=machine, section=section, attrs=tuple(combos[i % len(combos)].items()),
                       anomaly=_kind(machine, label, i, len(combos)),
                       key=("eval", machine, section, "test", domain, label, str(i)), **by_domain[domain]))
-        plan.truth[root / "ground_truth_data" / gt_name].append(f"{name},{int(label == 'anomaly')}\n")
-        plan.truth[root / "ground_truth_domain" / gt_name].append(f"{name},{int(domain == 'target')}\n")
+        plan.truth[root / GROUND_TRUTH_DATA / gt_name].append(f"{name},{int(label == 'anomaly')}\n")
+        plan.truth[root / GROUND_TRUTH_DOMAIN / gt_name].append(f"{name},{int(domain == 'target')}\n")
 
 
 def _write_tables(plan: Plan) -> list[str]:
@@ -353,9 +352,9 @@ def next_value(values) -> str:
 
 
 def _dev_root(root: Path) -> Path:
-    if (root / "dev_data").is_dir():
-        return root / "dev_data"
-    if root.name == "dev_data" and root.is_dir():
+    if (root / DEV_DATA).is_dir():
+        return root / DEV_DATA
+    if root.name == DEV_DATA and root.is_dir():
         return root
     raise FileNotFoundError(f"{root} holds no dev_data/ tree")
 
@@ -443,7 +442,7 @@ def _new_attribute(clips, attributes) -> tuple[tuple[str, str], ...]:
 def _drop_section(plan: Plan, dev: Path, machine: str, dev_sections: set[str], count: int, common: dict) -> None:
     """A new section (next free two-digit id across dev_data and eval_data) for ``machine``."""
     used = set(dev_sections)
-    ev = dev.parent / "eval_data" / machine
+    ev = dev.parent / EVAL_DATA / machine
     for sub in ("train", "test"):
         if (ev / sub).is_dir():
             used |= {m.group(1) for f in (ev / sub).iterdir() if (m := re.match(r"section_([0-9A-Za-z]+)_", f.name))}

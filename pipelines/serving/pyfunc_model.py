@@ -1,8 +1,8 @@
 """The trained detector as an MLflow pyfunc: network + per-section scoring backends.
 
-Logged as MLflow *models from code* (:mod:`pipelines.pyfunc_entry`), so no version in the
+Logged as MLflow *models from code* (:mod:`pipelines.serving.pyfunc_entry`), so no version in the
 registry holds a pickle: its data are plain artifacts, read as tensors (``torch.load`` with
-``weights_only=True``) and JSON (see :func:`pipelines.registry.log_pyfunc_model`):
+``weights_only=True``) and JSON (see :func:`pipelines.serving.registry.log_pyfunc_model`):
 
 * ``model``    — the network folder (``model.pt`` state dict + ``meta.json``: model and feature
   settings, attribute classes), loaded with :func:`pipelines.checkpoints.load_model`;
@@ -54,10 +54,15 @@ import torch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow.pyfunc  # noqa: E402
+from mlflow.models import Model  # noqa: E402
 
-SETTINGS_FILE = "scoring.json"
-SECTIONS_FILE = "sections.pt"
-MODEL_DIR = "model"
+from asd.audio import AudioFormatError, load_audio, prepare_waveform  # noqa: E402
+from asd.backend import SectionModel, decide  # noqa: E402
+from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE  # noqa: E402
+from asd.contracts import section_key  # noqa: E402
+from asd.features import log_mel  # noqa: E402
+from asd.training import embed_clips  # noqa: E402
+from pipelines.checkpoints import feature_config, load_model  # noqa: E402
 DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "batch_size": 32,
                     "feature_dtype": "float32"}
 INPUT_ROOT_ENV = "ASD_INPUT_ROOT"
@@ -65,11 +70,6 @@ INPUT_ROOT_ENV = "ASD_INPUT_ROOT"
 # not a regular file, unreadable. Distinct messages would tell a caller which files exist.
 PATH_REFUSED = "path not allowed or not readable"
 CLIP_COLUMNS = ("audio", "path", "waveform")
-
-
-def section_key(machine: str, section: str) -> str:
-    """Same key as :func:`pipelines.score.section_key`."""
-    return f"{machine}/section_{section}"
 
 
 def normalize_section(section) -> str:
@@ -138,8 +138,6 @@ def audio_bytes(value) -> bytes:
 
 
 def load_sections(path: str | Path) -> dict:
-    from asd.backend import SectionModel
-
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: SectionModel.from_state_dict(v) for k, v in state.items()}
 
@@ -161,8 +159,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         self._load(context.artifacts)
 
     def _load(self, artifacts: dict) -> None:
-        from pipelines.checkpoints import feature_config, load_model
-
         self.model, self.meta = load_model(artifacts[MODEL_DIR])
         self.features = feature_config(self.meta)
         self.sections = load_sections(artifacts["sections"])
@@ -179,8 +175,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         """Load a logged pyfunc folder (``MLmodel``) from its artifacts only: unlike
         ``mlflow.pyfunc.load_model``, no code file or pickle in the folder is executed, so a
         tampered registry entry cannot run code here. Artifact paths must stay in the folder."""
-        from mlflow.models import Model
-
         directory = Path(directory).resolve()
         conf = Model.load(str(directory)).flavors.get("python_function", {})
         artifacts = {}
@@ -202,9 +196,9 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
 
         ``settings`` fills in for a missing ``scoring.json`` (else the defaults: whole clips)."""
         directory = Path(directory)
-        if not (directory / MODEL_DIR / "model.pt").is_file() or not (directory / SECTIONS_FILE).is_file():
+        if not (directory / MODEL_DIR / MODEL_FILE).is_file() or not (directory / SECTIONS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a scoring output folder "
-                                    f"(needs {MODEL_DIR}/model.pt and {SECTIONS_FILE})")
+                                    f"(needs {MODEL_DIR}/{MODEL_FILE} and {SECTIONS_FILE})")
         self = cls()
         settings_file = directory / SETTINGS_FILE
         self._load({MODEL_DIR: directory / MODEL_DIR, "sections": directory / SECTIONS_FILE,
@@ -232,8 +226,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
     def clip_features(self, row) -> torch.Tensor:
         """[n_mels, T] features of one row's clip (``audio``, ``path`` or ``waveform``), as the
         feature store holds them."""
-        from asd.audio import AudioFormatError, load_audio, prepare_waveform
-        from asd.features import log_mel
 
         f = self.features
         given = [c for c in CLIP_COLUMNS if not _missing(row.get(c))]
@@ -260,7 +252,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Embeddings [N, D] exactly as the scoring job computes them (whole clip or window mean)."""
-        from asd.training import embed_clips
 
         windows = self.settings["embedding"] == "windows"
         return embed_clips(self.model, features, range(len(features)), int(self.settings["batch_size"]),
@@ -271,7 +262,6 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if self.model is None:
             raise RuntimeError("model not loaded: use mlflow.pyfunc.load_model or AsdPyfuncModel.from_dir")
-        from asd.backend import decide
 
         df = _as_frame(model_input)
         n = len(df)

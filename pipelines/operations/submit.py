@@ -1,6 +1,6 @@
 """``asd submit``: run the whole pipeline (or a retrain) on a Ray cluster as a Ray Job.
 
-Equivalent to ``ray job submit --working-dir . -- python -m pipelines.run --config <cfg>``,
+Equivalent to ``ray job submit --working-dir . -- python -m pipelines run --config <cfg>``,
 with the runtime environment the job needs (the project as working dir without data, venv
 or runs; MLflow and Ray settings as environment variables), then follows the job's logs and
 exits with its status. The driver of the job runs on the head node, so paths in the config
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipelines.ray_runtime import TRAIN_ENV
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipelines/operations/ -> the repository
 # Never upload these: large, machine-specific, or produced by runs; and secrets, which would
 # land on every node of the cluster and in Ray's package store (docs/security.md). Patterns
 # are .gitignore syntax, matched by Ray against paths relative to the working dir.
@@ -28,14 +28,16 @@ EXCLUDES = [".venv/", "runs/", "data/", "features/", "mlruns/", "mlartifacts/", 
             ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*",
             "id_ed25519*", ".netrc", "*credentials*", ".ray/", ".ssh/", ".mlflow/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+JOBS = ("run", "retrain")  # the CLI subcommands a Ray Job runs
 # Environment variables forwarded to the job when set here.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "RAY_AUTH_MODE")
 
 
 def job_entrypoint(command: str, config: str, overrides: list[str], python: str = "python") -> str:
-    """The job's shell command: ``python -m pipelines.<command> --config ... --set ...``."""
-    module = {"run": "pipelines.run", "retrain": "pipelines.retrain"}[command]
-    parts = [python, "-m", module, "--config", config]
+    """The job's shell command: ``python -m pipelines <command> --config ... --set ...`` (the CLI)."""
+    if command not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {command!r}")
+    parts = [python, "-m", "pipelines", command, "--config", config]
     for o in overrides:
         parts += ["--set", o]
     return shlex.join(parts)
@@ -122,7 +124,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                    help="Ray dashboard/job address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
-    p.add_argument("--job", choices=["run", "retrain"], default="run", help="what to run (default: run)")
+    p.add_argument("--job", choices=JOBS, default="run", help="what to run (default: run)")
     p.add_argument("--config", "-c", default="demo", help="config name or YAML path (inside the project)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--python", default="python",
@@ -132,10 +134,10 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, help="give up following after this many seconds")
     p.add_argument("--dry-run", action="store_true",
                    help="list the files that would be uploaded and exit without connecting")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args) -> int:
+def main(args) -> int:
     env = {"MLFLOW_TRACKING_URI": args.mlflow_uri} if args.mlflow_uri else None
     entry = job_entrypoint(args.job, args.config, args.overrides, args.python)
     if args.dry_run:

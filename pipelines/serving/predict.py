@@ -12,7 +12,7 @@ error (model not found, unknown machine/section, ...).
 The files named on the command line are read here, with the user's own rights, and handed to
 the model as bytes (its ``audio`` column), so the model's input root does not apply. A logged
 model (registry or local MLmodel folder) is built from its artifacts only
-(:meth:`~pipelines.pyfunc_model.AsdPyfuncModel.from_logged_model`): neither its code file nor
+(:meth:`~pipelines.serving.pyfunc_model.AsdPyfuncModel.from_logged_model`): neither its code file nor
 a pickle in it runs here.
 """
 
@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from asd.contracts import section_key
 from pipelines.errors import UserError, first_line
 
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://", "s3://",
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     p.add_argument("--section", help="section id of every clip, e.g. 00 (default: from the file name)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of TSV lines")
     p.add_argument("clips", nargs="+", metavar="WAV", help="audio files to score")
-    p.set_defaults(func=main_args)
+    p.set_defaults(func=main)
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -67,7 +68,7 @@ def _config(args):
 def load_predictor(model: str, tracking_uri: str | None = None, config=None):
     """(AsdPyfuncModel, description) for a registry URI or a local folder; UsageError if not found."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from pipelines.pyfunc_model import AsdPyfuncModel
+    from pipelines.serving.pyfunc_model import AsdPyfuncModel
 
     local = Path(model)
     if not model.startswith(REGISTRY_SCHEMES):
@@ -79,7 +80,7 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
         if (local / "sections.pt").is_file() and (local / "model" / "model.pt").is_file():
             settings = None
             if not (local / "scoring.json").is_file() and config is not None:
-                from pipelines.pyfunc_model import scoring_settings
+                from pipelines.serving.pyfunc_model import scoring_settings
 
                 settings = scoring_settings(config)
             return AsdPyfuncModel.from_dir(local, settings), str(local)
@@ -103,7 +104,7 @@ def _load_logged(model: str | Path, where: str | None = None, download_to: str |
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from pipelines.pyfunc_model import AsdPyfuncModel
+    from pipelines.serving.pyfunc_model import AsdPyfuncModel
 
     try:
         local = download_artifacts(artifact_uri=model, dst_path=download_to) if download_to else model
@@ -141,7 +142,7 @@ def infer_machine_section(path: str | Path, machine: str | None = None,
 def predict_files(predictor, clips: list[str], machine: str | None = None,
                   section: str | None = None) -> list[dict]:
     """One record per clip: path, machine, section, score, decision, nearest_attribute, error."""
-    from pipelines.pyfunc_model import normalize_section
+    from pipelines.serving.pyfunc_model import normalize_section
 
     records = []
     for clip in clips:
@@ -184,7 +185,7 @@ def _score(predictor, records: list[dict]) -> None:
         rec["nearest_attribute"] = row["nearest_attribute"]
 
 
-def main_args(args) -> int:
+def main(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr readable
     try:
         config = _config(args)
@@ -213,7 +214,7 @@ def main_args(args) -> int:
 
 def _check_explicit(predictor, machine: str | None, section: str | None) -> None:
     """An explicit --machine/--section the model does not know is a usage error."""
-    from pipelines.pyfunc_model import normalize_section
+    from pipelines.serving.pyfunc_model import normalize_section
 
     known = predictor.known_sections()
     if machine is not None and not any(k.startswith(f"{machine}/") for k in known):
@@ -224,8 +225,8 @@ def _check_explicit(predictor, machine: str | None, section: str | None) -> None
             s = normalize_section(section)
         except ValueError as err:
             raise UsageError(f"--section {section!r}: {err}") from err
-        if machine is not None and f"{machine}/section_{s}" not in known:
+        if machine is not None and section_key(machine, s) not in known:
             raise UsageError(f"the model knows no section {s} of {machine}; it knows "
                              f"{', '.join(k for k in known if k.startswith(machine + '/'))}")
-        if machine is None and not any(k.endswith(f"/section_{s}") for k in known):
+        if machine is None and not any(k.endswith(section_key("", s)) for k in known):  # any machine's
             raise UsageError(f"the model knows no section {s}; it knows {', '.join(known)}")

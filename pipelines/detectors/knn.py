@@ -1,7 +1,7 @@
-"""The kNN floor baseline (``method: knn``) through the same pipeline as the other methods.
+"""The kNN floor baseline (``method: knn``) as a detector.
 
 Nothing is trained: the "knn" stage reads the training split of the feature store and writes a
-model directory holding ``meta.json`` (``"stage": "knn"``) and ``knn.pt``, the per-(machine,
+model directory holding ``meta.json`` (``"detector": "knn"``) and ``knn.pt``, the per-(machine,
 section) matrix of training-clip statistics (:func:`asd.knn.clip_statistics`) with each row's
 path and attribute class, loadable with ``torch.load(weights_only=True)``. The scoring job
 (:func:`score_knn`) scores a test clip by the cosine distance to its nearest training clip of
@@ -20,15 +20,13 @@ import pandas as pd
 import torch
 
 from asd.backend import decide, fit_gamma_threshold
+from asd.contracts import META_FILE, section_key
 from asd.knn import batch_clip_statistics, nearest_cosine_distance
 from pipelines.config import PipelineConfig, to_dict
+from pipelines.detectors.base import Detector, TrainingStage, scored_frame
+from pipelines.store import ClipTable, load_split
 
 KNN_FILE = "knn.pt"
-META_FILE = "meta.json"
-
-
-def _section_key(machine: str, section: str) -> str:
-    return f"{machine}/section_{section}"  # as pipelines.score.section_key
 
 
 def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
@@ -38,7 +36,7 @@ def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
     torch.save(sections, directory / KNN_FILE)
     dims = {int(s["statistics"].shape[1]) for s in sections.values()}
     (directory / META_FILE).write_text(json.dumps(
-        {"stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
+        {"detector": "knn", "stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
          "representation": "per-Mel-bin mean and population std over time, concatenated",
          "distance": "cosine", "dim": dims.pop() if len(dims) == 1 else sorted(dims),
          "sections": {k: int(s["statistics"].shape[0]) for k, s in sorted(sections.items())},
@@ -54,7 +52,7 @@ def fit_knn(train, cfg: PipelineConfig, out_dir) -> Path:
     sections = {}
     for (machine, section), rows in train.meta.groupby(["machine", "section"], sort=True):
         idx = rows.index.to_numpy()
-        sections[_section_key(machine, section)] = {
+        sections[section_key(machine, section)] = {
             "statistics": stats[torch.tensor(idx)].contiguous(),
             "paths": [str(p) for p in rows["path"]],
             "attribute_class": ["" if pd.isna(a) else str(a) for a in rows["attribute_class"]],
@@ -64,8 +62,6 @@ def fit_knn(train, cfg: PipelineConfig, out_dir) -> Path:
 
 def run_knn_stage(cfg: PipelineConfig, *, store, out_dir) -> Path:
     """The knn stage of ``asd run``: read the store's training split, write the model directory."""
-    from pipelines.store import load_split
-
     train = load_split(store, "train", feature_version=cfg.features.version)
     return fit_knn(train, cfg, out_dir)
 
@@ -74,7 +70,7 @@ def load_knn(directory) -> tuple[dict, dict]:
     """``(sections, meta)`` of a knn model directory (``torch.load(weights_only=True)``)."""
     directory = Path(directory)
     meta = json.loads((directory / META_FILE).read_text())
-    if meta.get("stage") != "knn":
+    if meta.get("detector", meta.get("stage")) != "knn":
         raise ValueError(f"{directory} is not a kNN model directory (stage {meta.get('stage')!r})")
     return torch.load(directory / KNN_FILE, weights_only=True), meta
 
@@ -88,13 +84,12 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
     if meta.get("feature_version") not in (None, cfg.features.version):
         raise ValueError(f"the kNN model in {model_dir} was built from features version "
                          f"{meta['feature_version']}, the config asks for {cfg.features.version}")
-    scored = test.meta.copy()
-    scored["score"], scored["decision"], scored["nearest_attribute"] = float("nan"), -1, None
+    scored = scored_frame(test.meta)
     if test.meta.empty:
         return scored, {}
     test_stats = batch_clip_statistics(test.features)
     for (machine, section), rows in test.meta.groupby(["machine", "section"], sort=True):
-        key = _section_key(machine, section)
+        key = section_key(machine, section)
         if key not in sections:
             raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
         ref = sections[key]["statistics"]
@@ -108,3 +103,32 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
         scored.loc[rows.index, "decision"] = decide(dist, threshold).numpy()
         scored.loc[rows.index, "nearest_attribute"] = [attrs[int(i)] or None for i in nearest.tolist()]
     return scored, {}
+
+
+class KnnDetector(Detector):
+    name = "knn"
+    weights_file = KNN_FILE
+    stage_names = ("knn",)
+    fits_in_scoring = True
+
+    def stages(self, cfg: PipelineConfig) -> list[TrainingStage]:
+        return [TrainingStage("knn", ("features",))]
+
+    def fit(self, cfg, stage, *, store, out_dir, init_model=None, mlflow_run_id=None, tracking_uri=None,
+            run_name=None, callbacks=()) -> Path:
+        return run_knn_stage(cfg, store=store, out_dir=out_dir)
+
+    def score(self, cfg, model_dir, train: ClipTable, test: ClipTable) -> tuple[pd.DataFrame, dict]:
+        return score_knn(model_dir, test, cfg)
+
+    def save(self, directory, model, cfg, **info) -> Path:
+        return save_knn(directory, model, cfg)
+
+    def load(self, directory) -> tuple[dict, dict]:
+        return load_knn(directory)
+
+    def label(self, cfg: PipelineConfig) -> str:
+        return "kNN baseline"
+
+
+DETECTOR = KnnDetector()

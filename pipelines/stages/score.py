@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +22,16 @@ import pandas as pd
 import torch
 
 from asd import metrics as M
-from asd.backend import SectionModel, calibrate_threshold, decide, fit_gamma_threshold, fit_section
-from asd.training import embed_clips
-from pipelines.checkpoints import copy_model, load_meta, load_model
+from asd.backend import SectionModel
+from asd.contracts import GROUND_TRUTH_DATA, SCORES_FILE, SCORING_MODEL_DIR, SECTIONS_FILE
+from pipelines import detectors
+from pipelines.checkpoints import copy_model
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError, first_line, require_feature_store
+from pipelines.serving.pyfunc_model import load_sections, write_settings
+from pipelines.store import load_split
 
 log = logging.getLogger(__name__)
-SECTIONS_FILE = "sections.pt"
-# Above this many clips, embeddings are computed on Ray Data actors instead of in-process.
-RAY_EMBED_MIN_CLIPS = 4000
-
-
-def section_key(machine: str, section: str) -> str:
-    return f"{machine}/section_{section}"
 
 
 @dataclass
@@ -52,78 +49,12 @@ class ScoringResult:
     def load(cls, out_dir: str | Path, ground_truth_root: str | Path | None = None) -> "ScoringResult":
         """The result :func:`run_scoring` wrote into ``out_dir``, read back from its files, so that
         ``asd score --register-only`` can log and register it when MLflow was down at scoring time."""
-        from pipelines.pyfunc_model import load_sections
-
         out_dir = Path(out_dir)
-        if not (out_dir / "scores.csv").is_file():
-            raise UserError(f"{out_dir} holds no scores.csv: run `asd score` (without --register-only) first")
-        scores = pd.read_csv(out_dir / "scores.csv", dtype={"section": str})
+        if not (out_dir / SCORES_FILE).is_file():
+            raise UserError(f"{out_dir} holds no {SCORES_FILE}: run `asd score` (without --register-only) first")
+        scores = pd.read_csv(out_dir / SCORES_FILE, dtype={"section": str})
         results = labelled_results(scores, Path(ground_truth_root) if ground_truth_root else None)
         return cls(scores, load_sections(out_dir / SECTIONS_FILE), results, out_dir)
-
-
-def embed_table(model, table, cfg: PipelineConfig, use_ray: bool | None = None) -> torch.Tensor:
-    """Embeddings [N, D] of every clip of a ClipTable, whole-clip or window-mean (config)."""
-    window = cfg.train.crop_frames if cfg.score.embedding == "windows" else None
-    n = len(table.features)
-    if use_ray is None:
-        use_ray = n >= RAY_EMBED_MIN_CLIPS
-    if use_ray:
-        from pipelines.ray_embed import embed_with_ray
-
-        return embed_with_ray(model, table.features, cfg, window)
-    return embed_clips(model, table.features, range(n), cfg.score.batch_size,
-                       window=window, hop=cfg.score.window_hop)
-
-
-def fit_sections(train_meta: pd.DataFrame, train_emb: torch.Tensor, cfg: PipelineConfig
-                 ) -> dict[str, SectionModel]:
-    """One backend per (machine, section), prototypes of both domains, gamma threshold."""
-    sections: dict[str, SectionModel] = {}
-    for (machine, section), rows in train_meta.groupby(["machine", "section"], sort=True):
-        idx = torch.tensor(rows.index.to_numpy())
-        keys = sorted(rows["attribute_class"].unique().tolist())
-        class_index = torch.tensor(rows["attribute_class"].map({k: i for i, k in enumerate(keys)}).to_numpy("int64"))
-        model = fit_section(train_emb[idx], class_index, class_keys=keys,
-                            shrinkage=cfg.score.shrinkage, covariance=cfg.score.covariance)
-        sections[section_key(machine, section)] = calibrate_threshold(
-            model, train_emb[idx], cfg.score.threshold_quantile)
-    return sections
-
-
-def score_clips(test_meta: pd.DataFrame, test_emb: torch.Tensor,
-                sections: dict[str, SectionModel]) -> pd.DataFrame:
-    """Scores, decisions and nearest attribute of every test clip whose section was trained."""
-    out = test_meta.copy()
-    out["score"], out["decision"], out["nearest_attribute"] = np.nan, -1, None
-    for (machine, section), rows in test_meta.groupby(["machine", "section"], sort=True):
-        key = section_key(machine, section)
-        if key not in sections:
-            raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
-        sm = sections[key]
-        scores, nearest = sm.score(test_emb[torch.tensor(rows.index.to_numpy())])
-        out.loc[rows.index, "score"] = scores.numpy()
-        out.loc[rows.index, "decision"] = decide(scores, sm.threshold).numpy()
-        out.loc[rows.index, "nearest_attribute"] = [str(k) for k in sm.nearest_keys(nearest)]
-    return out
-
-
-def _score_ae(model_dir, train, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]:
-    """The AE baseline: clip score = mean reconstruction error; one gamma threshold per machine
-    type, fitted to the scores of all its training clips (every section), as the official
-    baseline's 00_train.py/01_test.py."""
-    from pipelines.ae import ae_scores, load_ae
-
-    models, meta = load_ae(model_dir)
-    frames = meta["ae"]["frames"]
-    train_scores, test_scores = ae_scores(models, train, frames), ae_scores(models, test, frames)
-    scored = test.meta.copy()
-    scored["score"], scored["decision"], scored["nearest_attribute"] = test_scores.numpy(), -1, None
-    for machine, rows in test.meta.groupby("machine", sort=True):
-        fit_rows = train.meta.index[train.meta["machine"] == machine]
-        threshold = fit_gamma_threshold(train_scores[fit_rows.to_numpy()], cfg.score.threshold_quantile)
-        scored.loc[rows.index, "decision"] = decide(test_scores[rows.index.to_numpy()], threshold).numpy()
-    return scored, {}
 
 
 def write_submissions(scored: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -139,7 +70,7 @@ def write_submissions(scored: pd.DataFrame, out_dir: Path) -> list[Path]:
 def labelled_results(scored: pd.DataFrame, ground_truth_root: Path | None = None) -> list:
     """DCASE metrics of every section whose labels are known (dev names, or eval ground truth)."""
     scored = scored.copy()
-    if ground_truth_root is not None and (ground_truth_root / "ground_truth_data").is_dir():
+    if ground_truth_root is not None and (ground_truth_root / GROUND_TRUTH_DATA).is_dir():
         scored = _attach_ground_truth(scored, ground_truth_root)
     results = []
     for (machine, section), rows in scored.groupby(["machine", "section"], sort=True):
@@ -156,7 +87,7 @@ def labelled_results(scored: pd.DataFrame, ground_truth_root: Path | None = None
 def _attach_ground_truth(scored: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Fill label/domain of unlabelled eval clips from the official ground-truth files."""
     for (machine, section), rows in scored[scored["label"].isna()].groupby(["machine", "section"]):
-        gt = root / "ground_truth_data" / M.ground_truth_file_name(machine, section)
+        gt = root / GROUND_TRUTH_DATA / M.ground_truth_file_name(machine, section)
         if not gt.is_file():
             continue
         names, y_true, y_domain = M.read_ground_truth(gt)
@@ -171,44 +102,28 @@ def _attach_ground_truth(scored: pd.DataFrame, root: Path) -> pd.DataFrame:
 
 def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, out_dir: str | Path,
                 ground_truth_root: str | Path | None = None) -> ScoringResult:
-    """Embed, fit per-section backends, score, write submissions and tables; no MLflow here."""
-    from pipelines.store import load_split
-
+    """Score the store's test clips with the detector that trained ``model_dir``; write
+    submissions, tables and (for an embedding network) what predictions need; no MLflow here."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = load_meta(model_dir)
+    detector = detectors.of_model_dir(model_dir)
     version = cfg.features.version
     t0 = time.perf_counter()
     train = load_split(store, "train", feature_version=version)
     test = load_split(store, "test", feature_version=version)
     if test.meta.empty:
         raise ValueError(f"the feature store {store} holds no test clips to score")
-    if meta.get("stage") == "ae":
-        scored, sections = _score_ae(model_dir, train, test, cfg)
-    elif meta.get("stage") == "knn":
-        from pipelines.knn import score_knn  # nearest training clip; thresholds from the model dir
-
-        scored, sections = score_knn(model_dir, test, cfg)
-    else:
-        model, _ = load_model(model_dir)
-        train_emb = embed_table(model, train, cfg)
-        test_emb = embed_table(model, test, cfg)
-        sections = fit_sections(train.meta, train_emb, cfg)
-        scored = score_clips(test.meta, test_emb, sections)
+    scored, sections = detector.score(cfg, model_dir, train, test)
     embed_seconds = time.perf_counter() - t0
     write_submissions(scored, out_dir / "submission")
     results = labelled_results(scored, Path(ground_truth_root) if ground_truth_root else None)
-    scored.to_csv(out_dir / "scores.csv", index=False)
+    scored.to_csv(out_dir / SCORES_FILE, index=False)
     torch.save({k: v.state_dict() for k, v in sections.items()}, out_dir / SECTIONS_FILE)
-    if meta.get("stage") not in ("ae", "knn"):  # baselines: no network to copy or register
-        from pipelines.pyfunc_model import write_settings
-
-        copy_model(model_dir, out_dir / "model")
+    if detector.exports_network:
+        copy_model(model_dir, out_dir / SCORING_MODEL_DIR)
         write_settings(cfg, out_dir)  # what predictions need to embed exactly as this job did
-    elif (out_dir / "model").is_dir():  # an earlier prototype scoring here: not this job's model
-        import shutil
-
-        shutil.rmtree(out_dir / "model")
+    elif (out_dir / SCORING_MODEL_DIR).is_dir():  # an earlier network's scoring here: not this job's model
+        shutil.rmtree(out_dir / SCORING_MODEL_DIR)
     if results:
         rows = M.results_table(results)
         M.write_table_csv(rows, out_dir / "results.csv")
@@ -222,15 +137,7 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
 
 def method_label(cfg: PipelineConfig) -> str:
     """The row name of the paper's Table 1 that this configuration reproduces."""
-    if cfg.method == "ae":
-        return "AE baseline"
-    if cfg.method == "knn":
-        return "kNN baseline"
-    if not cfg.finetune.enabled:
-        return "Pre-train only"
-    if cfg.finetune.from_scratch or not cfg.pretrain.enabled:
-        return "Fine-tune (w/o pre-train)"
-    return "Fine-tune (w/ pre-train)"
+    return detectors.get(cfg.method).label(cfg)
 
 
 def results_markdown(results: list, method: str = "proposed") -> str:
@@ -253,18 +160,17 @@ def register(subparsers) -> None:
     mlflow_mode.add_argument("--register-only", action="store_true",
                              help="do not score: log and register the results already in --out "
                                   "(after an MLflow outage)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
 def default_model_dir(cfg: PipelineConfig) -> Path:
-    for stage in ("knn",) if cfg.method == "knn" else ("finetune", "pretrain", "ae"):
-        d = cfg.path(f"models/{stage}")
-        if (d / "meta.json").is_file():
-            return d
-    raise UserError(f"no trained model under {cfg.path('models')}: run `asd train` first or pass --model")
+    found = detectors.get(cfg.method).trained_model_dir(cfg)
+    if found is None:
+        raise UserError(f"no trained model under {cfg.path('models')}: run `asd train` first or pass --model")
+    return found
 
 
-def _main(args) -> int:
+def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cfg.path("scoring")
     result = ScoringResult.load(out, cfg.data.root) if args.register_only else _score(cfg, args, out)
@@ -277,10 +183,10 @@ def _score(cfg: PipelineConfig, args, out: Path) -> ScoringResult:
     """Score into ``out`` and print the results: they are on disk before any MLflow call."""
     store = args.store or cfg.path(cfg.extract.store)
     require_feature_store(store, cfg.features.version)
-    if not args.model and cfg.method == "knn" and not (cfg.path("models/knn") / "meta.json").is_file():
-        from pipelines.knn import run_knn_stage  # nothing to train: build it from the store now
-
-        run_knn_stage(cfg, store=store, out_dir=cfg.path("models/knn"))
+    detector = detectors.get(cfg.method)
+    if not args.model and detector.fits_in_scoring and detector.trained_model_dir(cfg) is None:
+        for stage in detector.stages(cfg):  # cheap and Ray-free: fit it from the store now
+            detector.fit(cfg, stage.name, store=store, out_dir=detector.model_dir(cfg, stage.name))
     model_dir = Path(args.model) if args.model else default_model_dir(cfg)
     result = run_scoring(cfg, model_dir, store, out, ground_truth_root=cfg.data.root)
     if result.results:
@@ -294,7 +200,7 @@ def _log_to_mlflow(cfg: PipelineConfig, result: ScoringResult, args) -> None:
     register them later."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import log_scoring
+    from pipelines.serving.registry import log_scoring
 
     try:
         reg = log_scoring(cfg, result)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DOMAINS = ("source", "target")
+from asd.contracts import DOMAINS, section_key
 
 
 def _plt():
@@ -100,7 +100,7 @@ def score_histograms(scores: pd.DataFrame, sections: dict | None, out_dir: str |
         fig, axes = plt.subplots(len(secs), len(DOMAINS), figsize=(9, 2.6 * len(secs)), squeeze=False)
         for i, section in enumerate(secs):
             srows = mrows[mrows["section"] == section]
-            sm = sections.get(f"{machine}/section_{section}")
+            sm = sections.get(section_key(machine, section))
             threshold = getattr(sm, "threshold", None)
             values = srows["score"].to_numpy(float)
             edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins

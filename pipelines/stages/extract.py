@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asd.contracts import DEV_DATA, EVAL_DATA, attribute_class
 from asd.features import FeatureConfig
 from asd.metadata import ClipMeta, discover_clips, entry_problem
 from pipelines import console
@@ -46,8 +48,8 @@ from pipelines import store as S
 from pipelines.errors import UserError
 from pipelines.locks import LockBusy, exclusive_lock
 
-log = logging.getLogger("asd.extract")
-DATASETS = ("dev_data", "eval_data")
+log = logging.getLogger(__name__)
+DATASETS = (DEV_DATA, EVAL_DATA)
 
 
 class ExtractError(UserError):
@@ -148,11 +150,9 @@ def discover(root: str | os.PathLike) -> tuple[Path, list[Found], list[str]]:
 # ----------------------------------------------------------------------------- the Ray Data task
 def _row_meta(clip: dict) -> dict:
     m = clip["meta"]
-    attribute_class = None if m["domain"] is None else "/".join(
-        (m["machine"], m["section"], m["domain"], m["attribute"] or ""))
     return {"path": clip["path"], "dataset": clip["dataset"], "machine": m["machine"],
             "section": m["section"], "domain": m["domain"], "split": m["split"], "label": m["label"],
-            "index": m["index"], "attribute": m["attribute"], "attribute_class": attribute_class,
+            "index": m["index"], "attribute": m["attribute"], "attribute_class": attribute_class(m["machine"], m["section"], m["domain"], m["attribute"]),
             "attributes_json": json.dumps(clip["attributes"]) if clip["attributes"] else None}
 
 
@@ -350,92 +350,39 @@ def _quarantine_record(path: str, content_hash: str | None, size: int, mtime_ns:
             "feature_version": version, "recorded_at": recorded_at or time.time()}
 
 
+@dataclass
+class Triage:
+    """What the data tree means for the store: clips to extract, quarantine records to keep,
+    clips whose file changed stat but not content, and store rows whose file is gone or changed."""
+
+    pending: list[Found] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+    refreshed: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns)
+    stale: set[str] = field(default_factory=set)
+
+
 def _extract_locked(root, store: Path, fcfg: FeatureConfig, dtype: str, batch_size: int,
                     concurrency: int | None, actor_pool_min_clips: int | None, ray_address: str | None,
                     ray_num_cpus: int | None) -> ExtractSummary:
     t0 = time.perf_counter()
     version = fcfg.version
     vdir = S.version_dir(store, version)
-    settings = {"features": asdict(fcfg), "dtype": dtype}
-    settings_file = vdir / "features.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()).get("dtype") != dtype:
-        log.warning("element type changed to %s: re-extracting every clip of version %s", dtype, version)
-        import shutil
-
-        shutil.rmtree(vdir)
-    S.write_json_if_changed(settings_file, settings)
-
+    settings = _prepare_version_dir(vdir, fcfg, dtype)
     data_root, found, warnings = discover(root)
     summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store), warnings=warnings)
     if not found:
         raise ExtractError(f"no .wav clips under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
                            "*.wav (DCASE layout) or <dataset>/<machine>/<split>/*.wav")
     manifest = S.read_manifest(vdir).set_index("path", drop=False)
-    # plain dicts for the per-clip lookups below (a pandas .loc per clip costs seconds at 25k clips)
-    known = {p: (s, m, h) for p, s, m, h in zip(manifest["path"], manifest["size"], manifest["mtime_ns"],
-                                                  manifest["content_hash"])}
-    quarantined = {r["path"]: r for r in S.read_quarantine(vdir).to_dict("records")}
-
-    pending: list[Found] = []
-    keep_q: list[dict] = []
-    refreshed: dict[str, tuple[int, int]] = {}  # same content, new stat
-    stale: set[str] = set(known) - {f.path for f in found}  # deleted files
-    for f in found:
-        if f.path in known:
-            size, mtime, digest = known[f.path]
-            if (size, mtime) == (f.size, f.mtime_ns):
-                summary.already_present += 1
-                continue
-            if _hash_file(data_root / f.path) == digest:
-                refreshed[f.path] = (f.size, f.mtime_ns)
-                summary.already_present += 1
-                continue
-            stale.add(f.path)
-        elif f.path in quarantined:
-            q = quarantined[f.path]
-            if (q["size"], q["mtime_ns"]) == (f.size, f.mtime_ns):
-                keep_q.append(q)
-                summary.quarantined += 1
-                continue
-        if f.meta is None:
-            readable = entry_problem(data_root / f.path, data_root) is None  # never read a link's target
-            keep_q.append(_quarantine_record(f.path, _hash_file(data_root / f.path) if readable else None,
-                                             f.size, f.mtime_ns, f.reason, version))
-            summary.quarantine.append((f.path, f.reason))
-            summary.quarantined += 1
-            continue
-        pending.append(f)
-
+    triage = _triage(found, manifest, S.read_quarantine(vdir), data_root, version, summary)
     new_rows = []
-    if pending:
-        statuses = _extract_pending(pending, summary, data_root, vdir, fcfg, dtype, batch_size, concurrency,
+    if triage.pending:
+        statuses = _extract_pending(triage.pending, summary, data_root, vdir, fcfg, dtype, batch_size, concurrency,
                                     actor_pool_min_clips, ray_address, ray_num_cpus)
-        for st in statuses:
-            if st["status"] == "extracted":
-                new_rows.append(st)
-                summary.extracted += 1
-            else:
-                keep_q.append(_quarantine_record(st["path"], st["content_hash"], st["size"], st["mtime_ns"],
-                                                 st["reason"], version, st.get("recorded_at")))
-                summary.quarantine.append((st["path"], st["reason"]))
-                summary.quarantined += 1
-
-    manifest = _drop_stale(manifest, stale, vdir, version, dtype)
-    summary.removed = len(stale)
-    for path, (size, mtime) in refreshed.items():
-        manifest.loc[path, ["size", "mtime_ns"]] = [size, mtime]
-    if new_rows:
-        by_path = {f.path: f for f in pending}
-        added = pd.DataFrame([{
-            "path": r["path"], "dataset": by_path[r["path"]].dataset, "machine": by_path[r["path"]].meta.machine,
-            "section": by_path[r["path"]].meta.section, "split": by_path[r["path"]].meta.split,
-            "domain": by_path[r["path"]].meta.domain, "label": by_path[r["path"]].meta.label,
-            "content_hash": r["content_hash"], "size": r["size"], "mtime_ns": r["mtime_ns"],
-            "n_frames": r["n_frames"], "shard": r["shard"], "flags": r.get("flags")} for r in new_rows])
-        manifest = pd.concat([manifest.reset_index(drop=True), added], ignore_index=True)
-    manifest = _flag_duplicates(manifest.reset_index(drop=True), summary)
+        new_rows = _fold_statuses(statuses, triage, summary, version)
+    manifest = _updated_manifest(manifest, triage, new_rows, vdir, version, dtype, summary)
     S.write_manifest(vdir, manifest)
-    S.write_quarantine(vdir, pd.DataFrame(keep_q, columns=S.QUARANTINE_SCHEMA.names))
+    S.write_quarantine(vdir, pd.DataFrame(triage.quarantine, columns=S.QUARANTINE_SCHEMA.names))
     _remove_orphans(vdir, set(manifest["shard"]))
     S.clear_journal(vdir)  # everything it held is in the manifest now
     S.record_store(store, version, settings)
@@ -444,8 +391,90 @@ def _extract_locked(root, store: Path, fcfg: FeatureConfig, dtype: str, batch_si
     assert total == summary.discovered, f"clip accounting broke: {summary.counts()}"
     if summary.extracted + summary.already_present == 0:
         raise ExtractError(f"none of the {summary.discovered} clips under {root} is usable; reasons are in "
-                           f"{vdir / S.QUARANTINE}, e.g. {summary.quarantine[:1] or keep_q[:1]}")
+                           f"{vdir / S.QUARANTINE}, e.g. {summary.quarantine[:1] or triage.quarantine[:1]}")
     return summary
+
+
+def _prepare_version_dir(vdir: Path, fcfg: FeatureConfig, dtype: str) -> dict:
+    """The feature version's folder with its settings file; a changed element type starts it over."""
+    settings = {"features": asdict(fcfg), "dtype": dtype}
+    settings_file = vdir / "features.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()).get("dtype") != dtype:
+        log.warning("element type changed to %s: re-extracting every clip of version %s", dtype, fcfg.version)
+        shutil.rmtree(vdir)
+    S.write_json_if_changed(settings_file, settings)
+    return settings
+
+
+def _triage(found: list[Found], manifest: pd.DataFrame, quarantine: pd.DataFrame, data_root: Path,
+            version: str, summary: ExtractSummary) -> Triage:
+    """Sort every discovered clip: already in the store (same stat, or same content), kept in
+    quarantine (same stat), quarantined now (a name that does not parse), or pending."""
+    # plain dicts for the per-clip lookups (a pandas .loc per clip costs seconds at 25k clips)
+    known = {p: (s, m, h) for p, s, m, h in zip(manifest["path"], manifest["size"], manifest["mtime_ns"],
+                                                  manifest["content_hash"])}
+    quarantined = {r["path"]: r for r in quarantine.to_dict("records")}
+    triage = Triage(stale=set(known) - {f.path for f in found})  # deleted files
+    for f in found:
+        if f.path in known:
+            size, mtime, digest = known[f.path]
+            if (size, mtime) == (f.size, f.mtime_ns):
+                summary.already_present += 1
+                continue
+            if _hash_file(data_root / f.path) == digest:
+                triage.refreshed[f.path] = (f.size, f.mtime_ns)
+                summary.already_present += 1
+                continue
+            triage.stale.add(f.path)
+        elif f.path in quarantined:
+            q = quarantined[f.path]
+            if (q["size"], q["mtime_ns"]) == (f.size, f.mtime_ns):
+                triage.quarantine.append(q)
+                summary.quarantined += 1
+                continue
+        if f.meta is None:
+            readable = entry_problem(data_root / f.path, data_root) is None  # never read a link's target
+            triage.quarantine.append(_quarantine_record(f.path, _hash_file(data_root / f.path) if readable else None,
+                                                        f.size, f.mtime_ns, f.reason, version))
+            summary.quarantine.append((f.path, f.reason))
+            summary.quarantined += 1
+            continue
+        triage.pending.append(f)
+    return triage
+
+
+def _fold_statuses(statuses: list[dict], triage: Triage, summary: ExtractSummary, version: str) -> list[dict]:
+    """The extracted clips' rows; every other status becomes a quarantine record."""
+    new_rows = []
+    for st in statuses:
+        if st["status"] == "extracted":
+            new_rows.append(st)
+            summary.extracted += 1
+        else:
+            triage.quarantine.append(_quarantine_record(st["path"], st["content_hash"], st["size"], st["mtime_ns"],
+                                                        st["reason"], version, st.get("recorded_at")))
+            summary.quarantine.append((st["path"], st["reason"]))
+            summary.quarantined += 1
+    return new_rows
+
+
+def _updated_manifest(manifest: pd.DataFrame, triage: Triage, new_rows: list[dict], vdir: Path, version: str,
+                      dtype: str, summary: ExtractSummary) -> pd.DataFrame:
+    """The manifest without stale rows, with refreshed stats, the new clips and duplicate flags."""
+    manifest = _drop_stale(manifest, triage.stale, vdir, version, dtype)
+    summary.removed = len(triage.stale)
+    for path, (size, mtime) in triage.refreshed.items():
+        manifest.loc[path, ["size", "mtime_ns"]] = [size, mtime]
+    if new_rows:
+        by_path = {f.path: f for f in triage.pending}
+        added = pd.DataFrame([{
+            "path": r["path"], "dataset": by_path[r["path"]].dataset, "machine": by_path[r["path"]].meta.machine,
+            "section": by_path[r["path"]].meta.section, "split": by_path[r["path"]].meta.split,
+            "domain": by_path[r["path"]].meta.domain, "label": by_path[r["path"]].meta.label,
+            "content_hash": r["content_hash"], "size": r["size"], "mtime_ns": r["mtime_ns"],
+            "n_frames": r["n_frames"], "shard": r["shard"], "flags": r.get("flags")} for r in new_rows])
+        manifest = pd.concat([manifest.reset_index(drop=True), added], ignore_index=True)
+    return _flag_duplicates(manifest.reset_index(drop=True), summary)
 
 
 def _extract_pending(pending: list[Found], summary: ExtractSummary, data_root: Path, vdir: Path,
@@ -547,10 +576,10 @@ def register(subparsers) -> None:
     p.add_argument("--store", help="feature store folder (default: extract.store of the config)")
     p.add_argument("--address", help="Ray cluster to join ('auto', ray://...); default: ray.address or a local Ray")
     p.add_argument("--show-quarantine", action="store_true", help="print every quarantined clip and why")
-    p.set_defaults(func=main_args)
+    p.set_defaults(func=main)
 
 
-def main_args(args) -> int:
+def main(args) -> int:
     from pipelines.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -8,12 +8,12 @@ nested under the active pipeline run, or top-level when there is none):
   labelled section, ``hmean/<machine>``, the paper's Table 1 summary ``source_auc``,
   ``target_auc``, ``pauc`` and ``official_score`` (fractions in [0, 1]);
 * artifacts — ``submission/`` (the evaluator's CSVs), ``results/`` (results.md, results.csv,
-  scores.csv), ``plots/`` (:mod:`pipelines.plots`), ``config/config.yaml``, ``data/`` (feature
+  scores.csv), ``plots/`` (:mod:`pipelines.stages.plots`), ``config/config.yaml``, ``data/`` (feature
   store manifest summary, when :mod:`pipelines.store` provides one);
 * inputs — the feature store's manifest as an MLflow dataset (context ``scoring``; its digest is
   the ``data_manifest_digest`` tag): :func:`pipelines.tracking.log_manifest_input`;
-* the model — an MLflow pyfunc (:class:`pipelines.pyfunc_model.AsdPyfuncModel`), logged as
-  *models from code* (:mod:`pipelines.pyfunc_entry`) so that no version holds a pickle, carrying
+* the model — an MLflow pyfunc (:class:`pipelines.serving.pyfunc_model.AsdPyfuncModel`), logged as
+  *models from code* (:mod:`pipelines.serving.pyfunc_entry`) so that no version holds a pickle, carrying
   the network folder (model.pt + meta.json), ``sections.pt`` and ``scoring.json`` as plain
   artifacts, with a signature (:func:`model_signature`) and a JSON input example, registered under ``cfg.mlflow.registered_model``. Every new version gets the
   alias ``challenger``; the first one also ``champion``. Later promotions go through
@@ -170,7 +170,7 @@ def input_example(scoring_dir: str | Path):
     import torch
 
     from pipelines.checkpoints import feature_config, load_meta
-    from pipelines.pyfunc_model import DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE
+    from pipelines.serving.pyfunc_model import DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE
 
     scoring_dir = Path(scoring_dir)
     features = feature_config(load_meta(scoring_dir / "model"))
@@ -192,7 +192,7 @@ def input_example(scoring_dir: str | Path):
 
 def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None, name: str = MODEL_NAME_IN_RUN):
     """Log the pyfunc of an ``asd score`` output folder into the active run; returns ModelInfo."""
-    from pipelines.pyfunc_model import SETTINGS_FILE, write_settings
+    from pipelines.serving.pyfunc_model import SETTINGS_FILE, write_settings
 
     scoring_dir = Path(scoring_dir)
     model_dir, sections = scoring_dir / "model", scoring_dir / "sections.pt"
@@ -289,7 +289,7 @@ def _summarise(manifest) -> object:
 
 def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
                 extra_metrics: dict[str, float] | None = None) -> dict:
-    """Log a :class:`pipelines.score.ScoringResult` to MLflow and register its pyfunc model.
+    """Log a :class:`pipelines.stages.score.ScoringResult` to MLflow and register its pyfunc model.
     ``extra_metrics`` (e.g. the scoring's peak memory) go to the same run.
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
@@ -297,7 +297,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
     baselines, which have no prototype model to register)."""
     import yaml
 
-    from pipelines import plots
+    from pipelines.stages import plots
 
     active = mlflow.active_run()
     if active is None:

@@ -1,0 +1,1 @@
+"""Runs of the whole pipeline: the stage runner, ``asd run``, ``asd retrain``, ``asd submit``."""

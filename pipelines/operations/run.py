@@ -1,0 +1,177 @@
+"""``asd run``: the whole pipeline from one config, as a list of stages (pipelines.operations.runner).
+
+[synthesise data] -> extract -> pre-train -> fine-tune -> score -> register, under one MLflow
+parent run with a nested run per stage. Every stage records the digest of its inputs
+(config sections + upstream digests) in ``<run_dir>/stages/<stage>.json``; a stage whose
+digest is unchanged and whose output exists is skipped, so re-running after a crash resumes
+instead of starting over (an interrupted training stage resumes from its last epoch
+checkpoint, because its Ray Train run name is derived from the same digest).
+
+Each stage that runs records its wall time and the peak memory of the driver and every process
+it started (``peak_rss_mib``, :mod:`pipelines.monitor`) in the summary and its MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+
+from asd.contracts import DEV_DATA, SECTIONS_FILE
+from pipelines import console, detectors, tracking
+from pipelines.config import PipelineConfig, add_config_arguments, load_config
+from pipelines.detectors.base import Detector
+from pipelines.errors import UserError
+from pipelines.stages.extract import extract_from_config
+from pipelines.operations.runner import Stage, StageBook, StageContext, run_stages
+from pipelines.serving.registry import log_scoring
+from pipelines.stages.score import results_markdown, run_scoring
+from pipelines.store import manifest_digest
+from pipelines.synth.generate import PRESETS, generate
+
+log = logging.getLogger(__name__)
+FROZEN_EVAL_SET = "frozen_eval_set.json"
+
+
+def ensure_data(cfg: PipelineConfig) -> Path:
+    """The dev_data root; synthesises the configured preset when it does not exist yet."""
+    root = Path(cfg.data.root)
+    if not (root / DEV_DATA).is_dir():
+        if not cfg.data.synth_preset:
+            raise UserError(f"{root}/{DEV_DATA} does not exist; set data.root to the folder holding "
+                            f"DCASE {DEV_DATA}/ (see README: running on real DCASE 2022 data)")
+        log.info("synthesising preset %r into %s", cfg.data.synth_preset, root)
+        generate(PRESETS[cfg.data.synth_preset], root, seed=cfg.data.synth_seed,
+                 eval_data=cfg.data.synth_eval)
+    return root
+
+
+def freeze_eval_set(run_dir: Path, test_paths: list[str]) -> list[str]:
+    """The evaluation set of the first scoring, kept fixed for every later comparison (retraining)."""
+    f = Path(run_dir) / FROZEN_EVAL_SET
+    if not f.is_file():
+        f.write_text(json.dumps(sorted(test_paths), indent=0))
+    return json.loads(f.read_text())
+
+
+# ----------------------------------------------------------------------------- the stages
+def extract_stage(cfg: PipelineConfig, root: Path, store: Path) -> Stage:
+    """Extraction (incremental by itself: always runs); its digest is the manifest's."""
+    def run(ctx: StageContext) -> dict:
+        ex = extract_from_config(cfg, root, store)
+        mlflow.log_metrics({**{k: float(v) for k, v in ex.counts().items()}, "clips_per_s": ex.clips_per_s})
+        return {**ex.counts(), "clips_per_s": ex.clips_per_s, "output_digest": manifest_digest(store)}
+    return Stage("extract", run)
+
+
+def training_stages(cfg: PipelineConfig, detector: Detector, store: Path, tracking_uri: str, *,
+                    model_root: Path | None = None, init_model: Path | None = None,
+                    names: list[str] | None = None, run_prefix: str = "") -> list[Stage]:
+    """The detector's training stages, each fed by the stage it starts from (or by extraction).
+
+    ``model_root``: where the models go (default ``<run_dir>/models``); ``init_model``: the model
+    the first stage starts from instead (retraining from the champion); ``names``: only these;
+    ``run_prefix``: of the Ray Train run names (a run of the same name resumes its checkpoints)."""
+    stages, dirs = [], {}
+    for ts in detector.stages(cfg):
+        out = (model_root / ts.name) if model_root else detector.model_dir(cfg, ts.name)
+        dirs[ts.name] = out
+        if names is not None and ts.name not in names:
+            continue
+        init = dirs[ts.init] if ts.init and names is None else init_model
+
+        def run(ctx: StageContext, stage=ts.name, out=out, init=init) -> dict:
+            tracking.log_manifest_input(store, "training", digest=ctx.earlier["extract"]["output_digest"])
+            detector.fit(cfg, stage, store=store, out_dir=out, init_model=init, mlflow_run_id=ctx.mlflow_run_id,
+                         tracking_uri=tracking_uri, run_name=f"{run_prefix}{stage}-{ctx.digest}")
+            return {"model_dir": str(out)}
+        inputs = (ts.init,) if ts.init and names is None else ("extract",)
+        stages.append(Stage(ts.name, run, inputs=inputs, fingerprint=cfg.digest(*ts.sections),
+                            output=out, done_file=detector.weights_file))
+    return stages
+
+
+def score_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, root: Path) -> Stage:
+    """Scoring and registration of ``model_stage``'s model (logs its own MLflow run); the clips it
+    scores the first time become the frozen evaluation set of retraining."""
+    score_dir = cfg.path("scoring")
+
+    def run(ctx: StageContext) -> dict:
+        result = run_scoring(cfg, model_stage.output, store, score_dir, ground_truth_root=root)
+        freeze_eval_set(Path(cfg.run_dir), result.scores["path"].tolist())
+        reg = log_scoring(cfg, result, extra_metrics={"peak_rss_mib": ctx.peak.mib})
+        if result.results:
+            (Path(cfg.run_dir) / "results.md").write_text(
+                results_markdown(result.results, detectors.get(cfg.method).label(cfg)))
+        return {"official_score": result.official_score, **reg}
+    return Stage("score", run, inputs=(model_stage.name,), fingerprint=cfg.digest("score", "mlflow"),
+                 output=score_dir, done_file=SECTIONS_FILE, mlflow_run=False)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def pipeline_stages(cfg: PipelineConfig, root: Path, tracking_uri: str) -> list[Stage]:
+    store = cfg.path(cfg.extract.store)
+    training = training_stages(cfg, detectors.get(cfg.method), store, tracking_uri)
+    return [extract_stage(cfg, root, store), *training, score_stage(cfg, training[-1], store, root)]
+
+
+def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict:
+    """Run every stage that is not up to date; return a summary dict."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.setup(cfg)
+    summary: dict = {"run_dir": str(run_dir), "tracking_uri": uri}
+    t_start = time.perf_counter()
+    root = ensure_data(cfg)  # a missing data tree fails before a pipeline run is opened
+    stages = pipeline_stages(cfg, root, uri)
+    unknown = set(force or ()) - {s.name for s in stages}
+    if unknown:
+        raise UserError(f"--force {', '.join(sorted(unknown))}: no such stage in this pipeline "
+                        f"(stages: {', '.join(s.name for s in stages)})")
+    with mlflow.start_run(run_name=f"pipeline-{cfg.name}") as parent:
+        mlflow.log_params(tracking.flatten(cfg.to_dict()))
+        mlflow.set_tag("pipeline", cfg.name)
+        summary["parent_run_id"] = parent.info.run_id
+        summary["stages"] = run_stages(stages, StageBook(run_dir), force=force or ())
+        mlflow.set_tag("data_manifest_digest", summary["stages"]["extract"]["output_digest"])
+        summary["seconds"] = time.perf_counter() - t_start
+        mlflow.log_metric("pipeline_seconds", summary["seconds"])
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run the whole pipeline from a config",
+                              description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="re-run a stage even if up to date (extract, a training stage such as pretrain, "
+                        "finetune, ae, knn, or score)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    console.log_to_file(Path(cfg.run_dir) / "logs", "run")
+    summary = run_pipeline(cfg, force=args.force)
+    results = Path(cfg.run_dir) / "results.md"
+    if results.is_file():  # the Table 1 row here; every section in the file
+        print(results.read_text().split("## Per section")[0].rstrip() + f"\n\nper section: {results}\n")
+    for stage, info in summary["stages"].items():
+        print(f"  {stage:<9} " + ("up to date, skipped" if info.get("skipped") else
+                                  f"{info['seconds']:7.1f} s, peak memory {info['peak_rss_mib']:,.0f} MiB"
+                                  " (driver + Ray processes)"))
+    print(f"pipeline '{cfg.name}' finished in {summary['seconds']:.0f} s; outputs in {cfg.run_dir}/")
+    score = summary["stages"].get("score", {})
+    if score.get("model_uri"):
+        print(f"registered model: {score['model_uri']} (version {score.get('version')})")
+    uri = summary["tracking_uri"]
+    ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite:")
+          else f"open {uri}")
+    print(f"MLflow: {ui}")
+    return 0
+
+

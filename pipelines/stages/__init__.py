@@ -1,0 +1,1 @@
+"""The batch stages: extraction into the feature store, training, scoring (docs/architecture.md)."""
