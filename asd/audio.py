@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from scipy.signal import resample_poly
 
 # Accepted source rates. Outside them a file is not audio the front end can use (or a header
 # error); inside, the cost of resampling is bounded by MAX_RATIO_TERM below.
@@ -69,8 +70,6 @@ def resample_ratio(source_rate: int, target_rate: int) -> Fraction:
 def resample(wave: torch.Tensor, source_rate: int, target_rate: int) -> torch.Tensor:
     """Band-limited polyphase resampling (scipy's ``resample_poly``, Kaiser-windowed FIR) of a
     1-D waveform; time and memory grow with the clip's length only (see ``MAX_RATIO_TERM``)."""
-    from scipy.signal import resample_poly
-
     ratio = resample_ratio(source_rate, target_rate)
     if ratio == 1:
         return wave

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 
 COVARIANCE_MODES = ("pooled", "within")
 DEFAULT_SHRINKAGE = "ledoit-wolf"
@@ -355,8 +356,6 @@ def fit_gamma_threshold(scores: np.ndarray | torch.Tensor, quantile: float = DEF
     empirical = float(np.quantile(s, quantile))
     if np.unique(s).size < 2 or not np.std(s) > 0.0:
         return empirical
-    from scipy import stats
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

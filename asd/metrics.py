@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy.stats import hmean
+from sklearn.metrics import roc_auc_score
 
 from asd.contracts import (GROUND_TRUTH_DOMAIN, decision_file_name, ground_truth_file_name,
                            score_file_name)
@@ -120,8 +122,6 @@ def domain_auc(y_true, y_domain, scores, domain: int | str) -> float:
     The official DCASE 2022 evaluator's AUC(source)/AUC(target). Raises
     :class:`MetricUndefined` when that domain has no normals or there are no anomalies.
     """
-    from sklearn.metrics import roc_auc_score
-
     dom = DOMAIN_IDS[domain] if isinstance(domain, str) else int(domain)
     y, s, d = _arrays(y_true, scores, y_domain)
     keep = (y == 1) | ((y == 0) & (d == dom))
@@ -138,8 +138,6 @@ def partial_auc(y_true, scores, max_fpr: float = MAX_FPR) -> float:
 
     Raises :class:`MetricUndefined` when normals or anomalies are missing.
     """
-    from sklearn.metrics import roc_auc_score
-
     y, s, _ = _arrays(y_true, scores)
     if not np.any(y == 0):
         raise MetricUndefined("no normal clips")
@@ -206,8 +204,6 @@ def hmean_eps(values: Iterable[float]) -> float:
 
     Raises ``ValueError`` for an empty list or NaN values.
     """
-    from scipy.stats import hmean
-
     arr = np.asarray(list(values), dtype=np.float64).reshape(-1)
     if arr.size == 0:
         raise ValueError("harmonic mean of no values")

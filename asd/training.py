@@ -16,7 +16,7 @@ from torch import nn
 
 from asd.losses import balanced_batch_loss, multi_prototype_loss, npe_loss, prototypical_loss
 from asd.prototypes import class_sums, mpe_membership, prototypes_from_sums, subset_sums
-from asd.sampler import random_crops
+from asd.sampler import random_crops, sliding_windows
 
 AllReduce = Callable[[torch.Tensor], None]
 SumOverWorkers = Callable[[torch.Tensor], torch.Tensor]
@@ -115,8 +115,6 @@ def embed_clips(model: nn.Module, features: Sequence[torch.Tensor], indices: Seq
     """Embeddings [len(indices), D] of whole clips (``window=None``) or, with ``window``, the
     re-normalised mean embedding of the clip's sliding windows. Clips of equal length are
     batched together; the model is put in eval mode and restored afterwards."""
-    from asd.sampler import sliding_windows
-
     was_training = model.training
     model.eval()
     indices = list(indices)

@@ -3,6 +3,9 @@ torch threads and the C allocator."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -17,10 +20,6 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 
     3.0 ms on one thread by default and 1.1 ms with these thresholds (BENCHMARKS.md). Called in
     every process that computes features or trains. Idempotent; returns False (and does
     nothing) where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -34,7 +33,7 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 
 def prepare_compute_process(threads: int) -> None:
     """What every process that computes features, trains or embeds does first: its torch thread
     count (parallelism across processes comes from Ray) and :func:`tune_allocator`."""
-    import torch
+    import torch  # deferred: the CLI imports this module (tune_allocator), `asd --help` stays torch-free
 
     torch.set_num_threads(max(1, int(threads)))
     tune_allocator()

@@ -99,7 +99,7 @@ def route_ray_logs() -> None:
 
 def progress(total: int | None, desc: str, unit: str, initial: int = 0):
     """A tqdm bar on stderr (rate and ETA), redrawn at most twice a second."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: costs more than all of `asd --help`'s imports together
 
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, mininterval=0.5,
                 dynamic_ncols=True, leave=True)
@@ -111,9 +111,10 @@ class EpochProgress:
     ``epoch x/y, loss, samples/s, ETA``. Works wherever the workers run (a queue actor, not a file)."""
 
     def __init__(self, stage: str, epochs: int) -> None:
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        # Ray, deferred: the CLI imports this module and `asd --help` stays Ray-free
+        import ray  # deferred: see above
+        from ray.util.queue import Queue  # deferred: see above
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # deferred: see above
 
         # on the driver's node (as Ray Train's controller is): anywhere else, losing that node
         # killed the queue, and with it the rank-0 worker's report and the run (tests/test_node_loss.py)
@@ -128,7 +129,7 @@ class EpochProgress:
         return self
 
     def _show(self) -> None:
-        from ray.util.queue import Empty
+        from ray.util.queue import Empty  # deferred: Ray, as in __init__ (the CLI imports this module)
 
         bar = progress(self.epochs, self.stage, "epoch")
         try:

@@ -22,7 +22,7 @@ def require_feature_store(store: str | os.PathLike, feature_version: str) -> Non
     """Stop with a :class:`UserError` when ``store`` holds no features of ``feature_version``:
     checked by ``asd train`` / ``asd score`` before Ray starts, instead of a FileNotFoundError
     traceback from deep inside the stage."""
-    from pipelines.store import store_manifest
+    from pipelines.store import store_manifest  # deferred: pandas/torch; the CLI imports this module
 
     try:
         store_manifest(store, feature_version)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import threading
 
+import psutil
+
 
 def tree_rss() -> int:
     """Bytes: RSS of this process plus all its descendants (processes that vanish are skipped)."""
-    import psutil
-
     me = psutil.Process()
     total = 0
     for p in [me, *me.children(recursive=True)]:

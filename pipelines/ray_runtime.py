@@ -19,6 +19,10 @@ import subprocess
 import sys
 import time
 
+import psutil
+
+from pipelines import console
+
 log = logging.getLogger(__name__)
 
 # Ray Train's controller drains each worker's one-slot result queue once per health check
@@ -31,9 +35,9 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEAL
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Idempotent ``ray.init``: a running Ray in this process is reused as it is."""
+    # deferred: the reaper process runs this module (python -m) and must stay small: its RSS
+    # counts in every stage's peak memory (pipelines/monitor.py)
     import ray
-
-    from pipelines import console
 
     if ray.is_initialized():
         return
@@ -65,7 +69,7 @@ def loopback_node():
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once at import, the default on macOS and Windows), which
     is switched on only while this process starts its Ray: a later ``ray start`` from here is not
     affected."""
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # deferred: Ray, as in init_ray
 
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -113,8 +117,6 @@ def start_reaper() -> None:
 def reap_after(pid: int, poll_s: float = 0.5) -> None:
     """Remember the descendants of ``pid`` while it lives; when it is gone, kill those still
     running (matched by pid and start time, so a reused pid is never hit)."""
-    import psutil
-
     try:
         driver = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -155,7 +157,6 @@ def quiet_state_api_pollers() -> None:
     """``worker_process_setup_hook`` of the local Ray: errors only from :data:`_STATE_API_POLLERS`."""
     for name in _STATE_API_POLLERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-
 
 
 if __name__ == "__main__":  # the reaper process of start_reaper

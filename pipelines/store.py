@@ -253,7 +253,7 @@ def split_dataset(store: str | os.PathLike, split: str, feature_version: str | N
 
     Rows carry the metadata columns and ``features`` as a flat list; reshape with
     ``n_mels`` x ``n_frames``."""
-    import ray.data
+    import ray.data  # deferred: only large stores stream; config (so every command, predict) imports this module
 
     files = shard_files(store, split, feature_version)
     if not files:

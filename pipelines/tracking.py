@@ -26,16 +26,16 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.pandas_dataset import PandasDataset
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema
 
-import mlflow  # noqa: E402
-from mlflow.data.pandas_dataset import PandasDataset  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.types.schema import ColSpec, Schema  # noqa: E402
-
-from pipelines.config import PipelineConfig  # noqa: E402
-from pipelines.errors import UserError, first_line  # noqa: E402
+from pipelines import store as store_mod
+from pipelines.config import PipelineConfig
+from pipelines.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,6 @@ def log_manifest_input(store: str | os.PathLike, context: str, manifest=None,
     (which hashes only the first 10,000 rows); its source is the store's ``manifest.parquet``.
     Only the schema and profile (row count) go to the server. Best effort: a manifest problem
     is a warning, never a lost run. ``manifest``/``digest`` skip reading them again."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    from pipelines import store as store_mod
-
     try:
         version = store_mod.current_version(store)
         if manifest is None:

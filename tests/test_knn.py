@@ -128,41 +128,22 @@ SECTIONS = [("fan", "00"), ("fan", "01"), ("valve", "00")]
 def _write_store(store: Path, fcfg: FeatureConfig, rng: np.random.Generator) -> list[dict]:
     """A feature store written directly (no Ray): per section 9 train clips (6 source + 3 target)
     and 8 test clips (normal/anomaly x source/target), float32 features of varying length."""
-    from pipelines import store as S
-    from pipelines.stages.extract import write_shard
+    from store_writer import clip_row, write_store
 
-    vdir = S.version_dir(store, fcfg.version)
-    clips, manifest = [], []
+    clips = []
     for machine, section in SECTIONS:
         offset = rng.normal(-50.0, 5.0, size=(N_MELS, 1))
         for split, specs in (("train", [("source", "normal")] * 6 + [("target", "normal")] * 3),
                              ("test", [(d, lab) for d in ("source", "target") for lab in ("normal", "anomaly")] * 2)):
-            rows, flat = [], []
             for i, (domain, label) in enumerate(specs):
                 t = int(rng.integers(64, 90))
                 scale = 3.0 if label == "anomaly" else 1.0
                 feats = (offset + scale * rng.normal(size=(N_MELS, t))
                          + (2.0 * scale) * rng.normal(size=(N_MELS, 1))).astype(np.float32)
-                attr = f"a{i % 2}"
-                name = f"section_{section}_{domain}_{split}_{label}_{i:04d}_{attr}.wav"
-                path = f"dev_data/{machine}/{split}/{name}"
-                row = {"path": path, "dataset": "dev_data", "machine": machine, "section": section,
-                       "domain": domain, "split": split, "label": label, "index": i, "attribute": attr,
-                       "attribute_class": f"{machine}/{section}/{domain}/{attr}", "attributes_json": None,
-                       "content_hash": f"h{len(clips):06d}", "feature_version": fcfg.version,
-                       "n_mels": N_MELS, "n_frames": t, "source_sample_rate": 16000, "source_channels": 1,
-                       "resampled": False, "downmixed": False}
-                rows.append(row)
-                flat.append(feats.reshape(-1))
+                row = clip_row(machine, section, split, domain, label, i, f"a{i % 2}", N_MELS, t, fcfg.version,
+                               f"h{len(clips):06d}")
                 clips.append({**row, "features": feats})
-            rel = f"{S.partition_dir('dev_data', machine, section, split)}/part-{split}.parquet"
-            write_shard(vdir / rel, rows, flat, "float32")
-            manifest += [{"path": r["path"], "dataset": "dev_data", "machine": machine, "section": section,
-                          "split": split, "domain": r["domain"], "label": r["label"],
-                          "content_hash": r["content_hash"], "size": 0, "mtime_ns": 0,
-                          "n_frames": r["n_frames"], "shard": rel} for r in rows]
-    S.write_manifest(vdir, pd.DataFrame(manifest))
-    S.record_store(store, fcfg.version, {"dtype": "float32"})
+    write_store(store, fcfg.version, [(c, c["features"]) for c in clips])
     return clips
 
 

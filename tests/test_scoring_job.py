@@ -155,38 +155,22 @@ N_MELS = 16
 
 
 def _write_store(store, fcfg, rng) -> None:
-    """A feature store written directly (no Ray), as tests/test_knn.py: per section 6 source + 3
-    target training clips over 4 attribute classes, 6 test clips; float32 features."""
-    from pipelines import store as S
-    from pipelines.stages.extract import write_shard
+    """A feature store written directly (no Ray): per section 6 source + 3 target training clips
+    over 4 attribute classes, 6 test clips; float32 features."""
+    from store_writer import clip_row, write_store
 
-    vdir = S.version_dir(store, fcfg.version)
-    manifest = []
+    clips = []
     for machine, section in SECTIONS[:2]:
         for split, specs in (("train", [("source", f"a{i % 2}") for i in range(6)]
                               + [("target", f"t{i % 2}") for i in range(3)]),
                              ("test", [(d, "a0") for d in ("source", "target")] * 3)):
-            rows, flat = [], []
             for i, (domain, attr) in enumerate(specs):
                 t = int(rng.integers(64, 100))
                 label = "anomaly" if split == "test" and i % 3 == 0 else "normal"
                 feats = (rng.normal(-40.0, 5.0, size=(N_MELS, 1)) + rng.normal(size=(N_MELS, t))).astype(np.float32)
-                path = f"dev_data/{machine}/{split}/section_{section}_{domain}_{split}_{label}_{i:04d}_{attr}.wav"
-                rows.append({"path": path, "dataset": "dev_data", "machine": machine, "section": section,
-                             "domain": domain, "split": split, "label": label, "index": i, "attribute": attr,
-                             "attribute_class": f"{machine}/{section}/{domain}/{attr}", "attributes_json": None,
-                             "content_hash": f"h{len(manifest) + i:06d}", "feature_version": fcfg.version,
-                             "n_mels": N_MELS, "n_frames": t, "source_sample_rate": 16000, "source_channels": 1,
-                             "resampled": False, "downmixed": False})
-                flat.append(feats.reshape(-1))
-            rel = f"{S.partition_dir('dev_data', machine, section, split)}/part-{split}.parquet"
-            write_shard(vdir / rel, rows, flat, "float32")
-            manifest += [{"path": r["path"], "dataset": "dev_data", "machine": machine, "section": section,
-                          "split": split, "domain": r["domain"], "label": r["label"],
-                          "content_hash": r["content_hash"], "size": 0, "mtime_ns": 0,
-                          "n_frames": r["n_frames"], "shard": rel} for r in rows]
-    S.write_manifest(vdir, pd.DataFrame(manifest))
-    S.record_store(store, fcfg.version, {"dtype": "float32"})
+                clips.append((clip_row(machine, section, split, domain, label, i, attr, N_MELS, t, fcfg.version,
+                                       f"h{len(clips):06d}"), feats))
+    write_store(store, fcfg.version, clips)
 
 
 def test_run_scoring_matches_the_reference_on_the_jobs_embeddings(tmp_path):

@@ -33,6 +33,7 @@ def get(name: str):
     """The registered detector called ``name``."""
     if name not in MODULES:
         raise ValueError(f"no detector {name!r}; registered: {', '.join(NAMES)}")
+    # by name, on first use: the detector modules import pipelines.config, which imports this registry
     return importlib.import_module(MODULES[name]).DETECTOR
 
 

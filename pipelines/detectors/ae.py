@@ -211,8 +211,8 @@ def score_ae(models: dict, frames: int, train: ClipTable, test: ClipTable, quant
     scored["score"], scored["decision"], scored["nearest_attribute"] = test_scores.numpy(), -1, None
     for machine, rows in test.meta.groupby("machine", sort=True):
         fit_rows = train.meta.index[train.meta["machine"] == machine]
-        threshold = fit_gamma_threshold(train_scores[fit_rows.to_numpy()], quantile)
-        scored.loc[rows.index, "decision"] = decide(test_scores[rows.index.to_numpy()], threshold).numpy()
+        threshold = fit_gamma_threshold(train_scores[torch.tensor(fit_rows.to_numpy())], quantile)
+        scored.loc[rows.index, "decision"] = decide(test_scores[torch.tensor(rows.index.to_numpy())], threshold).numpy()
     return scored
 
 

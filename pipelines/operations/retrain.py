@@ -127,7 +127,7 @@ def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work:
         challenger_score = frozen_result.official_score
         champion_score = float(champion.tags.get("official_score", "nan"))
         promote = promotes(challenger_score, champion_score, cfg.retrain.tolerance)
-        reg = registry.log_scoring(cfg, frozen_result, extra_metrics={"peak_rss_mib": ctx.peak.mib})
+        reg = registry.log_scoring(cfg, frozen_result)
         tags = {"retrain_decision": "promoted" if promote else "kept_champion",
                 "challenger_official_score": challenger_score, "champion_official_score": champion_score,
                 "data_manifest_digest": data_digest, "parent_version": champion.version,
@@ -143,7 +143,7 @@ def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work:
                     "parent_version": champion.version, "challenger_score": challenger_score,
                     "champion_score": champion_score}
         (work / "scoring" / DECISION_FILE).write_text(json.dumps(decision, default=str))
-        return decision
+        return {**decision, "run_id": reg["run_id"]}
     return Stage("challenger", run, inputs=(model_stage.name,), fingerprint=cfg.digest("score", "retrain", "mlflow"),
                  output=work / "scoring", done_file=DECISION_FILE, mlflow_run=False)
 

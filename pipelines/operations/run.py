@@ -102,7 +102,7 @@ def score_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, root: Path
     def run(ctx: StageContext) -> dict:
         result = run_scoring(cfg, model_stage.output, store, score_dir, ground_truth_root=root)
         freeze_eval_set(Path(cfg.run_dir), result.scores["path"].tolist())
-        reg = log_scoring(cfg, result, extra_metrics={"peak_rss_mib": ctx.peak.mib})
+        reg = log_scoring(cfg, result)
         if result.results:
             (Path(cfg.run_dir) / "results.md").write_text(
                 results_markdown(result.results, detectors.get(cfg.method).label(cfg)))

@@ -45,7 +45,6 @@ class StageContext:
     digest: str  # this stage's digest (Ray Train run names derive from it)
     earlier: dict[str, dict]  # the summary of every stage run or skipped before this one
     mlflow_run_id: str | None  # the stage's nested MLflow run (None when it logs its own runs)
-    peak: PeakMemory  # the stage's peak memory so far
 
 
 @dataclass
@@ -58,7 +57,9 @@ class Stage:
     fingerprint: str = ""
     output: Path | None = None  # None: always runs
     done_file: str | None = None  # the file in ``output`` that says the stage finished
-    mlflow_run: bool = True  # a nested MLflow run of its own (False: the stage logs its own runs)
+    # a nested MLflow run of its own; False: the stage logs its own run and returns its "run_id",
+    # which then gets the stage's timing and peak memory
+    mlflow_run: bool = True
 
     def finished(self) -> bool:
         if self.output is None:
@@ -107,10 +108,11 @@ def _run(stage: Stage, digest: str, earlier: dict, book: StageBook) -> dict:
     t0 = time.perf_counter()
     with (tracking.stage_run(stage.name) if stage.mlflow_run else contextlib.nullcontext()) as run:
         with PeakMemory() as peak:
-            info = stage.run(StageContext(digest, dict(earlier), run.info.run_id if run else None, peak)) or {}
+            info = stage.run(StageContext(digest, dict(earlier), run.info.run_id if run else None)) or {}
         seconds = time.perf_counter() - t0
-        if run:
-            mlflow.log_metrics({"stage_seconds": seconds, "peak_rss_mib": peak.mib})
-    info = {**info, "seconds": seconds, "peak_rss_mib": peak.mib, **({"run_id": run.info.run_id} if run else {})}
+        run_id = run.info.run_id if run else info.get("run_id")  # a stage logging its own run returns it
+        if run_id:
+            mlflow.log_metrics({"stage_seconds": seconds, "peak_rss_mib": peak.mib}, run_id=run_id)
+    info = {**info, "seconds": seconds, "peak_rss_mib": peak.mib, **({"run_id": run_id} if run_id else {})}
     book.record(stage.name, digest, **info)
     return info

@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from ray import job_submission
+from ray._private import ray_constants
+from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
 from pipelines.ray_runtime import TRAIN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipelines/operations/ -> the repository
@@ -55,9 +59,6 @@ def upload_listing(env: dict) -> list[str]:
 
     Ray's own packaging walk (its default excludes, ``excludes``, and the .gitignore / .rayignore
     files it honours), without building the package, so the list is exactly what Ray uploads."""
-    from ray._private import ray_constants
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
     root = Path(env["working_dir"]).absolute()
     excludes = ray_constants.get_runtime_env_default_excludes() + list(env["excludes"])
     include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
@@ -74,9 +75,7 @@ def upload_listing(env: dict) -> list[str]:
 def submit(address: str, entrypoint: str, *, env: dict | None = None, follow: bool = True,
            timeout_s: float | None = None, submission_id: str | None = None) -> tuple[str, str]:
     """Submit the job; with ``follow`` print its logs until it ends. Returns (job id, status)."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = job_submission.JobSubmissionClient(address)  # looked up at call time: tests replace it
     job_id = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env),
                         submission_id=submission_id)
     print(f"submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)

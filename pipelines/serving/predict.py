@@ -25,8 +25,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
 from asd.contracts import section_key
+from asd.metadata import ClipNameError, parse_clip_name
+from pipelines.config import load_config
 from pipelines.errors import UserError, first_line
+from pipelines.serving.pyfunc_model import AsdPyfuncModel, normalize_section, scoring_settings
+from pipelines.tracking import connect
+from pipelines.tracking import tracking_uri as cfg_uri
 
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://", "s3://",
                     "gs://", "file:")
@@ -60,16 +69,11 @@ def register(subparsers) -> None:
 
 # ----------------------------------------------------------------------------- model loading
 def _config(args):
-    from pipelines.config import load_config
-
     return load_config(args.config or "demo", args.overrides)
 
 
 def load_predictor(model: str, tracking_uri: str | None = None, config=None):
     """(AsdPyfuncModel, description) for a registry URI or a local folder; UsageError if not found."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from pipelines.serving.pyfunc_model import AsdPyfuncModel
-
     local = Path(model)
     if not model.startswith(REGISTRY_SCHEMES):
         if not local.exists():
@@ -80,15 +84,10 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
         if (local / "sections.pt").is_file() and (local / "model" / "model.pt").is_file():
             settings = None
             if not (local / "scoring.json").is_file() and config is not None:
-                from pipelines.serving.pyfunc_model import scoring_settings
-
                 settings = scoring_settings(config)
             return AsdPyfuncModel.from_dir(local, settings), str(local)
         raise UsageError(f"--model {model}: neither a logged MLflow model (MLmodel) nor an "
                          "`asd score` output folder (model/model.pt + sections.pt)")
-    from pipelines.tracking import connect
-    from pipelines.tracking import tracking_uri as cfg_uri
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and config is not None:
         uri = cfg_uri(config)
@@ -101,11 +100,6 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
 def _load_logged(model: str | Path, where: str | None = None, download_to: str | None = None):
     """The :class:`AsdPyfuncModel` of a logged pyfunc: a local MLmodel folder, or a URI
     downloaded into ``download_to`` first; UsageError when it cannot be loaded."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.serving.pyfunc_model import AsdPyfuncModel
-
     try:
         local = download_artifacts(artifact_uri=model, dst_path=download_to) if download_to else model
         return AsdPyfuncModel.from_logged_model(local)
@@ -121,8 +115,6 @@ def infer_machine_section(path: str | Path, machine: str | None = None,
                           section: str | None = None) -> tuple[str, str]:
     """Machine from ``<machine>/<train|test>/file.wav`` (or the parent folder), section from the
     DCASE file name; explicit values win. Raises ValueError when one cannot be inferred."""
-    from asd.metadata import ClipNameError, parse_clip_name
-
     p = Path(path)
     if machine is None:
         parent = p.resolve().parent if p.parent == Path(".") else p.parent
@@ -142,8 +134,6 @@ def infer_machine_section(path: str | Path, machine: str | None = None,
 def predict_files(predictor, clips: list[str], machine: str | None = None,
                   section: str | None = None) -> list[dict]:
     """One record per clip: path, machine, section, score, decision, nearest_attribute, error."""
-    from pipelines.serving.pyfunc_model import normalize_section
-
     records = []
     for clip in clips:
         rec = {"path": clip, "machine": None, "section": None, "score": None, "decision": None,
@@ -162,8 +152,6 @@ def predict_files(predictor, clips: list[str], machine: str | None = None,
 
 def _score(predictor, records: list[dict]) -> None:
     """Read the records' files and fill in their scores or errors."""
-    import pandas as pd
-
     rows = {}
     for i, rec in enumerate(records):
         try:
@@ -214,8 +202,6 @@ def main(args) -> int:
 
 def _check_explicit(predictor, machine: str | None, section: str | None) -> None:
     """An explicit --machine/--section the model does not know is a usage error."""
-    from pipelines.serving.pyfunc_model import normalize_section
-
     known = predictor.known_sections()
     if machine is not None and not any(k.startswith(f"{machine}/") for k in known):
         raise UsageError(f"the model knows no machine type {machine!r}; it knows "

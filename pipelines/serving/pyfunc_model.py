@@ -50,19 +50,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import mlflow.pyfunc
+from mlflow.models import Model
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import mlflow.pyfunc  # noqa: E402
-from mlflow.models import Model  # noqa: E402
-
-from asd.audio import AudioFormatError, load_audio, prepare_waveform  # noqa: E402
-from asd.backend import SectionModel, decide  # noqa: E402
-from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE  # noqa: E402
-from asd.contracts import section_key  # noqa: E402
-from asd.features import log_mel  # noqa: E402
-from asd.training import embed_clips  # noqa: E402
-from pipelines.checkpoints import feature_config, load_model  # noqa: E402
+from asd.audio import AudioFormatError, load_audio, prepare_waveform
+from asd.backend import SectionModel, decide
+from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE
+from asd.contracts import section_key
+from asd.features import log_mel
+from asd.training import embed_clips
+from pipelines.checkpoints import feature_config, load_model
 DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "batch_size": 32,
                     "feature_dtype": "float32"}
 INPUT_ROOT_ENV = "ASD_INPUT_ROOT"

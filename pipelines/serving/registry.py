@@ -28,20 +28,31 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+import yaml
 
-import mlflow  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from pipelines import tracking  # noqa: E402
-from pipelines.config import PipelineConfig  # noqa: E402
+from asd import metrics as M
+from pipelines import store as store_mod
+from pipelines import tracking
+from pipelines.checkpoints import feature_config, load_meta
+from pipelines.config import PipelineConfig
+from pipelines.serving.pyfunc_model import (DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE,
+                                            write_settings)
+from pipelines.stages import plots
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +156,6 @@ def model_signature():
     MLflow would otherwise decode every ``binary`` cell as base64 (rows without audio fail the
     whole request) and refuse int sections or numpy waveforms. Outputs: ``score`` (null where
     the row failed), ``decision``, ``nearest_attribute``, ``error``."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
-
     inputs = Schema([
         ColSpec("string", "machine"), ColSpec(AnyType(), "section"),
         ColSpec(AnyType(), "audio", required=False), ColSpec("string", "path", required=False),
@@ -162,16 +170,6 @@ def input_example(scoring_dir: str | Path):
     """One row the model scores: a quiet noise clip generated here, long enough for the model,
     as base64 WAV (what JSON carries) for the first section the model knows (None if it knows
     none). MLflow stores it as JSON and runs it through the model once when logging."""
-    import io
-
-    import numpy as np
-    import pandas as pd
-    import soundfile as sf
-    import torch
-
-    from pipelines.checkpoints import feature_config, load_meta
-    from pipelines.serving.pyfunc_model import DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE
-
     scoring_dir = Path(scoring_dir)
     features = feature_config(load_meta(scoring_dir / "model"))
     settings = dict(DEFAULT_SETTINGS)
@@ -192,8 +190,6 @@ def input_example(scoring_dir: str | Path):
 
 def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None, name: str = MODEL_NAME_IN_RUN):
     """Log the pyfunc of an ``asd score`` output folder into the active run; returns ModelInfo."""
-    from pipelines.serving.pyfunc_model import SETTINGS_FILE, write_settings
-
     scoring_dir = Path(scoring_dir)
     model_dir, sections = scoring_dir / "model", scoring_dir / "sections.pt"
     for p in (model_dir / "model.pt", model_dir / "meta.json", sections):
@@ -231,8 +227,6 @@ def _metric_name(*parts: str) -> str:
 
 def scoring_metrics(results: list) -> dict[str, float]:
     """The metrics :func:`log_scoring` logs, from a list of asd.metrics.SectionResult."""
-    from asd import metrics as M
-
     out: dict[str, float] = {}
     for r in results:
         for key in M.METRICS:
@@ -254,10 +248,6 @@ def scoring_metrics(results: list) -> dict[str, float]:
 
 def _manifest(cfg: PipelineConfig) -> tuple[str | None, object, object]:
     """(digest, summary, manifest) of the feature store when pipelines.store can tell."""
-    try:
-        from pipelines import store as store_mod
-    except ImportError:
-        return None, None, None
     store = cfg.path(cfg.extract.store)
     if not Path(store).exists():
         return None, None, None
@@ -274,8 +264,6 @@ def _manifest(cfg: PipelineConfig) -> tuple[str | None, object, object]:
 
 
 def _summarise(manifest) -> object:
-    import pandas as pd
-
     if isinstance(manifest, pd.DataFrame):
         cols = [c for c in ("dataset", "machine", "section", "split", "domain", "label")
                 if c in manifest.columns]
@@ -287,18 +275,12 @@ def _summarise(manifest) -> object:
     return manifest
 
 
-def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
-                extra_metrics: dict[str, float] | None = None) -> dict:
+def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -> dict:
     """Log a :class:`pipelines.stages.score.ScoringResult` to MLflow and register its pyfunc model.
-    ``extra_metrics`` (e.g. the scoring's peak memory) go to the same run.
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
     ``models:/<name>/<version>``; ``model_uri``/``version`` are None for the AE and kNN
     baselines, which have no prototype model to register)."""
-    import yaml
-
-    from pipelines.stages import plots
-
     active = mlflow.active_run()
     if active is None:
         tracking.setup(cfg)
@@ -316,7 +298,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
         metrics = scoring_metrics(result.results)
         if metrics:
             mlflow.log_metrics(metrics)
-        mlflow.log_metrics({"test_clips": float(len(result.scores)), **(extra_metrics or {})})
+        mlflow.log_metrics({"test_clips": float(len(result.scores))})
 
         if (out_dir / "submission").is_dir():
             mlflow.log_artifacts(str(out_dir / "submission"), "submission")

@@ -36,17 +36,23 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
+from asd.audio import AudioFormatError, load_audio
 from asd.contracts import DEV_DATA, EVAL_DATA, attribute_class
-from asd.features import FeatureConfig
+from asd.features import FeatureConfig, log_mel
 from asd.metadata import ClipMeta, discover_clips, entry_problem
 from pipelines import console
 from pipelines import store as S
+from pipelines.compute_process import prepare_compute_process
+from pipelines.config import add_config_arguments, load_config
 from pipelines.errors import UserError
 from pipelines.locks import LockBusy, exclusive_lock
+from pipelines.ray_runtime import init_ray
 
 log = logging.getLogger(__name__)
 DATASETS = (DEV_DATA, EVAL_DATA)
@@ -160,8 +166,6 @@ class ShardExtractor:
     """Ray Data actor for ``flat_map``: :func:`extract_shard` with the settings of this run."""
 
     def __init__(self, data_root: str, vdir: str, features: dict, dtype: str) -> None:
-        from pipelines.compute_process import prepare_compute_process
-
         prepare_compute_process(1)  # parallelism comes from the number of actors
         self.kwargs = {"data_root": data_root, "vdir": vdir, "features": features, "dtype": dtype}
 
@@ -171,8 +175,6 @@ class ShardExtractor:
 
 def extract_shard_task(row: dict, **settings) -> list[dict]:
     """Ray Data task for ``flat_map``: :func:`extract_shard` in a process set up for it."""
-    from pipelines.compute_process import prepare_compute_process
-
     prepare_compute_process(1)  # parallelism comes from the number of tasks
     return extract_shard(row, **settings)
 
@@ -185,8 +187,6 @@ def spec_digest(spec: str) -> str:
 def quarantine_reason(err: Exception) -> str:
     """The reason recorded for a clip: our own audio errors say it all; anything else keeps its
     exception class, so that an unexpected failure is recognisable in the quarantine table."""
-    from asd.audio import AudioFormatError
-
     text = str(err).replace("<bytes>: ", "")
     return text if isinstance(err, AudioFormatError) else f"{type(err).__name__}: {text}"
 
@@ -194,9 +194,6 @@ def quarantine_reason(err: Exception) -> str:
 def featurise_clip(data: bytes, fcfg: FeatureConfig):
     """(features [n_mels, T], AudioInfo) of one WAV file's bytes; ``AudioFormatError`` for a
     clip the store must not hold (constant signal, too short: checked before the features)."""
-    from asd.audio import AudioFormatError, load_audio
-    from asd.features import log_mel
-
     wave, info = load_audio(data, fcfg.sample_rate, resample=fcfg.resample, channels=fcfg.channels)
     if "constant" in info.flags:
         raise AudioFormatError("constant signal (digital silence or DC offset): nothing to analyse")
@@ -213,8 +210,6 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
     Reads each file once (hash + decode from the same bytes), computes features, writes the
     shard's Parquet file (only the usable clips) atomically under its deterministic name, then
     its journal entry."""
-    import numpy as np
-
     fcfg = FeatureConfig(**features)
     spec = json.loads(row["shard"])
     np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -250,8 +245,6 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
 
 
 def write_shard(path: Path, rows: list[dict], flat: list, dtype: str) -> None:
-    import numpy as np
-
     schema = S.shard_schema(dtype)
     cols = {name: pa.array([r[name] for r in rows], type=schema.field(name).type)
             for name in schema.names if name != "features"}
@@ -283,10 +276,6 @@ def _shards(pending: list[Found], batch_size: int) -> list[str]:
 def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfig, dtype: str,
                 concurrency: int | None, actors: bool, ray_address: str | None, ray_num_cpus: int | None
                 ) -> list[dict]:
-    import ray
-
-    from pipelines.ray_runtime import init_ray
-
     init_ray(ray_address, ray_num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts clips
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -566,8 +555,6 @@ def pending_clips(root: str | os.PathLike, store: str | os.PathLike, features: F
 
 # ----------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from pipelines.config import add_config_arguments
-
     p = subparsers.add_parser("extract", help="extract features into the Parquet feature store (Ray Data)",
                               description=__doc__.split("\n\n")[0])
     add_config_arguments(p)
@@ -580,8 +567,6 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from pipelines.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     console.log_to_file(Path(cfg.run_dir) / "logs", "extract")
     store = Path(args.store) if args.store else cfg.path(cfg.extract.store)

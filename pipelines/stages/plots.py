@@ -17,17 +17,18 @@ import math
 import re
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
 
+from asd import metrics as M
 from asd.contracts import DOMAINS, section_key
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen, when a figure is drawn
 
     return plt
 
@@ -45,8 +46,6 @@ def _labelled(scores: pd.DataFrame) -> pd.DataFrame:
 
 def roc_curves(scores: pd.DataFrame, out_dir: str | Path, sections: dict | None = None) -> list[Path]:
     """``roc_<machine>.png``: one curve per section and domain (domain normals + all anomalies)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +128,6 @@ def score_histograms(scores: pd.DataFrame, sections: dict | None, out_dir: str |
 
 def machine_hmeans(scores: pd.DataFrame, results: list | None = None) -> tuple[dict, float | None]:
     """Per-machine hmean and the official score, from ``results`` or recomputed from ``scores``."""
-    from asd import metrics as M
-
     if results is None:
         results = []
         for (machine, section), rows in _labelled(scores).groupby(["machine", "section"], sort=True):

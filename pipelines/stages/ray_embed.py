@@ -6,20 +6,23 @@ are embedded in-process, which is faster than starting actors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import ray
 import torch
 
+from asd.model import EmbeddingNet, ModelConfig
+from asd.training import embed_clips
+from pipelines.compute_process import prepare_compute_process
 from pipelines.config import PipelineConfig
+from pipelines.ray_runtime import init_ray
 
 
 class _Embedder:
     """Ray Data actor: rebuilds the network once, then embeds batches of clips."""
 
     def __init__(self, model_cfg: dict, state: dict, batch_size: int, window, hop: int, threads: int):
-        from asd.model import EmbeddingNet, ModelConfig
-
-        from pipelines.compute_process import prepare_compute_process
-
         prepare_compute_process(threads)
         self.model = EmbeddingNet(ModelConfig(**model_cfg))
         self.model.load_state_dict(state)
@@ -27,8 +30,6 @@ class _Embedder:
         self.batch_size, self.window, self.hop = batch_size, window, hop
 
     def __call__(self, batch: dict) -> dict:
-        from asd.training import embed_clips
-
         feats = [torch.from_numpy(np.asarray(f, dtype=np.float32).reshape(int(m), -1))
                  for f, m in zip(batch["features"], batch["n_mels"])]
         z = embed_clips(self.model, feats, range(len(feats)), self.batch_size,
@@ -39,12 +40,6 @@ class _Embedder:
 def embed_with_ray(model, features: list[torch.Tensor], cfg: PipelineConfig, window: int | None
                    ) -> torch.Tensor:
     """Embeddings [N, D] of ``features`` computed by an actor pool on the Ray cluster."""
-    import dataclasses
-
-    import ray
-
-    from pipelines.ray_runtime import init_ray
-
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     n_cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     actors = max(1, min(n_cpus, 8))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 
 from asd import metrics as M
 from asd.backend import SectionModel
@@ -29,6 +30,7 @@ from pipelines.checkpoints import copy_model
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError, first_line, require_feature_store
 from pipelines.serving.pyfunc_model import load_sections, write_settings
+from pipelines.serving.registry import log_scoring
 from pipelines.store import load_split
 
 log = logging.getLogger(__name__)
@@ -198,10 +200,6 @@ def _score(cfg: PipelineConfig, args, out: Path) -> ScoringResult:
 def _log_to_mlflow(cfg: PipelineConfig, result: ScoringResult, args) -> None:
     """Log and register ``result``; an MLflow failure keeps the local results and says how to
     register them later."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.serving.registry import log_scoring
-
     try:
         reg = log_scoring(cfg, result)
     except (MlflowException, OSError, UserError) as err:  # OSError: requests' connection errors too

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from asd.contracts import (DEV_DATA, DOMAINS, EVAL_DATA, GROUND_TRUTH_DATA, GROUND_TRUTH_DOMAIN, LABELS,
                            ground_truth_file_name, labelled_clip_name, unlabelled_clip_name)
+from asd.metadata import discover_clips
 from pipelines.compute_process import tune_allocator
 from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, keyed_rng, render_clip
 
@@ -380,8 +381,6 @@ def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, work
     tree. Rows are appended to (or create) ``attributes_XX.csv``. Returns every WAV written plus
     the csv files touched.
     """
-    from asd.metadata import discover_clips
-
     if kind not in DROP_KINDS:
         raise ValueError(f"unknown drop kind {kind!r}; one of {DROP_KINDS}")
     if count < 1 or seed < 0:

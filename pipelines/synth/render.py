@@ -12,6 +12,7 @@ import io
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from PIL import Image
 from scipy.signal import spectrogram
@@ -30,10 +31,8 @@ def clip(machine: str, section: str, domain: str, anomaly: str | None, strength:
 
 def render(out: str | Path, section: str = "00", strength: float = 0.8, snr: float = 6.0, seconds: float = 10.0,
            seed: int = 0) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen, when rendering
 
     fig, axes = plt.subplots(len(MACHINE_TYPES), 4, figsize=(20, 3.0 * len(MACHINE_TYPES)), sharex=True, sharey=True)
     for row, machine in zip(axes, MACHINE_TYPES):
