@@ -2,5 +2,7 @@
 
 import os
 
-# MLflow reads this once, when it is first imported: every module of the package may import it
+# MLflow reads these once, when it is first imported, and any module of the package may import it:
+# no telemetry, and no console handler of its own (pipelines.console routes MLflow's records)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")

@@ -50,8 +50,7 @@ class _StderrHandler(logging.StreamHandler):
 def configure(verbose: bool = False) -> None:
     """Console logging for one command (idempotent)."""
     _state["verbose"] = verbose
-    # MLflow's own console handler and artifact progress bars: configuration, before it is imported
-    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    # MLflow's artifact progress bars (its console handler is off: pipelines/__init__.py)
     if not verbose:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = logging.getLogger()

@@ -37,3 +37,19 @@ def test_library_logs_reach_the_file_and_only_errors_reach_the_console(fresh_log
     for line in ("execution plan of dataset", "a harmless library warning", "creating tables"):
         assert (line in err) == verbose
         assert line in path.read_text()  # always in the file
+
+
+@pytest.mark.slow  # a fresh interpreter importing MLflow and torch: ~10 s
+def test_mlflow_configures_no_console_handler_of_its_own(tmp_path):
+    """A subcommand module imports MLflow before the console is configured (the CLI loads it to
+    build the parser): MLflow's own INFO lines (creating a SQLite store) must still stay off the
+    console. Run in a fresh interpreter, where MLflow is imported for the first time."""
+    import subprocess
+    import sys
+
+    code = ("from pipelines import cli, console; cli.build_parser('score'); console.configure(); "
+            "import mlflow; "
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path}/mlflow.db'); mlflow.search_experiments()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "database tables" not in done.stderr, done.stderr
