@@ -71,7 +71,8 @@ def test_rerun_skips_up_to_date_stages(tiny_pipeline):
         assert again["stages"][stage].get("skipped") is True, stage
 
 
-def test_retrain_on_a_data_drop(tiny_pipeline):
+def test_retrain_on_a_data_drop(tiny_pipeline, monkeypatch):
+    from pipelines.operations import retrain as retrain_module
     from pipelines.operations.retrain import retrain
     from pipelines.synth.generate import add_drop
 
@@ -79,8 +80,19 @@ def test_retrain_on_a_data_drop(tiny_pipeline):
     added = add_drop(Path(cfg.data.root), "target", count=2, seed=5)
     added = [p for p in added if p.endswith(".wav")]
     assert added
+    # interrupted after fine-tuning (the registry fails): the next call resumes that retraining,
+    # although the store already holds the new clips, and does not fine-tune again
+    log_scoring = retrain_module.registry.log_scoring
+
+    def registry_down(*args, **kwargs):
+        raise RuntimeError("registry down")
+    monkeypatch.setattr(retrain_module.registry, "log_scoring", registry_down)
+    with pytest.raises(RuntimeError, match="registry down"):
+        retrain(cfg)
+    monkeypatch.setattr(retrain_module.registry, "log_scoring", log_scoring)
     out = retrain(cfg)
-    assert out["new_clips"] == len(added) and out["extracted"] == len(added)
+    assert out["stages"]["finetune"].get("skipped") is True
+    assert out["new_clips"] == len(added) and out["stages"]["extract"]["extracted"] == 0
     assert str(out["version"]) == "2" and str(out["parent_version"]) == "1"
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     v2 = client.get_model_version(cfg.mlflow.registered_model, "2")
