@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 
 # Accepted source rates. Outside them a file is not audio the front end can use (or a header
 # error); inside, the cost of resampling is bounded by MAX_RATIO_TERM below.
@@ -73,6 +72,8 @@ def resample(wave: torch.Tensor, source_rate: int, target_rate: int) -> torch.Te
     ratio = resample_ratio(source_rate, target_rate)
     if ratio == 1:
         return wave
+    from scipy.signal import resample_poly  # deferred: ~1.5 s to import, and most clips need no resampling
+
     out = resample_poly(wave.numpy(), ratio.numerator, ratio.denominator)
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 

@@ -35,7 +35,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 
 COVARIANCE_MODES = ("pooled", "within")
 DEFAULT_SHRINKAGE = "ledoit-wolf"
@@ -344,6 +343,8 @@ def fit_gamma_threshold(scores: np.ndarray | torch.Tensor, quantile: float = DEF
     (fewer than 2 distinct values or a zero spread), when the fit raises, or when the fit
     or its quantile is not finite. Non-finite or empty scores raise ``ValueError``.
     """
+    from scipy import stats  # deferred: ~1 s to import; training workers never fit a threshold
+
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     if isinstance(scores, torch.Tensor):

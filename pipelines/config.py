@@ -37,7 +37,6 @@ from asd.model import STEMS, ModelConfig
 from pipelines import detectors
 from pipelines.errors import UserError
 from pipelines.store import FEATURE_DTYPES
-from pipelines.synth.generate import PRESETS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -151,6 +150,9 @@ class DataConfig:
 
     @model_validator(mode="after")
     def _known_preset(self):
+        # deferred: the generator (0.5 s) only when a preset is named; every Ray worker reads configs
+        from pipelines.synth.generate import PRESETS
+
         if self.synth_preset is not None and self.synth_preset not in PRESETS:
             raise _rule("synth_preset", f"must be one of {', '.join(PRESETS)} or null (got {self.synth_preset!r})")
         return self

@@ -34,7 +34,6 @@ from asd.training import Workers
 from pipelines.config import PipelineConfig
 from pipelines.console import EpochProgress
 from pipelines.ray_runtime import init_ray
-from pipelines.tracking import log_epoch_metrics
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.json"  # every epoch's metrics, carried in each checkpoint (survives resumes)
@@ -118,6 +117,9 @@ class EpochReporter:
             return
         self._show(metrics)
         if self.mlflow_run_id:
+            # deferred: MLflow (~1 s to import) only on the rank that logs, not in every worker
+            from pipelines.tracking import log_epoch_metrics
+
             log_epoch_metrics(self.tracking_uri, self.mlflow_run_id, self.stage, metrics, int(metrics["epoch"]))
         with tempfile.TemporaryDirectory() as d:
             write_checkpoint(Path(d))

@@ -49,7 +49,6 @@ from pipelines.config import PipelineConfig, from_dict, to_dict
 from pipelines.detectors.base import Detector, TrainingStage, scored_frame
 from pipelines.distributed import broadcast_buffers
 from pipelines.ray_runtime import init_ray
-from pipelines.stages.ray_embed import embed_with_ray
 from pipelines.store import ClipTable, load_split
 
 log = logging.getLogger(__name__)
@@ -308,7 +307,10 @@ def embed_table(model, table: ClipTable, cfg: PipelineConfig, use_ray: bool | No
     if use_ray is None:
         use_ray = n >= RAY_EMBED_MIN_CLIPS
     if use_ray:
-        return embed_with_ray(model, table.features, cfg, window)  # Ray Data actors: large stores only
+        # deferred: Ray Data actors embed large stores only, and every Ray Train worker imports this module
+        from pipelines.stages.ray_embed import embed_with_ray
+
+        return embed_with_ray(model, table.features, cfg, window)
     return embed_clips(model, table.features, range(n), cfg.score.batch_size,
                        window=window, hop=cfg.score.window_hop)
 
