@@ -61,6 +61,12 @@ def section_key(machine: str, section: str) -> str:
     return f"{machine}/section_{section}"
 
 
+def split_section_key(key: str) -> tuple[str, str]:
+    """``(machine, section)`` of a :func:`section_key` (machine names may hold ``_`` and ``/``)."""
+    machine, _, section = key.rpartition("/section_")
+    return machine, section
+
+
 def attribute_class(machine: str, section: str, domain: str | None, attribute: str | None) -> str | None:
     """``machine/section/domain/attribute string``: the class the method learns; ``None`` for an
     unlabelled clip (no domain)."""

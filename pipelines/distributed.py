@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from asd.training import Workers
 from pipelines.config import PipelineConfig
 from pipelines.console import EpochProgress
-from pipelines.ray_runtime import init_ray
+from pipelines import ray_runtime
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.json"  # every epoch's metrics, carried in each checkpoint (survives resumes)
@@ -143,7 +143,7 @@ def fit(cfg: PipelineConfig, loop: Callable[[dict], None], loop_cfg: dict, *, st
     run directory resumes from its latest checkpoint; ``train.max_failures`` restarts a failed
     worker group."""
     tc = cfg.train
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ray_runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
     progress = EpochProgress(stage, epochs)
     trainer = TorchTrainer(
         loop,

@@ -102,3 +102,12 @@ def test_the_registry_names_every_detector_and_reads_old_model_directories(tmp_p
         detectors.get("nope")
     with pytest.raises(ValueError, match="names no registered detector"):
         detectors.name_in_meta({"stage": "nope"})
+
+
+def test_versions_registered_before_the_layout_change_find_their_model_code():
+    """A model version stores its models-from-code file, which imported ``pipelines.pyfunc_model``
+    before the served model moved to pipelines/serving/: that import must keep working."""
+    from pipelines.pyfunc_model import AsdPyfuncModel as old_path
+    from pipelines.serving.pyfunc_model import AsdPyfuncModel
+
+    assert old_path is AsdPyfuncModel

@@ -48,7 +48,7 @@ from pipelines.compute_process import prepare_compute_process
 from pipelines.config import PipelineConfig, from_dict, to_dict
 from pipelines.detectors.base import Detector, TrainingStage, scored_frame
 from pipelines.distributed import broadcast_buffers
-from pipelines.ray_runtime import init_ray
+from pipelines import ray_runtime
 from pipelines.store import ClipTable, load_split
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def run_training(cfg: PipelineConfig, stage: str, *, store: str | Path, out_dir:
         "data_ref": None,
     }
     if tc.data_loading == "object_store":
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        ray_runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         loop_cfg["data_ref"] = ray.put(load_split(store, "train", feature_version=cfg.features.version))
     log.info("%s: %d epochs on %d worker(s), %d attribute classes", stage, epochs, tc.num_workers, len(class_keys))
     t0 = time.perf_counter()

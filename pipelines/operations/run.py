@@ -120,6 +120,11 @@ def pipeline_stages(cfg: PipelineConfig, root: Path, tracking_uri: str) -> list[
 
 def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict:
     """Run every stage that is not up to date; return a summary dict."""
+    names = ["extract", *(s.name for s in detectors.get(cfg.method).stages(cfg)), "score"]
+    unknown = set(force or ()) - set(names)
+    if unknown:  # before anything starts
+        raise UserError(f"--force {', '.join(sorted(unknown))}: no such stage in this pipeline "
+                        f"(stages: {', '.join(names)})")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.setup(cfg)
@@ -127,10 +132,6 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
     t_start = time.perf_counter()
     root = ensure_data(cfg)  # a missing data tree fails before a pipeline run is opened
     stages = pipeline_stages(cfg, root, uri)
-    unknown = set(force or ()) - {s.name for s in stages}
-    if unknown:
-        raise UserError(f"--force {', '.join(sorted(unknown))}: no such stage in this pipeline "
-                        f"(stages: {', '.join(s.name for s in stages)})")
     with mlflow.start_run(run_name=f"pipeline-{cfg.name}") as parent:
         mlflow.log_params(tracking.flatten(cfg.to_dict()))
         mlflow.set_tag("pipeline", cfg.name)

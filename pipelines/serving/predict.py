@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from asd.contracts import section_key
+from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE, section_key
 from asd.metadata import ClipNameError, parse_clip_name
 from pipelines.config import load_config
 from pipelines.errors import UserError, first_line
@@ -81,9 +81,9 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
                              "models:/<name>@<alias> or models:/<name>/<version>)")
         if (local / "MLmodel").is_file():
             return _load_logged(local), str(local)
-        if (local / "sections.pt").is_file() and (local / "model" / "model.pt").is_file():
+        if (local / SECTIONS_FILE).is_file() and (local / SCORING_MODEL_DIR / MODEL_FILE).is_file():
             settings = None
-            if not (local / "scoring.json").is_file() and config is not None:
+            if not (local / SETTINGS_FILE).is_file() and config is not None:
                 settings = scoring_settings(config)
             return AsdPyfuncModel.from_dir(local, settings), str(local)
         raise UsageError(f"--model {model}: neither a logged MLflow model (MLmodel) nor an "

@@ -46,12 +46,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from asd import metrics as M
+from asd.contracts import (META_FILE, MODEL_FILE, SCORES_FILE, SCORING_MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE,
+                           split_section_key)
 from pipelines import store as store_mod
 from pipelines import tracking
 from pipelines.checkpoints import feature_config, load_meta
 from pipelines.config import PipelineConfig
-from pipelines.serving.pyfunc_model import (DEFAULT_SETTINGS, SECTIONS_FILE, SETTINGS_FILE,
-                                            write_settings)
+from pipelines.serving.pyfunc_model import DEFAULT_SETTINGS, write_settings
 from pipelines.stages import plots
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def input_example(scoring_dir: str | Path):
     as base64 WAV (what JSON carries) for the first section the model knows (None if it knows
     none). MLflow stores it as JSON and runs it through the model once when logging."""
     scoring_dir = Path(scoring_dir)
-    features = feature_config(load_meta(scoring_dir / "model"))
+    features = feature_config(load_meta(scoring_dir / SCORING_MODEL_DIR))
     settings = dict(DEFAULT_SETTINGS)
     if (scoring_dir / SETTINGS_FILE).is_file():
         settings.update(json.loads((scoring_dir / SETTINGS_FILE).read_text()))
@@ -180,7 +181,7 @@ def input_example(scoring_dir: str | Path):
     keys = sorted(torch.load(scoring_dir / SECTIONS_FILE, map_location="cpu", weights_only=True))
     if not keys:  # a model without sections scores nothing: no example
         return None
-    machine, _, section = keys[0].rpartition("/section_")
+    machine, section = split_section_key(keys[0])
     noise = np.random.default_rng(0).standard_normal(frames * features.hop_length) * 0.01
     wav = io.BytesIO()
     sf.write(wav, noise.astype(np.float32), features.sample_rate, format="WAV", subtype="PCM_16")
@@ -191,14 +192,14 @@ def input_example(scoring_dir: str | Path):
 def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None, name: str = MODEL_NAME_IN_RUN):
     """Log the pyfunc of an ``asd score`` output folder into the active run; returns ModelInfo."""
     scoring_dir = Path(scoring_dir)
-    model_dir, sections = scoring_dir / "model", scoring_dir / "sections.pt"
-    for p in (model_dir / "model.pt", model_dir / "meta.json", sections):
+    model_dir, sections = scoring_dir / SCORING_MODEL_DIR, scoring_dir / SECTIONS_FILE
+    for p in (model_dir / MODEL_FILE, model_dir / META_FILE, sections):
         if not p.is_file():
             raise FileNotFoundError(f"cannot log the pyfunc model: {p} is missing")
     settings = scoring_dir / SETTINGS_FILE
     if cfg is not None:
         write_settings(cfg, scoring_dir)
-    artifacts = {"model": str(model_dir), "sections": str(sections)}
+    artifacts = {SCORING_MODEL_DIR: str(model_dir), "sections": str(sections)}
     if settings.is_file():
         artifacts["settings"] = str(settings)
     return _log_model(name, artifacts, input_example(scoring_dir))
@@ -302,7 +303,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
 
         if (out_dir / "submission").is_dir():
             mlflow.log_artifacts(str(out_dir / "submission"), "submission")
-        for fname in ("results.md", "results.csv", "scores.csv", "timing.json"):
+        for fname in ("results.md", "results.csv", SCORES_FILE, "timing.json"):
             if (out_dir / fname).is_file():
                 mlflow.log_artifact(str(out_dir / fname), "results")
         with tempfile.TemporaryDirectory(prefix="asd-plots-") as tmp:
@@ -322,7 +323,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
             mlflow.log_dict(json.loads(json.dumps(summary, default=str)), "data/manifest_summary.json")
 
         reg: dict = {"run_id": run_id, "model_uri": None, "version": None, "official_score": official}
-        if not (out_dir / "model" / "model.pt").is_file():
+        if not (out_dir / SCORING_MODEL_DIR / MODEL_FILE).is_file():
             log.info("no prototype model in %s (AE or kNN baseline?): nothing to register", out_dir)
             return reg
         info = log_pyfunc_model(out_dir, cfg)

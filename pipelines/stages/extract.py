@@ -52,7 +52,7 @@ from pipelines.compute_process import prepare_compute_process
 from pipelines.config import add_config_arguments, load_config
 from pipelines.errors import UserError
 from pipelines.locks import LockBusy, exclusive_lock
-from pipelines.ray_runtime import init_ray
+from pipelines import ray_runtime
 
 log = logging.getLogger(__name__)
 DATASETS = (DEV_DATA, EVAL_DATA)
@@ -276,7 +276,7 @@ def _shards(pending: list[Found], batch_size: int) -> list[str]:
 def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConfig, dtype: str,
                 concurrency: int | None, actors: bool, ray_address: str | None, ray_num_cpus: int | None
                 ) -> list[dict]:
-    init_ray(ray_address, ray_num_cpus)
+    ray_runtime.init_ray(ray_address, ray_num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts clips
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"shard": s} for s in specs], override_num_blocks=len(specs))

@@ -1,6 +1,6 @@
 """Embedding many clips on Ray Data: an actor pool, each actor holding one copy of the network.
 
-Used by the scoring job when the store is large (``score.RAY_EMBED_MIN_CLIPS``); small stores
+Used by the scoring job when the store is large (``pipelines.detectors.prototype.RAY_EMBED_MIN_CLIPS``); small stores
 are embedded in-process, which is faster than starting actors.
 """
 
@@ -16,7 +16,7 @@ from asd.model import EmbeddingNet, ModelConfig
 from asd.training import embed_clips
 from pipelines.compute_process import prepare_compute_process
 from pipelines.config import PipelineConfig
-from pipelines.ray_runtime import init_ray
+from pipelines import ray_runtime
 
 
 class _Embedder:
@@ -40,7 +40,7 @@ class _Embedder:
 def embed_with_ray(model, features: list[torch.Tensor], cfg: PipelineConfig, window: int | None
                    ) -> torch.Tensor:
     """Embeddings [N, D] of ``features`` computed by an actor pool on the Ray cluster."""
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ray_runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
     n_cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     actors = max(1, min(n_cpus, 8))
     items = [{"i": i, "n_mels": f.shape[0], "features": f.flatten().numpy()}

@@ -36,8 +36,8 @@ def main(args) -> int:
     detector = detectors.get(cfg.method)
     if args.stage is not None and args.stage not in detector.stage_names:
         raise UserError(f"--stage {args.stage}: method={cfg.method} has the stages {', '.join(detector.stage_names)}")
-    if args.out and args.stage is None:
-        raise UserError("--out needs --stage: each stage writes its own model")
+    if (args.out or args.init) and args.stage is None:
+        raise UserError("--out and --init need --stage: each stage has its own model and starting point")
     store = args.store or cfg.path(cfg.extract.store)
     require_feature_store(store, cfg.features.version)
     follows = {s.name: s.init for s in detector.stages(cfg)}
