@@ -1,5 +1,6 @@
-"""Inverted log-Mel features (paper Sec. 4.2, after Sahidullah et al. 2015), plain log-Mel, and
-the log-Mel of the official DCASE baselines (``librosa_logmel``).
+"""Inverted log-Mel features (paper Sec. 4.2, after Sahidullah et al. 2015), plain log-Mel, the
+log-Mel of the official DCASE baselines (``librosa_logmel``), and the log power spectrogram on
+linear frequency bins (``spectrum``, not in the paper: the spectral kNN's input, docs/method.md).
 
 The inverted Mel filterbank is the Mel filterbank mirrored in frequency: the filter that the
 Mel scale places at frequency ``f`` is placed at ``sr/2 - f``. Resolution is then finest at
@@ -16,13 +17,15 @@ from functools import lru_cache
 import torch
 import torchaudio.functional as AF
 
-FEATURE_KINDS = ("inverted_logmel", "logmel", "librosa_logmel")
+FEATURE_KINDS = ("inverted_logmel", "logmel", "librosa_logmel", "spectrum")
 # kind -> (Mel scale and filter normalisation, padding of the centred STFT)
 _FRONT_ENDS = {"inverted_logmel": ("htk", "reflect"), "logmel": ("htk", "reflect"),
                # librosa.feature.melspectrogram defaults, as the official DCASE 2022 Task 2 AE
                # baseline computes its input (librosa 0.9.1): Slaney Mel scale with Slaney area
                # normalisation, centred frames zero-padded (librosa >= 0.9 pads with zeros)
-               "librosa_logmel": ("slaney", "constant")}
+               "librosa_logmel": ("slaney", "constant"),
+               # no filterbank: the n_fft // 2 + 1 STFT bins themselves (n_mels does not apply)
+               "spectrum": (None, "reflect")}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class FeatureConfig:
         """Short content hash of the settings: stored with every feature row."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def n_bins(self) -> int:
+        """Rows of a feature matrix: ``n_mels``, or the ``n_fft // 2 + 1`` STFT bins of ``spectrum``."""
+        return self.n_fft // 2 + 1 if self.kind == "spectrum" else self.n_mels
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of a centred STFT of ``num_samples`` samples."""
@@ -101,7 +109,10 @@ def _power_frames(wave: torch.Tensor, n_fft: int, hop_length: int, pad_mode: str
 
 
 def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """Features of ``wave`` [..., samples] -> [..., n_mels, frames] in dB (10 log10, floored).
+    """Features of ``wave`` [..., samples] -> [..., n_bins, frames] in dB (10 log10, floored).
+
+    ``spectrum`` is the power spectrogram itself, ``10 log10(max(|STFT|^2, floor))`` per linear
+    frequency bin (``cfg.n_bins`` = n_fft // 2 + 1 rows).
 
     ``librosa_logmel`` is ``10 log10(max(librosa.feature.melspectrogram(y, sr, n_fft=..,
     hop_length=.., n_mels=.., power=2), floor))`` (librosa >= 0.9 defaults), the official AE
@@ -109,7 +120,8 @@ def log_mel(wave: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     epsilon (the two differ only where a Mel band is below -100 dB, e.g. digital silence).
     """
     scale, pad_mode = _FRONT_ENDS[cfg.kind]
-    fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel", scale)
-    power = _power_frames(wave, cfg.n_fft, cfg.hop_length, pad_mode)
-    mel = torch.matmul(power, fb.to(device=power.device, dtype=power.dtype))  # [..., T, n_mels]
-    return (10.0 * torch.log10(mel.clamp_min(cfg.log_floor))).transpose(-1, -2).contiguous()
+    power = _power_frames(wave, cfg.n_fft, cfg.hop_length, pad_mode)  # [..., T, n_fft // 2 + 1]
+    if scale is not None:
+        fb = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate, cfg.kind == "inverted_logmel", scale)
+        power = torch.matmul(power, fb.to(device=power.device, dtype=power.dtype))  # [..., T, n_mels]
+    return (10.0 * torch.log10(power.clamp_min(cfg.log_floor))).transpose(-1, -2).contiguous()

@@ -1,10 +1,18 @@
-"""A cheap floor baseline: nearest training clip by cosine distance of clip statistics.
+"""Nearest-training-clip detectors: the floor baseline and the spectral kNN.
 
-A clip is represented by the per-Mel-bin mean and standard deviation over time of its
+The floor represents a clip by the per-bin mean and standard deviation over time of its
 (log-)Mel features, concatenated: ``[mean_0 .. mean_{F-1}, std_0 .. std_{F-1}]`` (2 * n_mels
-values). Its anomaly score is the cosine distance (1 - cosine similarity) to the nearest
-training clip of its (machine, section), both domains. No training, no network: what any
-learned method should beat (``method: knn`` in the pipeline, docs/method.md).
+values) (:func:`clip_statistics`). Its anomaly score is the cosine distance (1 - cosine
+similarity) to the nearest training clip of its (machine, section), both domains. No training,
+no network: what any learned method should beat (``method: knn`` in the pipeline).
+
+The spectral kNN (not in the paper; docs/method.md, "Real sound") represents a clip by the
+*shape* of its average power spectrum (:func:`spectrum_shape`: log of the time-averaged power
+per bin, minus its mean over bins, so a gain change does not move it) and scores the nearest
+distance within each domain divided by that domain's typical nearest-neighbour distance among
+its own training clips (:func:`domain_scales`, :func:`domain_normalised_nearest`): ten target
+clips lie further apart than hundreds of source clips, and an unnormalised nearest distance
+ranks every target normal above the source anomalies.
 
 Pure functions, tensors in and tensors out, float64 results.
 """
@@ -15,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "nearest_cosine_distance"]
+__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "domain_normalised_nearest",
+           "domain_scales", "log_mean_power", "nearest_cosine_distance", "spectrum_shape"]
 
 
 def clip_statistics(features: torch.Tensor) -> torch.Tensor:
@@ -25,27 +34,59 @@ def clip_statistics(features: torch.Tensor) -> torch.Tensor:
     T - 1), so a one-frame clip gives zeros rather than NaN. The first ``n_mels`` values
     are the means, the last ``n_mels`` the standard deviations.
     """
-    x = torch.as_tensor(features)
-    if x.ndim != 2:
-        raise ValueError(f"features must be [n_mels, T], got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError("features have no frames")
-    x = x.to(torch.float64)
+    x = _frames_matrix(features)
     std, mean = torch.std_mean(x, dim=1, correction=0)
     return torch.cat([mean, std])
 
 
-def batch_clip_statistics(clips: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:func:`clip_statistics` of every clip of a list: [N, 2 * n_mels] float64.
+def log_mean_power(features: torch.Tensor) -> torch.Tensor:
+    """The clip's average power spectrum in dB: [F, T] dB -> [F], ``10 log10(mean_t 10^(x/10))``.
 
-    Clips may have different lengths but must share ``n_mels``.
+    The mean is taken over power, not over dB (Welch's estimate of the power spectral density,
+    up to a constant): a short loud event moves it as much as its energy, where the mean of dB
+    values would dilute it. Computed in float64 with a log-sum-exp, so -100 dB floors are exact.
+    """
+    x = _frames_matrix(features)
+    scale = torch.log(torch.tensor(10.0, dtype=torch.float64)) / 10.0  # dB -> natural log of power
+    log_mean = torch.logsumexp(x * scale, dim=1) - torch.log(torch.tensor(float(x.shape[1]), dtype=torch.float64))
+    return log_mean / scale
+
+
+def spectrum_shape(features: torch.Tensor) -> torch.Tensor:
+    """:func:`log_mean_power` minus its mean over bins: [F, T] dB -> [F].
+
+    Invariant to the recording level (a gain adds the same dB to every bin), so the cosine
+    distance between two clips compares spectral shapes, not loudness or a microphone's gain."""
+    p = log_mean_power(features)
+    return p - p.mean()
+
+
+def _frames_matrix(features: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(features)
+    if x.ndim != 2:
+        raise ValueError(f"features must be [n_bins, T], got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("features have no frames")
+    return x.to(torch.float64)
+
+
+REPRESENTATIONS = {"statistics": clip_statistics, "spectrum_shape": spectrum_shape}
+
+
+def batch_clip_statistics(clips: Sequence[torch.Tensor], representation: str = "statistics") -> torch.Tensor:
+    """One clip-level vector per clip of a list: [N, D] float64, by default :func:`clip_statistics`
+    ([N, 2 * n_mels]); ``representation="spectrum_shape"``: :func:`spectrum_shape` ([N, n_bins]).
+
+    Clips may have different lengths but must share their number of bins.
     """
     if len(clips) == 0:
         raise ValueError("no clips")
-    stats = [clip_statistics(c) for c in clips]
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {sorted(REPRESENTATIONS)}, got {representation!r}")
+    stats = [REPRESENTATIONS[representation](c) for c in clips]
     dims = {s.shape[0] for s in stats}
     if len(dims) != 1:
-        raise ValueError(f"clips have different numbers of Mel bins: {sorted(d // 2 for d in dims)}")
+        raise ValueError(f"clips have different numbers of bins (vector sizes {sorted(dims)})")
     return torch.stack(stats)
 
 
@@ -103,3 +144,45 @@ def nearest_cosine_distance(queries: torch.Tensor, references: torch.Tensor, exc
             block[rows, rows + start] = float("inf")
         dist[start:start + block.shape[0]], nearest[start:start + block.shape[0]] = block.min(dim=1)
     return dist, nearest
+
+
+def domain_scales(distances: torch.Tensor, domains: Sequence[str]) -> dict[str, float]:
+    """Each domain's typical nearest-neighbour distance among its own training clips.
+
+    ``distances`` [N, N]: pairwise distances of the N training clips (the diagonal is ignored),
+    ``domains`` their N domain names. Returns domain -> mean over the domain's clips of the
+    distance to the nearest *other* clip of the same domain. A domain with a single clip has no
+    such distance and gets the mean of the other domains' scales (1.0 when no domain has two).
+    """
+    d = torch.as_tensor(distances).to(torch.float64).clone()
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] != len(domains):
+        raise ValueError(f"distances must be [N, N] for {len(domains)} domain names, got {tuple(d.shape)}")
+    d.fill_diagonal_(float("inf"))
+    names = sorted(set(domains))
+    scales = {}
+    for name in names:
+        idx = torch.tensor([i for i, x in enumerate(domains) if x == name])
+        if len(idx) >= 2:
+            scales[name] = float(d[idx][:, idx].min(dim=1).values.mean())
+    fallback = sum(scales.values()) / len(scales) if scales else 1.0
+    return {name: scales.get(name, fallback) for name in names}
+
+
+def domain_normalised_nearest(distances: torch.Tensor, domains: Sequence[str], scales: dict[str, float],
+                              power: float = 1.0) -> torch.Tensor:
+    """Anomaly score of each query: ``min_d (min_{j in d} D_qj) / scale_d ** power``: [M, N] -> [M].
+
+    ``distances`` [M, N] from M queries to N training clips of the given domains; ``scales`` from
+    :func:`domain_scales`. ``power=0`` is the plain nearest distance over both domains, ``power=1``
+    measures every distance in units of its domain's own spread. The query's domain is never
+    needed (DCASE evaluation clips do not name it). Non-positive scales count as 1.
+    """
+    d = torch.as_tensor(distances).to(torch.float64)
+    if d.ndim != 2 or d.shape[1] != len(domains):
+        raise ValueError(f"distances must be [M, {len(domains)}], got {tuple(d.shape)}")
+    out = torch.full((d.shape[0],), float("inf"), dtype=torch.float64)
+    for name in sorted(set(domains)):
+        idx = torch.tensor([i for i, x in enumerate(domains) if x == name])
+        scale = scales[name] if scales[name] > 0 else 1.0
+        out = torch.minimum(out, d[:, idx].min(dim=1).values / scale ** power)
+    return out

@@ -280,6 +280,18 @@ class AEBaselineConfig:
 
 
 @dataclass(config=SECTION)
+class KnnConfig:
+    """The nearest-training-clip detector (``method: knn``, asd/knn.py). The defaults are the floor
+    baseline; ``representation: spectrum_shape`` on ``features.kind: spectrum`` with
+    ``domain_power: 1`` is the spectral kNN (docs/method.md, "Real sound")."""
+
+    representation: Literal["statistics", "spectrum_shape"] = "statistics"
+    # each domain's nearest distance divided by that domain's spread ** domain_power: 0 = plain
+    # nearest distance over both domains, 1 = in units of the domain's own spread
+    domain_power: UnitFraction = 0.0
+
+
+@dataclass(config=SECTION)
 class MLflowConfig:
     tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in run_dir
     experiment: Text = "asd-prototypes"
@@ -314,6 +326,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     ae: AEBaselineConfig = field(default_factory=AEBaselineConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
@@ -330,9 +343,10 @@ class PipelineConfig:
         if not (self.pretrain.enabled or self.finetune.enabled):
             raise _rule("finetune.enabled", "method=prototype with pretrain.enabled and finetune.enabled "
                                             "both false trains nothing: enable one")
-        if self.model.n_mels != f.n_mels:
-            raise _rule("model.n_mels", f"must equal features.n_mels ({f.n_mels}), the height of the "
-                                        f"network's input (got {self.model.n_mels})")
+        if self.model.n_mels != f.n_bins:
+            rows = "n_fft // 2 + 1" if f.kind == "spectrum" else "features.n_mels"
+            raise _rule("model.n_mels", f"must equal {rows} ({f.n_bins}), the height of the network's "
+                                        f"input (got {self.model.n_mels})")
         if t.crop_frames > f.min_frames:
             raise _rule("train.crop_frames", f"must be <= features.min_frames ({f.min_frames}), the "
                                              f"shortest clip the feature store keeps (got {t.crop_frames})")

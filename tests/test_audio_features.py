@@ -296,6 +296,17 @@ def test_log_mel_matches_numpy_on_random_audio(kind):
     np.testing.assert_allclose(got64, ref, atol=5e-4, rtol=0)
 
 
+def test_spectrum_kind_is_the_db_power_spectrogram_on_linear_bins():
+    """``features.kind=spectrum``: 10 log10 of numpy's |STFT|^2, n_fft // 2 + 1 rows, n_mels unused."""
+    cfg = FeatureConfig(kind="spectrum", n_fft=256, hop_length=128, n_mels=7)
+    x = np.random.default_rng(6).normal(scale=0.1, size=4000)
+    got = log_mel(torch.from_numpy(x), cfg).numpy()
+    ref = 10 * np.log10(np.maximum(_ref_power_stft(x, 256, 128), cfg.log_floor))
+    assert cfg.n_bins == 129 and got.shape == ref.shape == (129, cfg.num_frames(len(x)))
+    np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+    assert FeatureConfig(kind="logmel", n_mels=7).n_bins == 7
+
+
 def test_log_mel_floor_applies():
     cfg = FeatureConfig(n_fft=256, hop_length=128, n_mels=16, log_floor=1e-6)
     got = log_mel(torch.zeros(2000), cfg)

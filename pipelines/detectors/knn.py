@@ -1,13 +1,16 @@
-"""The kNN floor baseline (``method: knn``) as a detector.
+"""The nearest-training-clip detector (``method: knn``): the floor baseline and the spectral kNN.
 
 Nothing is trained: the "knn" stage reads the training split of the feature store and writes a
 model directory holding ``meta.json`` (``"detector": "knn"``) and ``knn.pt``, the per-(machine,
-section) matrix of training-clip statistics (:func:`asd.knn.clip_statistics`) with each row's
-path and attribute class, loadable with ``torch.load(weights_only=True)``. The scoring job
-(:func:`score_knn`) scores a test clip by the cosine distance to its nearest training clip of
-the same section, and sets the section's decision threshold as the AE baseline does: gamma fit
-(``asd.backend.fit_gamma_threshold``) to the training clips' own scores, here leave-one-out
-(the distance to the nearest *other* training clip). Works on any ``features.kind``.
+section) matrix of training-clip vectors (``knn.representation``: :func:`asd.knn.clip_statistics`
+or :func:`asd.knn.spectrum_shape`) with each row's path, domain and attribute class, loadable
+with ``torch.load(weights_only=True)``. The scoring job (:func:`score_knn`) scores a test clip
+by its cosine distance to the nearest training clip of the same section, per domain divided by
+the domain's spread to the power ``knn.domain_power`` (:func:`asd.knn.domain_normalised_nearest`;
+0, the floor's default, is the plain nearest distance over both domains), and sets the section's
+decision threshold as the AE baseline does: gamma fit (``asd.backend.fit_gamma_threshold``) to
+the training clips' own scores, here leave-one-out (each against the *other* training clips).
+Works on any ``features.kind``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from asd.backend import decide, fit_gamma_threshold
 from asd.contracts import META_FILE, section_key
-from asd.knn import batch_clip_statistics, nearest_cosine_distance
+from asd.knn import REPRESENTATIONS, batch_clip_statistics, cosine_distances, domain_normalised_nearest, domain_scales
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.detectors.base import Detector, TrainingStage, scored_frame
 from pipelines.store import ClipTable, load_split
@@ -30,14 +33,14 @@ KNN_FILE = "knn.pt"
 
 
 def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
-    """Write ``sections`` (key -> {"statistics", "paths", "attribute_class"}) and meta.json."""
+    """Write ``sections`` (key -> {"statistics", "paths", "domains", "attribute_class"}) and meta.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(sections, directory / KNN_FILE)
     dims = {int(s["statistics"].shape[1]) for s in sections.values()}
     (directory / META_FILE).write_text(json.dumps(
         {"detector": "knn", "stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
-         "representation": "per-Mel-bin mean and population std over time, concatenated",
+         "representation": cfg.knn.representation, "domain_power": cfg.knn.domain_power,
          "distance": "cosine", "dim": dims.pop() if len(dims) == 1 else sorted(dims),
          "sections": {k: int(s["statistics"].shape[0]) for k, s in sorted(sections.items())},
          "train_config": to_dict(cfg)}, indent=2))
@@ -48,13 +51,14 @@ def fit_knn(train, cfg: PipelineConfig, out_dir) -> Path:
     """The knn stage from an in-memory training ClipTable: statistics per section, saved."""
     if train.meta.empty:
         raise ValueError("the feature store holds no training clips for the kNN baseline")
-    stats = batch_clip_statistics(train.features)
+    stats = batch_clip_statistics(train.features, cfg.knn.representation)
     sections = {}
     for (machine, section), rows in train.meta.groupby(["machine", "section"], sort=True):
         idx = rows.index.to_numpy()
         sections[section_key(machine, section)] = {
             "statistics": stats[torch.tensor(idx)].contiguous(),
             "paths": [str(p) for p in rows["path"]],
+            "domains": ["" if pd.isna(d) else str(d) for d in rows["domain"]],
             "attribute_class": ["" if pd.isna(a) else str(a) for a in rows["attribute_class"]],
         }
     return save_knn(out_dir, sections, cfg)
@@ -84,10 +88,14 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
     if meta.get("feature_version") not in (None, cfg.features.version):
         raise ValueError(f"the kNN model in {model_dir} was built from features version "
                          f"{meta['feature_version']}, the config asks for {cfg.features.version}")
+    # models written before the spectral kNN describe their clip statistics in words: the floor
+    representation = meta.get("representation")
+    representation = representation if representation in REPRESENTATIONS else "statistics"
+    power = meta.get("domain_power", 0.0)
     scored = scored_frame(test.meta)
     if test.meta.empty:
         return scored, {}
-    test_stats = batch_clip_statistics(test.features)
+    test_stats = batch_clip_statistics(test.features, representation)
     for (machine, section), rows in test.meta.groupby(["machine", "section"], sort=True):
         key = section_key(machine, section)
         if key not in sections:
@@ -95,14 +103,25 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
         ref = sections[key]["statistics"]
         if ref.shape[0] < 2:
             raise ValueError(f"{key}: the kNN threshold needs at least 2 training clips, got {ref.shape[0]}")
-        dist, nearest = nearest_cosine_distance(test_stats[torch.tensor(rows.index.to_numpy())], ref)
-        loo, _ = nearest_cosine_distance(ref, ref, exclude_self=True)
+        domains = sections[key].get("domains") or [""] * ref.shape[0]
+        to_train = cosine_distances(test_stats[torch.tensor(rows.index.to_numpy())], ref)
+        among_train = cosine_distances(ref, ref)
+        scales = domain_scales(among_train, domains)
+        score = domain_normalised_nearest(to_train, domains, scales, power)
+        loo = domain_normalised_nearest(among_train.fill_diagonal_(float("inf")), domains, scales, power)
         threshold = fit_gamma_threshold(loo, cfg.score.threshold_quantile)
+        nearest = _nearest_in_best_domain(to_train, domains, scales, power)
         attrs = sections[key]["attribute_class"]
-        scored.loc[rows.index, "score"] = dist.numpy()
-        scored.loc[rows.index, "decision"] = decide(dist, threshold).numpy()
+        scored.loc[rows.index, "score"] = score.numpy()
+        scored.loc[rows.index, "decision"] = decide(score, threshold).numpy()
         scored.loc[rows.index, "nearest_attribute"] = [attrs[int(i)] or None for i in nearest.tolist()]
     return scored, {}
+
+
+def _nearest_in_best_domain(distances: torch.Tensor, domains: list[str], scales: dict, power: float) -> torch.Tensor:
+    """Row of the training clip behind each query's score: its nearest clip, distances scaled as scored."""
+    scale = torch.tensor([scales[d] if scales[d] > 0 else 1.0 for d in domains], dtype=torch.float64)
+    return (distances / scale ** power).argmin(dim=1)
 
 
 class KnnDetector(Detector):
