@@ -8,11 +8,13 @@ no network: what any learned method should beat (``method: knn`` in the pipeline
 
 The spectral kNN (not in the paper; docs/method.md, "Real sound") represents a clip by the
 *shape* of its average power spectrum (:func:`spectrum_shape`: log of the time-averaged power
-per bin, minus its mean over bins, so a gain change does not move it) and scores the nearest
-distance within each domain divided by that domain's typical nearest-neighbour distance among
-its own training clips (:func:`domain_scales`, :func:`domain_normalised_nearest`): ten target
-clips lie further apart than hundreds of source clips, and an unnormalised nearest distance
-ranks every target normal above the source anomalies.
+per bin, minus its mean over bins, so a gain change does not move it) and measures the distance
+to each training clip in units of that clip's own neighbourhood, the distance to its nearest
+other training clip (:func:`local_radii`, :func:`scaled_nearest`; the local scaling of the
+local outlier factor): ten target clips lie further apart than hundreds of source clips, and
+so do the rare operating conditions, and an unscaled nearest distance ranks all of their normals
+above the anomalies of the dense ones. The coarser alternative, one scale per domain
+(:func:`domain_scales`), was measured beside it.
 
 Pure functions, tensors in and tensors out, float64 results.
 """
@@ -23,8 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "domain_normalised_nearest",
-           "domain_scales", "log_mean_power", "nearest_cosine_distance", "spectrum_shape"]
+__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "domain_scales", "local_radii",
+           "log_mean_power", "nearest_cosine_distance", "scaled_nearest", "spectrum_shape"]
 
 
 def clip_statistics(features: torch.Tensor) -> torch.Tensor:
@@ -152,7 +154,8 @@ def domain_scales(distances: torch.Tensor, domains: Sequence[str]) -> dict[str, 
     ``distances`` [N, N]: pairwise distances of the N training clips (the diagonal is ignored),
     ``domains`` their N domain names. Returns domain -> mean over the domain's clips of the
     distance to the nearest *other* clip of the same domain. A domain with a single clip has no
-    such distance and gets the mean of the other domains' scales (1.0 when no domain has two).
+    such distance and gets the mean of the other domains' scales (1.0 when no domain has two);
+    a zero scale (duplicates only) becomes 1.0.
     """
     d = torch.as_tensor(distances).to(torch.float64).clone()
     if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] != len(domains):
@@ -165,24 +168,40 @@ def domain_scales(distances: torch.Tensor, domains: Sequence[str]) -> dict[str, 
         if len(idx) >= 2:
             scales[name] = float(d[idx][:, idx].min(dim=1).values.mean())
     fallback = sum(scales.values()) / len(scales) if scales else 1.0
-    return {name: scales.get(name, fallback) for name in names}
+    return {name: scales.get(name, fallback) or 1.0 for name in names}
 
 
-def domain_normalised_nearest(distances: torch.Tensor, domains: Sequence[str], scales: dict[str, float],
-                              power: float = 1.0) -> torch.Tensor:
-    """Anomaly score of each query: ``min_d (min_{j in d} D_qj) / scale_d ** power``: [M, N] -> [M].
+def local_radii(distances: torch.Tensor) -> torch.Tensor:
+    """Each training clip's neighbourhood radius: its distance to the nearest *other* clip, [N, N] -> [N].
 
-    ``distances`` [M, N] from M queries to N training clips of the given domains; ``scales`` from
-    :func:`domain_scales`. ``power=0`` is the plain nearest distance over both domains, ``power=1``
-    measures every distance in units of its domain's own spread. The query's domain is never
-    needed (DCASE evaluation clips do not name it). Non-positive scales count as 1.
+    ``distances`` [N, N] pairwise among the N training clips (the diagonal is ignored; N >= 2).
+    A radius of 0 (a duplicate clip) is replaced by the median of the positive radii (1.0 when
+    there are none), so that no distance is divided by zero.
+    """
+    d = torch.as_tensor(distances).to(torch.float64).clone()
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] < 2:
+        raise ValueError(f"distances must be [N, N] with N >= 2, got {tuple(d.shape)}")
+    r = d.fill_diagonal_(float("inf")).min(dim=1).values
+    positive = r[r > 0]
+    fill = positive.median() if len(positive) else torch.tensor(1.0, dtype=torch.float64)
+    return torch.where(r > 0, r, fill)
+
+
+def scaled_nearest(distances: torch.Tensor, scales: torch.Tensor, power: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly score ``min_j D_qj / s_j ** power`` of each query and the row ``j`` that gives it.
+
+    ``distances`` [M, N] from M queries to N training clips; ``scales`` [N] positive, one per
+    training clip: its :func:`local_radii`, or its domain's :func:`domain_scales`. ``power=0`` is
+    the plain nearest distance; ``power=1`` counts every distance in units of the training clip's
+    own neighbourhood (or domain), so a query as far from a sparse cluster's clip as that clip's
+    neighbours are scores like one close to a dense cluster. The query's domain is never needed
+    (DCASE evaluation clips do not name it). Returns ``(scores [M] float64, rows [M] int64)``.
     """
     d = torch.as_tensor(distances).to(torch.float64)
-    if d.ndim != 2 or d.shape[1] != len(domains):
-        raise ValueError(f"distances must be [M, {len(domains)}], got {tuple(d.shape)}")
-    out = torch.full((d.shape[0],), float("inf"), dtype=torch.float64)
-    for name in sorted(set(domains)):
-        idx = torch.tensor([i for i, x in enumerate(domains) if x == name])
-        scale = scales[name] if scales[name] > 0 else 1.0
-        out = torch.minimum(out, d[:, idx].min(dim=1).values / scale ** power)
-    return out
+    s = torch.as_tensor(scales).to(torch.float64)
+    if d.ndim != 2 or s.shape != (d.shape[1],):
+        raise ValueError(f"distances [M, N] and scales [N] needed, got {tuple(d.shape)} and {tuple(s.shape)}")
+    if not (s > 0).all():
+        raise ValueError("scales must be positive")
+    return (d / s ** power).min(dim=1)

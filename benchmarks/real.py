@@ -37,10 +37,13 @@ PROTOTYPE = ["method=prototype", *INVERTED]
 # every variant spelled out, whatever the config's defaults are
 METHODS: dict[str, list[str]] = {
     "spectral kNN": SPECTRAL_KNN,
-    "spectral kNN, no domain normalisation": [*SPECTRAL_KNN, "knn.domain_power=0"],
-    "spectral kNN, half domain normalisation": [*SPECTRAL_KNN, "knn.domain_power=0.5"],
+    "spectral kNN, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5"],
+    "spectral kNN, per-domain scale": [*SPECTRAL_KNN, "knn.normalisation=domain"],
+    "spectral kNN, per-domain scale, power 0.5": [*SPECTRAL_KNN, "knn.normalisation=domain", "knn.power=0.5"],
+    "spectral kNN, no normalisation": [*SPECTRAL_KNN, "knn.normalisation=none"],
     "kNN floor": KNN_FLOOR,
-    "kNN floor + domain normalisation": [*KNN_FLOOR, "knn.domain_power=1"],
+    "kNN floor, local scale": [*KNN_FLOOR, "knn.normalisation=local"],
+    "kNN floor, per-domain scale": [*KNN_FLOOR, "knn.normalisation=domain"],
     "kNN on spectrum statistics": [*SPECTRAL_KNN, "knn.representation=statistics"],
     "AE baseline": ["method=ae", *LOGMEL],
     "fine-tune from scratch": [*PROTOTYPE, "pretrain.enabled=false", "finetune.enabled=true"],

@@ -58,8 +58,9 @@ REGIMES: dict[str, SynthPreset] = {
 DATA_SEED = 2026  # the suite's own data seed (development used 0)
 LOGMEL = ["features.kind=librosa_logmel"]  # the official baseline's log-Mel, for the AE and kNN
 # every kNN setting spelled out, whatever the config's knn section says (docs/method.md)
-KNN_FLOOR = ["method=knn", "knn.representation=statistics", "knn.domain_power=0", *LOGMEL]
-SPECTRAL_KNN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.domain_power=1"]
+KNN_FLOOR = ["method=knn", "knn.representation=statistics", "knn.normalisation=none", *LOGMEL]
+SPECTRAL_KNN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local",
+                "knn.power=1"]
 # every variant of the paper's pipeline spelled out, whatever the config's default is
 PRETRAIN_FINETUNE = ["pretrain.enabled=true", "finetune.enabled=true", "finetune.from_scratch=false"]
 METHODS: dict[str, list[str]] = {
@@ -71,7 +72,7 @@ METHODS: dict[str, list[str]] = {
     "AE baseline": ["method=ae", *LOGMEL],
     "kNN floor": KNN_FLOOR,
     # the same floor on the prototype network's input (inverted log-Mel): how much the front end decides
-    "kNN on inverted log-Mel": ["method=knn", "knn.representation=statistics", "knn.domain_power=0",
+    "kNN on inverted log-Mel": ["method=knn", "knn.representation=statistics", "knn.normalisation=none",
                                 "features.kind=inverted_logmel"],
     # the detector that won on real recordings (benchmarks/real.py)
     "spectral kNN": SPECTRAL_KNN,

@@ -283,12 +283,14 @@ class AEBaselineConfig:
 class KnnConfig:
     """The nearest-training-clip detector (``method: knn``, asd/knn.py). The defaults are the floor
     baseline; ``representation: spectrum_shape`` on ``features.kind: spectrum`` with
-    ``domain_power: 1`` is the spectral kNN (docs/method.md, "Real sound")."""
+    ``normalisation: local`` is the spectral kNN (docs/method.md, "Real sound")."""
 
     representation: Literal["statistics", "spectrum_shape"] = "statistics"
-    # each domain's nearest distance divided by that domain's spread ** domain_power: 0 = plain
-    # nearest distance over both domains, 1 = in units of the domain's own spread
-    domain_power: UnitFraction = 0.0
+    # distances to training clips divided by a scale ** power: "none" the plain nearest distance,
+    # "local" each training clip's distance to its nearest other clip, "domain" the mean of those
+    # within the clip's domain
+    normalisation: Literal["none", "local", "domain"] = "none"
+    power: UnitFraction = 1.0
 
 
 @dataclass(config=SECTION)

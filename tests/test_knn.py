@@ -15,8 +15,8 @@ from scipy import stats
 from sklearn.neighbors import NearestNeighbors
 
 from asd.features import FeatureConfig
-from asd.knn import (batch_clip_statistics, clip_statistics, cosine_distances, domain_normalised_nearest,
-                     domain_scales, log_mean_power, nearest_cosine_distance, spectrum_shape)
+from asd.knn import (batch_clip_statistics, clip_statistics, cosine_distances, domain_scales, local_radii,
+                     log_mean_power, nearest_cosine_distance, scaled_nearest, spectrum_shape)
 from pipelines.config import ConfigError, PipelineConfig, load_config
 
 
@@ -128,22 +128,30 @@ def test_log_mean_power_is_the_db_of_the_mean_power_and_shape_ignores_gain():
         batch_clip_statistics([torch.from_numpy(x)], "mfcc")
 
 
-def _loop_domain_score(dist: np.ndarray, domains: list[str], power: float):
-    """Plain loops: per-domain mean leave-one-out nearest distance, then min over domains."""
-    names = sorted(set(domains))
-    scales = {}
-    for name in names:
+def _loop_scales(dist: np.ndarray, domains: list[str], normalisation: str) -> list[float]:
+    """Plain loops: each training clip's scale, its nearest other clip's distance ("local") or
+    the mean of those within its domain ("domain")."""
+    n = len(domains)
+    radius = [min(dist[i][j] for j in range(n) if j != i) for i in range(n)]
+    if normalisation == "local":
+        positive = sorted(r for r in radius if r > 0)
+        return [r if r > 0 else float(np.median(positive)) for r in radius]
+    by_domain = {}
+    for name in sorted(set(domains)):
         idx = [i for i, d in enumerate(domains) if d == name]
         if len(idx) >= 2:
-            scales[name] = np.mean([min(dist[i][j] for j in idx if j != i) for i in idx])
-    fallback = np.mean(list(scales.values())) if scales else 1.0
-    scales = {n: scales.get(n, fallback) for n in names}
-    return scales, lambda q: min(min(q[j] for j, d in enumerate(domains) if d == n) / scales[n] ** power
-                                 for n in names)
+            by_domain[name] = np.mean([min(dist[i][j] for j in idx if j != i) for i in idx])
+    fallback = np.mean(list(by_domain.values()))
+    return [by_domain.get(d, fallback) for d in domains]
 
 
+def _loop_score(query_dist, scales: list[float], power: float) -> float:
+    return min(q / s ** power for q, s in zip(query_dist, scales))
+
+
+@pytest.mark.parametrize("normalisation", ["local", "domain"])
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
-def test_domain_normalised_nearest_matches_loops(power):
+def test_scaled_nearest_matches_loops(normalisation, power):
     rng = np.random.default_rng(6)
     refs = rng.normal(size=(14, 6))
     refs[10:] += 4.0  # a far, sparse target domain of 4 clips
@@ -151,23 +159,32 @@ def test_domain_normalised_nearest_matches_loops(power):
     queries = rng.normal(size=(7, 6)) + np.r_[[0.0] * 4, [4.0] * 3][:, None]
     among = cosine_distances(torch.from_numpy(refs), torch.from_numpy(refs))
     to_train = cosine_distances(torch.from_numpy(queries), torch.from_numpy(refs))
-    want_scales, score = _loop_domain_score(among.numpy(), domains, power)
-    got_scales = domain_scales(among, domains)
-    assert got_scales.keys() == want_scales.keys()
-    for k in want_scales:
-        assert got_scales[k] == pytest.approx(want_scales[k], rel=1e-12)
-    got = domain_normalised_nearest(to_train, domains, got_scales, power)
-    np.testing.assert_allclose(got.numpy(), [score(q) for q in to_train.numpy()], rtol=1e-12)
+    want_scales = _loop_scales(among.numpy(), domains, normalisation)
+    if normalisation == "local":
+        got_scales = local_radii(among)
+    else:
+        by_domain = domain_scales(among, domains)
+        got_scales = torch.tensor([by_domain[d] for d in domains], dtype=torch.float64)
+    np.testing.assert_allclose(got_scales.numpy(), want_scales, rtol=1e-12)
+    got, rows = scaled_nearest(to_train, got_scales, power)
+    want = [_loop_score(q, want_scales, power) for q in to_train.numpy()]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose((to_train.numpy() / np.array(want_scales) ** power)[np.arange(7), rows.numpy()], want)
     if power == 0.0:  # the floor: plain nearest distance over both domains
         np.testing.assert_allclose(got.numpy(), to_train.min(dim=1).values.numpy(), rtol=1e-12)
 
 
-def test_a_single_clip_domain_takes_the_other_domains_scale():
+def test_scales_of_duplicates_and_single_clip_domains():
     d = torch.tensor([[0.0, 0.2, 0.9], [0.2, 0.0, 0.8], [0.9, 0.8, 0.0]], dtype=torch.float64)
     assert domain_scales(d, ["s", "s", "t"]) == {"s": pytest.approx(0.2), "t": pytest.approx(0.2)}
     assert domain_scales(d[:1, :1], ["s"]) == {"s": 1.0}
     with pytest.raises(ValueError):
         domain_scales(d, ["s", "t"])
+    np.testing.assert_allclose(local_radii(d).numpy(), [0.2, 0.2, 0.8])
+    dup = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 0.7], [0.5, 0.7, 0.0]], dtype=torch.float64)
+    np.testing.assert_allclose(local_radii(dup).numpy(), [0.5, 0.5, 0.5])  # duplicates take the median radius
+    with pytest.raises(ValueError, match="positive"):
+        scaled_nearest(d, torch.tensor([1.0, 0.0, 1.0]))
 
 
 # ----------------------------------------------------------------------------- config
@@ -179,6 +196,16 @@ def test_method_is_validated_in_one_line():
     assert "method: must be one of 'prototype', 'ae' or 'knn'" in msg and "\n" not in msg
     with pytest.raises(ValueError):  # direct construction validates too (pydantic's error)
         PipelineConfig(method="nope")
+
+
+def test_knn_settings_are_part_of_the_stage_fingerprint():
+    """Changing a knn setting refits the stage instead of scoring with the old model."""
+    from pipelines import detectors
+
+    base = load_config(None, ["method=knn"])
+    stage = detectors.get("knn").stages(base)[0]
+    for change in ("knn.normalisation=local", "knn.representation=spectrum_shape", "knn.power=0.5"):
+        assert load_config(None, ["method=knn", change]).digest(*stage.sections) != base.digest(*stage.sections)
 
 
 # ----------------------------------------------------------------------------- the scoring job
@@ -270,9 +297,10 @@ def test_knn_scoring_matches_numpy(knn_store, tmp_path):
     assert method_label(cfg) == "kNN baseline"
 
 
-def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path):
-    """spectrum_shape vectors, per-domain normalised nearest distances (power 1), leave-one-out
-    threshold: the job against numpy, scipy and the loop reference above."""
+@pytest.mark.parametrize("normalisation", ["local", "domain"])
+def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path, normalisation):
+    """spectrum_shape vectors, scaled nearest distances (power 1), leave-one-out threshold: the
+    job against numpy, scipy and the loop references above."""
     import dataclasses
 
     from pipelines.config import KnnConfig
@@ -280,7 +308,7 @@ def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path):
     from pipelines.stages.score import run_scoring
 
     cfg, store, clips = knn_store
-    cfg = dataclasses.replace(cfg, knn=KnnConfig(representation="spectrum_shape", domain_power=1.0))
+    cfg = dataclasses.replace(cfg, knn=KnnConfig(representation="spectrum_shape", normalisation=normalisation))
     model_dir = run_knn_stage(cfg, store=store, out_dir=tmp_path / "models" / "knn")
     got = run_scoring(cfg, model_dir, store, tmp_path / "scoring").scores.sort_values("path").reset_index(drop=True)
 
@@ -296,20 +324,25 @@ def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path):
         train = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "train")]
         test = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "test")]
         ref = [shape(c["features"]) for c in train]
-        among = np.array([[cos(a, b) for b in ref] for a in ref])
-        scales, score = _loop_domain_score(among, [c["domain"] for c in train], 1.0)
+        scales = _loop_scales(np.array([[cos(a, b) for b in ref] for a in ref]), [c["domain"] for c in train],
+                              normalisation)
         for c in test:
-            want.append({"path": c["path"], "score": score(np.array([cos(shape(c["features"]), r) for r in ref]))})
+            q = [cos(shape(c["features"]), r) for r in ref]
+            j = int(np.argmin(np.array(q) / np.array(scales)))
+            want.append({"path": c["path"], "score": _loop_score(q, scales, 1.0),
+                         "nearest_attribute": train[j]["attribute_class"]})
     want = pd.DataFrame(want).sort_values("path").reset_index(drop=True)
     assert list(got["path"]) == list(want["path"])
     np.testing.assert_allclose(got["score"].to_numpy(float), want["score"].to_numpy(), rtol=1e-9)
+    assert list(got["nearest_attribute"]) == list(want["nearest_attribute"])
     # the threshold is the floor's (test above): scipy's three-parameter gamma fit on 9 scores moves
     # with the last bits of its input, so here only that one threshold per section splits the scores
     for _, sec in got.groupby(["machine", "section"]):
         assert set(sec["decision"]) <= {0, 1}
         normal, anomalous = sec[sec["decision"] == 0]["score"], sec[sec["decision"] == 1]["score"]
         assert normal.max() < anomalous.min() if len(normal) and len(anomalous) else True
-    assert json.loads((model_dir / "meta.json").read_text())["representation"] == "spectrum_shape"
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert (meta["representation"], meta["normalisation"], meta["power"]) == ("spectrum_shape", normalisation, 1.0)
 
 
 def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):

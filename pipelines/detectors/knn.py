@@ -5,12 +5,13 @@ model directory holding ``meta.json`` (``"detector": "knn"``) and ``knn.pt``, th
 section) matrix of training-clip vectors (``knn.representation``: :func:`asd.knn.clip_statistics`
 or :func:`asd.knn.spectrum_shape`) with each row's path, domain and attribute class, loadable
 with ``torch.load(weights_only=True)``. The scoring job (:func:`score_knn`) scores a test clip
-by its cosine distance to the nearest training clip of the same section, per domain divided by
-the domain's spread to the power ``knn.domain_power`` (:func:`asd.knn.domain_normalised_nearest`;
-0, the floor's default, is the plain nearest distance over both domains), and sets the section's
-decision threshold as the AE baseline does: gamma fit (``asd.backend.fit_gamma_threshold``) to
-the training clips' own scores, here leave-one-out (each against the *other* training clips).
-Works on any ``features.kind``.
+by its cosine distance to the nearest training clip of the same section, both domains, each
+distance divided by a scale to the power ``knn.power`` (:func:`asd.knn.scaled_nearest`;
+``knn.normalisation``: ``none``, the floor's plain distance; ``local``, the training clip's own
+distance to its nearest other clip, :func:`asd.knn.local_radii`; ``domain``, one scale per
+domain, :func:`asd.knn.domain_scales`), and sets the section's decision threshold as the AE
+baseline does: gamma fit (``asd.backend.fit_gamma_threshold``) to the training clips' own scores,
+here leave-one-out (each against the *other* training clips). Works on any ``features.kind``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from asd.backend import decide, fit_gamma_threshold
 from asd.contracts import META_FILE, section_key
-from asd.knn import REPRESENTATIONS, batch_clip_statistics, cosine_distances, domain_normalised_nearest, domain_scales
+from asd.knn import (REPRESENTATIONS, batch_clip_statistics, cosine_distances, domain_scales, local_radii,
+                     scaled_nearest)
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.detectors.base import Detector, TrainingStage, scored_frame
 from pipelines.store import ClipTable, load_split
@@ -40,7 +42,8 @@ def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
     dims = {int(s["statistics"].shape[1]) for s in sections.values()}
     (directory / META_FILE).write_text(json.dumps(
         {"detector": "knn", "stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
-         "representation": cfg.knn.representation, "domain_power": cfg.knn.domain_power,
+         "representation": cfg.knn.representation, "normalisation": cfg.knn.normalisation,
+         "power": cfg.knn.power,
          "distance": "cosine", "dim": dims.pop() if len(dims) == 1 else sorted(dims),
          "sections": {k: int(s["statistics"].shape[0]) for k, s in sorted(sections.items())},
          "train_config": to_dict(cfg)}, indent=2))
@@ -91,7 +94,7 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
     # models written before the spectral kNN describe their clip statistics in words: the floor
     representation = meta.get("representation")
     representation = representation if representation in REPRESENTATIONS else "statistics"
-    power = meta.get("domain_power", 0.0)
+    normalisation, power = meta.get("normalisation", "none"), meta.get("power", 1.0)
     scored = scored_frame(test.meta)
     if test.meta.empty:
         return scored, {}
@@ -103,14 +106,12 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
         ref = sections[key]["statistics"]
         if ref.shape[0] < 2:
             raise ValueError(f"{key}: the kNN threshold needs at least 2 training clips, got {ref.shape[0]}")
-        domains = sections[key].get("domains") or [""] * ref.shape[0]
         to_train = cosine_distances(test_stats[torch.tensor(rows.index.to_numpy())], ref)
         among_train = cosine_distances(ref, ref)
-        scales = domain_scales(among_train, domains)
-        score = domain_normalised_nearest(to_train, domains, scales, power)
-        loo = domain_normalised_nearest(among_train.fill_diagonal_(float("inf")), domains, scales, power)
+        scales = _training_clip_scales(among_train, sections[key].get("domains"), normalisation)
+        score, nearest = scaled_nearest(to_train, scales, power)
+        loo, _ = scaled_nearest(among_train.fill_diagonal_(float("inf")), scales, power)  # each without itself
         threshold = fit_gamma_threshold(loo, cfg.score.threshold_quantile)
-        nearest = _nearest_in_best_domain(to_train, domains, scales, power)
         attrs = sections[key]["attribute_class"]
         scored.loc[rows.index, "score"] = score.numpy()
         scored.loc[rows.index, "decision"] = decide(score, threshold).numpy()
@@ -118,10 +119,15 @@ def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]
     return scored, {}
 
 
-def _nearest_in_best_domain(distances: torch.Tensor, domains: list[str], scales: dict, power: float) -> torch.Tensor:
-    """Row of the training clip behind each query's score: its nearest clip, distances scaled as scored."""
-    scale = torch.tensor([scales[d] if scales[d] > 0 else 1.0 for d in domains], dtype=torch.float64)
-    return (distances / scale ** power).argmin(dim=1)
+def _training_clip_scales(among_train: torch.Tensor, domains: list[str] | None, normalisation: str) -> torch.Tensor:
+    """The scale [N] that divides every distance to each training clip (``knn.normalisation``)."""
+    if normalisation == "local":
+        return local_radii(among_train)
+    if normalisation == "domain":
+        domains = domains or [""] * among_train.shape[0]
+        scales = domain_scales(among_train, domains)
+        return torch.tensor([scales[d] for d in domains], dtype=torch.float64)
+    return torch.ones(among_train.shape[0], dtype=torch.float64)
 
 
 class KnnDetector(Detector):
@@ -131,7 +137,7 @@ class KnnDetector(Detector):
     fits_in_scoring = True
 
     def stages(self, cfg: PipelineConfig) -> list[TrainingStage]:
-        return [TrainingStage("knn", ("features",))]
+        return [TrainingStage("knn", ("features", "knn"))]
 
     def fit(self, cfg, stage, *, store, out_dir, init_model=None, mlflow_run_id=None, tracking_uri=None,
             run_name=None, callbacks=()) -> Path:
