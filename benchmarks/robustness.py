@@ -76,6 +76,7 @@ METHODS: dict[str, list[str]] = {
                                 "features.kind=inverted_logmel"],
     # the detector that won on real recordings (benchmarks/real.py)
     "spectral kNN": SPECTRAL_KNN,
+    "spectral kNN, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5"],
     # the initial, randomly weighted network with the same scoring: what training adds (docs/method.md)
     "untrained network": ["pretrain.enabled=true", "pretrain.epochs=0", "finetune.enabled=false"],
 }

@@ -289,8 +289,14 @@ def test_knn_scoring_matches_numpy(knn_store, tmp_path):
     close = np.isclose(want["score"], want["threshold"], rtol=1e-9)
     np.testing.assert_array_equal(got["decision"].to_numpy(int)[~close], want["decision"].to_numpy()[~close])
     assert list(got["nearest_attribute"]) == list(want["nearest_attribute"])
-    # what the job writes: submissions, scores, metrics, and no network to copy or register
-    assert result.sections == {} and not (out / "model").exists()
+    # what the job writes: submissions, scores, metrics, and the served model: the exported meta.json
+    # (no network) and every section's backend, whose threshold gave the decisions
+    assert not (out / "model" / "model.pt").exists()
+    assert json.loads((out / "model" / "meta.json").read_text())["representation"] == "statistics"
+    assert sorted(result.sections) == ["fan/section_00", "fan/section_01", "valve/section_00"]
+    for (machine, section), rows in got.groupby(["machine", "section"]):
+        threshold = result.sections[f"{machine}/section_{section}"].threshold
+        assert rows["decision"].astype(int).tolist() == (rows["score"].astype(float) > threshold).astype(int).tolist()
     assert (out / "scores.csv").is_file() and (out / "results.md").is_file()
     assert len(list((out / "submission" / "dev_data").glob("anomaly_score_*.csv"))) == 3
     assert len(result.results) == 3 and 0.0 <= result.official_score <= 1.0
@@ -380,16 +386,32 @@ def test_asd_score_keeps_its_results_when_mlflow_is_down(knn_store, dead_trackin
 
 @pytest.mark.slow
 def test_run_pipeline_with_the_knn_method(tmp_path, ray_session):
-    """`asd run` on the tiny preset (local Ray, SQLite MLflow): a knn stage instead of training,
-    nothing registered, and a re-run skips every stage."""
+    """`asd run` of the spectral kNN on the tiny preset (local Ray, SQLite MLflow): a knn stage
+    instead of training, the model registered as champion, a re-run skips every stage, and a
+    retraining on a data drop fits the kNN again (nothing to start from the champion) and
+    registers a challenger."""
+    from pipelines.operations.retrain import retrain
     from pipelines.operations.run import run_pipeline
+    from pipelines.serving.registry import get_alias_version
+    from pipelines.synth.generate import add_drop
 
-    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
-                               "method=knn", "features.kind=logmel", "mlflow.experiment=asd-knn-test"])
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "method=knn",
+                               "features.kind=spectrum", "knn.representation=spectrum_shape",
+                               "knn.normalisation=local", "mlflow.experiment=asd-knn-test",
+                               "mlflow.registered_model=asd-knn-test"])
     summary = run_pipeline(cfg)
     stages = summary["stages"]
     assert set(stages) == {"extract", "knn", "score"}
-    assert 0.0 < stages["score"]["official_score"] <= 1.0 and stages["score"]["version"] is None
+    assert 0.0 < stages["score"]["official_score"] <= 1.0 and stages["score"]["version"] == 1
+    assert str(get_alias_version("asd-knn-test", "champion").version) == "1"
     assert "kNN baseline" in (Path(cfg.run_dir) / "results.md").read_text()
     again = run_pipeline(cfg)
     assert again["stages"]["knn"].get("skipped") is True and again["stages"]["score"].get("skipped") is True
+
+    added = [p for p in add_drop(Path(cfg.data.root), "target", count=2, seed=5) if p.endswith(".wav")]
+    out = retrain(cfg)
+    assert out["new_clips"] == len(added) and out["stages"]["knn"].get("skipped") is not True
+    assert not list((Path(cfg.run_dir) / "retrain").glob("*/champion"))  # no champion weights downloaded
+    assert (str(out["version"]), str(out["parent_version"])) == ("2", "1")
+    assert str(get_alias_version("asd-knn-test", "challenger").version) == "2"
+    assert str(get_alias_version("asd-knn-test", "champion").version) == ("2" if out["status"] == "promoted" else "1")

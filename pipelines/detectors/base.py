@@ -3,8 +3,9 @@
 The runner (:mod:`pipelines.operations.runner`) trains a detector stage by stage
 (:meth:`Detector.stages`, :meth:`Detector.fit`), the scoring job (:mod:`pipelines.stages.score`)
 reads both splits of the feature store and asks the detector for scores and decisions
-(:meth:`Detector.score`); which detector trained a model directory is written in its
-``meta.json`` (``"detector"``), so scoring never guesses from file names.
+(:meth:`Detector.score`) and, for a servable detector, for the model that predictions and the
+registry serve (:meth:`Detector.export`); which detector trained a model directory is written in
+its ``meta.json`` (``"detector"``), so scoring and serving never guess from file names.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
+import torch
 
+from asd.backend import decide
+from asd.contracts import section_key
 from pipelines.config import PipelineConfig
 from pipelines.store import ClipTable
 
@@ -35,18 +39,21 @@ class Detector(ABC):
 
     ``score`` returns the test clips' metadata with the columns ``score`` (higher = more
     anomalous), ``decision`` (1 anomalous, 0 normal, from the detector's own threshold) and
-    ``nearest_attribute`` (or None), plus the per-section scoring backends
-    (:class:`asd.backend.SectionModel`; empty when the detector has none).
+    ``nearest_attribute`` (or None), plus the per-section scoring backends (objects with
+    ``score``, ``nearest_keys``, ``threshold`` and ``state_dict``: :class:`asd.backend.SectionModel`,
+    :class:`asd.knn_backend.KnnSection`; empty when the detector has none).
     """
 
     name: ClassVar[str]
     weights_file: ClassVar[str]  # in a finished model directory, beside meta.json
     stage_names: ClassVar[tuple[str, ...]]  # every stage ``fit`` accepts
-    # the model is an embedding network that the scoring job copies for predictions and the
-    # registry (pipelines.serving); the baselines are scored in the job only
-    exports_network: ClassVar[bool] = False
+    # the scoring job exports the model (``export``) for predictions and the registry
+    # (pipelines.serving, whose ENCODERS must know the detector); False: scored in the job only
+    servable: ClassVar[bool] = False
     # fitting is cheap and needs no Ray: ``asd score`` fits it when no model exists yet
     fits_in_scoring: ClassVar[bool] = False
+    # retraining starts its last stage from the champion's weights (else it fits from the data alone)
+    retrains_from_champion: ClassVar[bool] = True
 
     @abstractmethod
     def stages(self, cfg: PipelineConfig) -> list[TrainingStage]:
@@ -77,6 +84,11 @@ class Detector(ABC):
     def label(self, cfg: PipelineConfig) -> str:
         """The row name of the paper's Table 1 this configuration reproduces."""
 
+    def export(self, model_dir: str | Path, served_dir: str | Path) -> Path:
+        """Write into ``served_dir`` what a prediction needs besides the scoring job's per-section
+        backends: a ``meta.json`` naming this detector and its features, and any weights."""
+        raise NotImplementedError(f"the {self.name} detector is scored in the scoring job only")
+
     def model_dir(self, cfg: PipelineConfig, stage: str) -> Path:
         return cfg.path(f"models/{stage}")
 
@@ -93,4 +105,21 @@ def scored_frame(meta: pd.DataFrame) -> pd.DataFrame:
     """The test metadata with empty ``score`` / ``decision`` / ``nearest_attribute`` columns."""
     out = meta.copy()
     out["score"], out["decision"], out["nearest_attribute"] = float("nan"), -1, None
+    return out
+
+
+def score_clips(test_meta: pd.DataFrame, vectors: torch.Tensor, sections: dict) -> pd.DataFrame:
+    """Scores, decisions and nearest attribute of every test clip (row ``i`` of ``vectors`` is
+    clip ``i``), by its section's backend; a section without one is an error."""
+    out = scored_frame(test_meta)
+    for (machine, section), rows in test_meta.groupby(["machine", "section"], sort=True):
+        key = section_key(machine, section)
+        if key not in sections:
+            raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
+        backend = sections[key]
+        scores, nearest = backend.score(vectors[torch.tensor(rows.index.to_numpy())])
+        out.loc[rows.index, "score"] = scores.numpy()
+        out.loc[rows.index, "decision"] = decide(scores, backend.threshold).numpy()
+        out.loc[rows.index, "nearest_attribute"] = [None if k is None else str(k)
+                                                    for k in backend.nearest_keys(nearest)]
     return out

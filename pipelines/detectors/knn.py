@@ -12,6 +12,11 @@ distance to its nearest other clip, :func:`asd.knn.local_radii`; ``domain``, one
 domain, :func:`asd.knn.domain_scales`), and sets the section's decision threshold as the AE
 baseline does: gamma fit (``asd.backend.fit_gamma_threshold``) to the training clips' own scores,
 here leave-one-out (each against the *other* training clips). Works on any ``features.kind``.
+
+Each section's vectors, scales and threshold form one :class:`asd.knn_backend.KnnSection`, the
+scoring job's per-section backend; the job saves them (``sections.pt``) beside the exported
+``meta.json`` (:meth:`KnnDetector.export`), which is what the served model
+(:mod:`pipelines.serving.pyfunc_model`) scores with, so predictions repeat the job's scores.
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from asd.backend import decide, fit_gamma_threshold
 from asd.contracts import META_FILE, section_key
-from asd.knn import (REPRESENTATIONS, batch_clip_statistics, cosine_distances, domain_scales, local_radii,
-                     scaled_nearest)
+from asd.knn import REPRESENTATIONS, batch_clip_statistics
+from asd.knn_backend import KnnSection, fit_knn_section
 from pipelines.config import PipelineConfig, to_dict
-from pipelines.detectors.base import Detector, TrainingStage, scored_frame
+from pipelines.detectors.base import Detector, TrainingStage, score_clips, scored_frame
 from pipelines.store import ClipTable, load_split
 
 KNN_FILE = "knn.pt"
@@ -82,59 +86,48 @@ def load_knn(directory) -> tuple[dict, dict]:
     return torch.load(directory / KNN_FILE, weights_only=True), meta
 
 
-def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict]:
+def representation_of(meta: dict) -> str:
+    """The clip vector a kNN model directory's meta.json asks for: models written before the
+    spectral kNN describe their clip statistics in words, and are the floor's statistics."""
+    representation = meta.get("representation")
+    return representation if representation in REPRESENTATIONS else "statistics"
+
+
+def fit_sections(saved: dict, meta: dict, quantile: float) -> dict[str, KnnSection]:
+    """Every section's :class:`KnnSection` (scales and leave-one-out threshold) from ``knn.pt``."""
+    sections = {}
+    for key, entry in sorted(saved.items()):
+        try:
+            sections[key] = fit_knn_section(entry["statistics"], entry.get("domains"), entry["attribute_class"],
+                                            meta.get("normalisation", "none"), meta.get("power", 1.0), quantile)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from err
+    return sections
+
+
+def score_knn(model_dir, test, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict[str, KnnSection]]:
     """Scores, decisions and nearest training clip's attribute class of every test clip.
 
     Returns the scored test metadata (columns ``score``, ``decision``, ``nearest_attribute``)
-    and an empty dict of prototype-backend sections, as the AE baseline."""
-    sections, meta = load_knn(model_dir)
+    and every section's :class:`KnnSection`."""
+    saved, meta = load_knn(model_dir)
     if meta.get("feature_version") not in (None, cfg.features.version):
         raise ValueError(f"the kNN model in {model_dir} was built from features version "
                          f"{meta['feature_version']}, the config asks for {cfg.features.version}")
-    # models written before the spectral kNN describe their clip statistics in words: the floor
-    representation = meta.get("representation")
-    representation = representation if representation in REPRESENTATIONS else "statistics"
-    normalisation, power = meta.get("normalisation", "none"), meta.get("power", 1.0)
-    scored = scored_frame(test.meta)
+    sections = fit_sections(saved, meta, cfg.score.threshold_quantile)
     if test.meta.empty:
-        return scored, {}
-    test_stats = batch_clip_statistics(test.features, representation)
-    for (machine, section), rows in test.meta.groupby(["machine", "section"], sort=True):
-        key = section_key(machine, section)
-        if key not in sections:
-            raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
-        ref = sections[key]["statistics"]
-        if ref.shape[0] < 2:
-            raise ValueError(f"{key}: the kNN threshold needs at least 2 training clips, got {ref.shape[0]}")
-        to_train = cosine_distances(test_stats[torch.tensor(rows.index.to_numpy())], ref)
-        among_train = cosine_distances(ref, ref)
-        scales = _training_clip_scales(among_train, sections[key].get("domains"), normalisation)
-        score, nearest = scaled_nearest(to_train, scales, power)
-        loo, _ = scaled_nearest(among_train.fill_diagonal_(float("inf")), scales, power)  # each without itself
-        threshold = fit_gamma_threshold(loo, cfg.score.threshold_quantile)
-        attrs = sections[key]["attribute_class"]
-        scored.loc[rows.index, "score"] = score.numpy()
-        scored.loc[rows.index, "decision"] = decide(score, threshold).numpy()
-        scored.loc[rows.index, "nearest_attribute"] = [attrs[int(i)] or None for i in nearest.tolist()]
-    return scored, {}
-
-
-def _training_clip_scales(among_train: torch.Tensor, domains: list[str] | None, normalisation: str) -> torch.Tensor:
-    """The scale [N] that divides every distance to each training clip (``knn.normalisation``)."""
-    if normalisation == "local":
-        return local_radii(among_train)
-    if normalisation == "domain":
-        domains = domains or [""] * among_train.shape[0]
-        scales = domain_scales(among_train, domains)
-        return torch.tensor([scales[d] for d in domains], dtype=torch.float64)
-    return torch.ones(among_train.shape[0], dtype=torch.float64)
+        return scored_frame(test.meta), sections
+    vectors = batch_clip_statistics(test.features, representation_of(meta))
+    return score_clips(test.meta, vectors, sections), sections
 
 
 class KnnDetector(Detector):
     name = "knn"
     weights_file = KNN_FILE
     stage_names = ("knn",)
+    servable = True
     fits_in_scoring = True
+    retrains_from_champion = False  # nothing is learnt: the knn stage reads every training clip again
 
     def stages(self, cfg: PipelineConfig) -> list[TrainingStage]:
         return [TrainingStage("knn", ("features", "knn"))]
@@ -152,8 +145,17 @@ class KnnDetector(Detector):
     def load(self, directory) -> tuple[dict, dict]:
         return load_knn(directory)
 
+    def export(self, model_dir, served_dir) -> Path:
+        """The model's meta.json with its representation spelled out; the vectors, scales and
+        thresholds are the scoring job's sections."""
+        served_dir = Path(served_dir)
+        served_dir.mkdir(parents=True, exist_ok=True)
+        meta = json.loads((Path(model_dir) / META_FILE).read_text())
+        (served_dir / META_FILE).write_text(json.dumps({**meta, "representation": representation_of(meta)}, indent=2))
+        return served_dir
+
     def label(self, cfg: PipelineConfig) -> str:
-        return "kNN baseline"
+        return "spectral kNN" if cfg.knn.representation == "spectrum_shape" else "kNN baseline"
 
 
 DETECTOR = KnnDetector()

@@ -34,7 +34,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from asd.backend import SectionModel, calibrate_threshold, decide, fit_section
+from asd.backend import SectionModel, calibrate_threshold, fit_section
 from asd.contracts import HISTORY_CSV, MODEL_FILE, class_ids, section_key
 from asd.model import EmbeddingNet, sync_batchnorm
 from asd.sampler import BalancedBatchSampler, epoch_seed
@@ -46,7 +46,7 @@ from pipelines import distributed
 from pipelines.checkpoints import copy_model, load_model, save_model
 from pipelines.compute_process import prepare_compute_process
 from pipelines.config import PipelineConfig, from_dict, to_dict
-from pipelines.detectors.base import Detector, TrainingStage, scored_frame
+from pipelines.detectors.base import Detector, TrainingStage, score_clips
 from pipelines.distributed import broadcast_buffers
 from pipelines import ray_runtime
 from pipelines.store import ClipTable, load_split
@@ -330,28 +330,12 @@ def fit_sections(train_meta: pd.DataFrame, train_emb: torch.Tensor, cfg: Pipelin
     return sections
 
 
-def score_clips(test_meta: pd.DataFrame, test_emb: torch.Tensor,
-                sections: dict[str, SectionModel]) -> pd.DataFrame:
-    """Scores, decisions and nearest attribute of every test clip whose section was trained."""
-    out = scored_frame(test_meta)
-    for (machine, section), rows in test_meta.groupby(["machine", "section"], sort=True):
-        key = section_key(machine, section)
-        if key not in sections:
-            raise ValueError(f"test clips of {key} have no training clips to fit the scorer")
-        sm = sections[key]
-        scores, nearest = sm.score(test_emb[torch.tensor(rows.index.to_numpy())])
-        out.loc[rows.index, "score"] = scores.numpy()
-        out.loc[rows.index, "decision"] = decide(scores, sm.threshold).numpy()
-        out.loc[rows.index, "nearest_attribute"] = [str(k) for k in sm.nearest_keys(nearest)]
-    return out
-
-
 # ----------------------------------------------------------------------------- the detector
 class PrototypeDetector(Detector):
     name = "prototype"
     weights_file = MODEL_FILE
     stage_names = STAGES
-    exports_network = True
+    servable = True
 
     def stages(self, cfg: PipelineConfig) -> list[TrainingStage]:
         stages = []
@@ -378,6 +362,9 @@ class PrototypeDetector(Detector):
 
     def load(self, directory) -> tuple[EmbeddingNet, dict]:
         return load_model(directory)
+
+    def export(self, model_dir, served_dir) -> Path:
+        return copy_model(model_dir, served_dir)
 
     def label(self, cfg: PipelineConfig) -> str:
         if not cfg.finetune.enabled:

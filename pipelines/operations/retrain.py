@@ -7,7 +7,8 @@ A stage list over the same runner as ``asd run`` (pipelines.operations.runner):
    retraining to resume) -> "nothing to do", exit 0.
 3. ``extract`` only the new clips (the extraction is incremental).
 4. ``finetune`` from the current ``champion`` model (or the detector's stages from scratch when
-   ``retrain.from_scratch``) on all training clips, old and new.
+   ``retrain.from_scratch``, or for a detector that learns no weights, the kNN) on all training
+   clips, old and new.
 5. ``challenger``: score on the frozen evaluation set (the test clips the first pipeline run
    scored, ``<run_dir>/frozen_eval_set.json``), so champion and challenger are compared on the
    same clips; register the new version as ``challenger`` and apply the promotion rule: promote
@@ -150,7 +151,7 @@ def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work:
 
 def retrain_stages(cfg: PipelineConfig, work: Path, store: Path, tracking_uri: str, new: int) -> list[Stage]:
     detector = detectors.get(cfg.method)
-    if cfg.retrain.from_scratch:
+    if cfg.retrain.from_scratch or not detector.retrains_from_champion:
         training = training_stages(cfg, detector, store, tracking_uri, model_root=work, run_prefix="retrain-")
     else:  # the last stage only, from the champion's weights
         last = detector.stages(cfg)[-1].name

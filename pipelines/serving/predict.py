@@ -29,11 +29,11 @@ import pandas as pd
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE, section_key
+from asd.contracts import SETTINGS_FILE, section_key
 from asd.metadata import ClipNameError, parse_clip_name
 from pipelines.config import load_config
 from pipelines.errors import UserError, first_line
-from pipelines.serving.pyfunc_model import AsdPyfuncModel, normalize_section, scoring_settings
+from pipelines.serving.pyfunc_model import AsdPyfuncModel, is_scoring_folder, normalize_section, scoring_settings
 from pipelines.tracking import connect
 from pipelines.tracking import tracking_uri as cfg_uri
 
@@ -81,13 +81,13 @@ def load_predictor(model: str, tracking_uri: str | None = None, config=None):
                              "models:/<name>@<alias> or models:/<name>/<version>)")
         if (local / "MLmodel").is_file():
             return _load_logged(local), str(local)
-        if (local / SECTIONS_FILE).is_file() and (local / SCORING_MODEL_DIR / MODEL_FILE).is_file():
+        if is_scoring_folder(local):
             settings = None
             if not (local / SETTINGS_FILE).is_file() and config is not None:
                 settings = scoring_settings(config)
             return AsdPyfuncModel.from_dir(local, settings), str(local)
         raise UsageError(f"--model {model}: neither a logged MLflow model (MLmodel) nor an "
-                         "`asd score` output folder (model/model.pt + sections.pt)")
+                         "`asd score` output folder (model/meta.json + sections.pt)")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and config is not None:
         uri = cfg_uri(config)

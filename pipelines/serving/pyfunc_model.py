@@ -1,16 +1,22 @@
-"""The trained detector as an MLflow pyfunc: network + per-section scoring backends.
+"""The trained detector as an MLflow pyfunc: a clip encoder + per-section scoring backends.
 
+It serves the prototype network or the kNN detector, whichever the ``meta.json`` of its model
+folder names (:mod:`pipelines.serving.encoders`), with one input and output contract.
 Logged as MLflow *models from code* (:mod:`pipelines.serving.pyfunc_entry`), so no version in the
 registry holds a pickle: its data are plain artifacts, read as tensors (``torch.load`` with
 ``weights_only=True``) and JSON (see :func:`pipelines.serving.registry.log_pyfunc_model`):
 
-* ``model``    — the network folder (``model.pt`` state dict + ``meta.json``: model and feature
-  settings, attribute classes), loaded with :func:`pipelines.checkpoints.load_model`;
-* ``sections`` — ``sections.pt``: every (machine, section)'s prototypes, precision (inverse
-  covariance), threshold and class keys (:class:`asd.backend.SectionModel` state dicts);
+* ``model``    — the model folder the scoring job exported (``Detector.export``): ``meta.json``
+  (detector, feature settings; the kNN's clip representation) and, for the network, its
+  ``model.pt`` state dict, loaded with :func:`pipelines.checkpoints.load_model`;
+* ``sections`` — ``sections.pt``: every (machine, section)'s scoring backend as a state dict:
+  the network's prototypes, precision (inverse covariance), threshold and class keys
+  (:class:`asd.backend.SectionModel`), or the kNN's training vectors, their scales, threshold and
+  attribute classes (:class:`asd.knn_backend.KnnSection`);
 * ``settings`` — ``scoring.json``: how the scoring job embedded clips (``embedding`` "whole" or
-  "windows", ``window_hop``, ``crop_frames``, ``batch_size``) and the element type of the
-  feature store (``feature_dtype``), so that a prediction repeats the scoring job's numbers.
+  "windows", ``window_hop``, ``crop_frames``, ``batch_size``: the network's) and the element
+  type of the feature store (``feature_dtype``), so that a prediction repeats the scoring job's
+  numbers.
 
 Input: a ``pandas.DataFrame`` with ``machine``, ``section`` ("00"; ints are zero-padded) and
 exactly one clip column per row:
@@ -26,7 +32,8 @@ exactly one clip column per row:
 * ``waveform`` — 1-D float samples at the model's sample rate (an optional ``sample_rate``
   column resamples).
 
-Output: one row per input row (same index) with ``score`` (min Mahalanobis distance),
+Output: one row per input row (same index) with ``score`` (min Mahalanobis distance, or the
+kNN's scaled cosine distance to the nearest training clip),
 ``decision`` (1 anomalous, 0 normal), ``nearest_attribute`` and ``error`` (None, or why the row
 could not be scored; the other rows are still scored). A failed row's ``score``, ``decision``
 and ``nearest_attribute`` are None (object columns), so the scoring server answers ``null``,
@@ -54,12 +61,12 @@ import mlflow.pyfunc
 from mlflow.models import Model
 
 from asd.audio import AudioFormatError, load_audio, prepare_waveform
-from asd.backend import SectionModel, decide
-from asd.contracts import MODEL_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE
+from asd.backend import decide
+from asd.contracts import META_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE
 from asd.contracts import section_key
 from asd.features import log_mel
-from asd.training import embed_clips
-from pipelines.checkpoints import feature_config, load_model
+from pipelines.checkpoints import feature_config, load_meta
+from pipelines.serving.encoders import encoder_type
 DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "batch_size": 32,
                     "feature_dtype": "float32"}
 INPUT_ROOT_ENV = "ASD_INPUT_ROOT"
@@ -110,6 +117,12 @@ def write_settings(cfg, directory: str | Path) -> Path:
     return path
 
 
+def is_scoring_folder(directory: str | Path) -> bool:
+    """Whether ``directory`` is an ``asd score`` output folder with a served model."""
+    directory = Path(directory)
+    return (directory / MODEL_DIR / META_FILE).is_file() and (directory / SECTIONS_FILE).is_file()
+
+
 def input_root() -> Path | None:
     """The resolved ``$ASD_INPUT_ROOT`` (None when unset); a setting that names no directory
     fails the load rather than refusing every path later."""
@@ -134,18 +147,27 @@ def audio_bytes(value) -> bytes:
     raise TypeError(f"audio must be bytes or base64 text, got {type(value).__name__}")
 
 
-def load_sections(path: str | Path) -> dict:
+def load_sections(path: str | Path, section_type: type) -> dict:
+    """``sections.pt`` as ``section_type`` backends (the served detector's: its encoder's ``section_type``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: SectionModel.from_state_dict(v) for k, v in state.items()}
+    return {k: section_type.from_state_dict(v) for k, v in state.items()}
+
+
+def load_scoring_sections(directory: str | Path) -> dict:
+    """The per-section backends an ``asd score`` output folder saved, read as the detector of its
+    exported model reads them; a folder without one (a detector scored in the job only) saved none."""
+    directory = Path(directory)
+    if not (directory / MODEL_DIR / META_FILE).is_file():
+        return {}
+    return load_sections(directory / SECTIONS_FILE, encoder_type(load_meta(directory / MODEL_DIR)).section_type)
 
 
 class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
-    """Network + per-section prototypes/precision/threshold; scores audio bytes, confined paths
-    or waveforms."""
+    """A clip encoder (network or kNN representation) + per-section backends with thresholds;
+    scores audio bytes, confined paths or waveforms."""
 
     def __init__(self) -> None:
-        self.model = None
-        self.meta: dict = {}
+        self.encoder = None
         self.features = None
         self.sections: dict = {}
         self.settings: dict = dict(DEFAULT_SETTINGS)
@@ -155,15 +177,18 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self._load(context.artifacts)
 
-    def _load(self, artifacts: dict) -> None:
-        self.model, self.meta = load_model(artifacts[MODEL_DIR])
-        self.features = feature_config(self.meta)
-        self.sections = load_sections(artifacts["sections"])
+    def _load(self, artifacts: dict, fallback_settings: dict | None = None) -> None:
+        """Read the artifacts; ``fallback_settings`` fill in for a missing ``scoring.json``."""
         settings = dict(DEFAULT_SETTINGS)
         if artifacts.get("settings") and Path(artifacts["settings"]).is_file():
             settings.update(json.loads(Path(artifacts["settings"]).read_text()))
-        if settings["embedding"] not in ("whole", "windows"):
-            raise ValueError(f"embedding must be 'whole' or 'windows', got {settings['embedding']!r}")
+        else:
+            settings.update(fallback_settings or {})
+        meta = load_meta(artifacts[MODEL_DIR])
+        encoder = encoder_type(meta)
+        self.encoder = encoder(artifacts[MODEL_DIR], meta, settings)
+        self.features = feature_config(meta)
+        self.sections = load_sections(artifacts["sections"], encoder.section_type)
         self.settings = settings
         self.input_root = input_root()
 
@@ -181,7 +206,7 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"{directory}: artifact {key!r} points outside the model folder")
             artifacts[key] = path
         if MODEL_DIR not in artifacts or "sections" not in artifacts:
-            raise ValueError(f"{directory} is not an ASD prototype model "
+            raise ValueError(f"{directory} is not an ASD model "
                              f"(needs the artifacts {MODEL_DIR!r} and 'sections')")
         self = cls()
         self._load(artifacts)
@@ -193,15 +218,12 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
 
         ``settings`` fills in for a missing ``scoring.json`` (else the defaults: whole clips)."""
         directory = Path(directory)
-        if not (directory / MODEL_DIR / MODEL_FILE).is_file() or not (directory / SECTIONS_FILE).is_file():
+        if not is_scoring_folder(directory):
             raise FileNotFoundError(f"{directory} is not a scoring output folder "
-                                    f"(needs {MODEL_DIR}/{MODEL_FILE} and {SECTIONS_FILE})")
+                                    f"(needs {MODEL_DIR}/{META_FILE} and {SECTIONS_FILE})")
         self = cls()
-        settings_file = directory / SETTINGS_FILE
         self._load({MODEL_DIR: directory / MODEL_DIR, "sections": directory / SECTIONS_FILE,
-                    "settings": settings_file if settings_file.is_file() else None})
-        if settings and not settings_file.is_file():
-            self.settings.update(settings)
+                    "settings": directory / SETTINGS_FILE}, settings)
         return self
 
     def known_sections(self) -> list[str]:
@@ -241,23 +263,18 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
         dtype = getattr(torch, str(self.settings.get("feature_dtype", "float32")), torch.float32)
         if dtype != torch.float32:  # the scoring job reads features back from a store of this type
             feats = feats.to(dtype).to(torch.float32)
-        need = int(self.settings["crop_frames"]) if self.settings["embedding"] == "windows" else 1
-        need = max(need, int(getattr(f, "min_frames", 1) or 1))
+        need = self.min_frames()
         if feats.shape[-1] < need:
             raise AudioFormatError(f"clip too short: {feats.shape[-1]} frames, the model needs {need}")
         return feats
 
-    def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Embeddings [N, D] exactly as the scoring job computes them (whole clip or window mean)."""
-
-        windows = self.settings["embedding"] == "windows"
-        return embed_clips(self.model, features, range(len(features)), int(self.settings["batch_size"]),
-                           window=int(self.settings["crop_frames"]) if windows else None,
-                           hop=int(self.settings["window_hop"]))
+    def min_frames(self) -> int:
+        """The fewest feature frames a clip needs: the encoder's, and the front end's."""
+        return max(self.encoder.min_frames(), int(getattr(self.features, "min_frames", 1) or 1))
 
     # ------------------------------------------------------------------ predict
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if self.model is None:
+        if self.encoder is None:
             raise RuntimeError("model not loaded: use mlflow.pyfunc.load_model or AsdPyfuncModel.from_dir")
 
         df = _as_frame(model_input)
@@ -283,16 +300,17 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
             by_key.setdefault(key, []).append((pos, len(features)))
             features.append(feats)
         if features:
-            emb = self.embed(features)  # embed_clips runs under no_grad
+            vectors = self.encoder.encode(features)  # a network embeds under no_grad
             for key, items in by_key.items():
-                sm = self.sections[key]
-                scores, nearest = sm.score(emb[torch.as_tensor([i for _, i in items])])
-                decisions = decide(scores, sm.threshold).tolist()
-                for (pos, _), s, d, k in zip(items, scores.tolist(), decisions, sm.nearest_keys(nearest)):
+                backend = self.sections[key]
+                scores, nearest = backend.score(vectors[torch.as_tensor([i for _, i in items])])
+                decisions = decide(scores, backend.threshold).tolist()
+                for (pos, _), s, d, k in zip(items, scores.tolist(), decisions, backend.nearest_keys(nearest)):
                     if not math.isfinite(s):
                         error[pos] = "the model gave a non-finite score"
                         continue
-                    score[pos], decision[pos], nearest_attr[pos] = float(s), int(d), str(k)
+                    score[pos], decision[pos] = float(s), int(d)
+                    nearest_attr[pos] = None if k is None else str(k)
         # object columns: a failed row's score is None, which JSON writes as null (a float
         # column's NaN would be a bare NaN, invalid JSON for strict clients)
         return pd.DataFrame({

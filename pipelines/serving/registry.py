@@ -14,10 +14,11 @@ nested under the active pipeline run, or top-level when there is none):
   the ``data_manifest_digest`` tag): :func:`pipelines.tracking.log_manifest_input`;
 * the model — an MLflow pyfunc (:class:`pipelines.serving.pyfunc_model.AsdPyfuncModel`), logged as
   *models from code* (:mod:`pipelines.serving.pyfunc_entry`) so that no version holds a pickle, carrying
-  the network folder (model.pt + meta.json), ``sections.pt`` and ``scoring.json`` as plain
-  artifacts, with a signature (:func:`model_signature`) and a JSON input example, registered under ``cfg.mlflow.registered_model``. Every new version gets the
-  alias ``challenger``; the first one also ``champion``. Later promotions go through
-  :func:`promote` (the retraining job).
+  the exported model folder (meta.json, + model.pt for the network), ``sections.pt`` and
+  ``scoring.json`` as plain artifacts, with a signature (:func:`model_signature`) and a JSON input
+  example, registered under ``cfg.mlflow.registered_model``, for every servable detector (the
+  prototype network, the kNN). Every new version gets the alias ``challenger``; the first one
+  also ``champion``. Later promotions go through :func:`promote` (the retraining job).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import soundfile as sf
-import torch
 import yaml
 
 import mlflow
@@ -46,13 +46,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from asd import metrics as M
-from asd.contracts import (META_FILE, MODEL_FILE, SCORES_FILE, SCORING_MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE,
-                           split_section_key)
+from asd.contracts import SCORES_FILE, SCORING_MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE, split_section_key
 from pipelines import store as store_mod
 from pipelines import tracking
-from pipelines.checkpoints import feature_config, load_meta
 from pipelines.config import PipelineConfig
-from pipelines.serving.pyfunc_model import DEFAULT_SETTINGS, write_settings
+from pipelines.serving.pyfunc_model import AsdPyfuncModel, is_scoring_folder, write_settings
 from pipelines.stages import plots
 
 log = logging.getLogger(__name__)
@@ -171,18 +169,13 @@ def input_example(scoring_dir: str | Path):
     """One row the model scores: a quiet noise clip generated here, long enough for the model,
     as base64 WAV (what JSON carries) for the first section the model knows (None if it knows
     none). MLflow stores it as JSON and runs it through the model once when logging."""
-    scoring_dir = Path(scoring_dir)
-    features = feature_config(load_meta(scoring_dir / SCORING_MODEL_DIR))
-    settings = dict(DEFAULT_SETTINGS)
-    if (scoring_dir / SETTINGS_FILE).is_file():
-        settings.update(json.loads((scoring_dir / SETTINGS_FILE).read_text()))
-    frames = max(int(settings["crop_frames"]) if settings["embedding"] == "windows" else 1,
-                 int(getattr(features, "min_frames", 1) or 1))
-    keys = sorted(torch.load(scoring_dir / SECTIONS_FILE, map_location="cpu", weights_only=True))
+    model = AsdPyfuncModel.from_dir(scoring_dir)
+    keys = model.known_sections()
     if not keys:  # a model without sections scores nothing: no example
         return None
     machine, section = split_section_key(keys[0])
-    noise = np.random.default_rng(0).standard_normal(frames * features.hop_length) * 0.01
+    features = model.features
+    noise = np.random.default_rng(0).standard_normal(model.min_frames() * features.hop_length) * 0.01
     wav = io.BytesIO()
     sf.write(wav, noise.astype(np.float32), features.sample_rate, format="WAV", subtype="PCM_16")
     return pd.DataFrame({"machine": [machine], "section": [section],
@@ -193,9 +186,9 @@ def log_pyfunc_model(scoring_dir: str | Path, cfg: PipelineConfig | None = None,
     """Log the pyfunc of an ``asd score`` output folder into the active run; returns ModelInfo."""
     scoring_dir = Path(scoring_dir)
     model_dir, sections = scoring_dir / SCORING_MODEL_DIR, scoring_dir / SECTIONS_FILE
-    for p in (model_dir / MODEL_FILE, model_dir / META_FILE, sections):
-        if not p.is_file():
-            raise FileNotFoundError(f"cannot log the pyfunc model: {p} is missing")
+    if not is_scoring_folder(scoring_dir):
+        raise FileNotFoundError(f"cannot log the pyfunc model: {scoring_dir} holds no exported model "
+                                f"({SCORING_MODEL_DIR}/ and {SECTIONS_FILE})")
     settings = scoring_dir / SETTINGS_FILE
     if cfg is not None:
         write_settings(cfg, scoring_dir)
@@ -280,8 +273,8 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
     """Log a :class:`pipelines.stages.score.ScoringResult` to MLflow and register its pyfunc model.
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
-    ``models:/<name>/<version>``; ``model_uri``/``version`` are None for the AE and kNN
-    baselines, which have no prototype model to register)."""
+    ``models:/<name>/<version>``; ``model_uri``/``version`` are None for a detector scored in the
+    job only, the AE baseline, which exports no model to register)."""
     active = mlflow.active_run()
     if active is None:
         tracking.setup(cfg)
@@ -323,8 +316,8 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
             mlflow.log_dict(json.loads(json.dumps(summary, default=str)), "data/manifest_summary.json")
 
         reg: dict = {"run_id": run_id, "model_uri": None, "version": None, "official_score": official}
-        if not (out_dir / SCORING_MODEL_DIR / MODEL_FILE).is_file():
-            log.info("no prototype model in %s (AE or kNN baseline?): nothing to register", out_dir)
+        if not is_scoring_folder(out_dir):
+            log.info("no exported model in %s (a detector scored in the job only): nothing to register", out_dir)
             return reg
         info = log_pyfunc_model(out_dir, cfg)
         tags = {"official_score": official, "run_id": run_id, "config_digest": cfg.digest(),

@@ -23,13 +23,11 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from asd import metrics as M
-from asd.backend import SectionModel
 from asd.contracts import GROUND_TRUTH_DATA, SCORES_FILE, SCORING_MODEL_DIR, SECTIONS_FILE
 from pipelines import detectors
-from pipelines.checkpoints import copy_model
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError, first_line, require_feature_store
-from pipelines.serving.pyfunc_model import load_sections, write_settings
+from pipelines.serving.pyfunc_model import load_scoring_sections, write_settings
 from pipelines.serving.registry import log_scoring
 from pipelines.store import load_split
 
@@ -39,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScoringResult:
     scores: pd.DataFrame  # one row per test clip: meta + score, decision, nearest_attribute
-    sections: dict[str, SectionModel]
+    sections: dict  # per-section backends (asd.backend.SectionModel, asd.knn_backend.KnnSection)
     results: list  # asd.metrics.SectionResult for every labelled section
     out_dir: Path
 
@@ -56,7 +54,7 @@ class ScoringResult:
             raise UserError(f"{out_dir} holds no {SCORES_FILE}: run `asd score` (without --register-only) first")
         scores = pd.read_csv(out_dir / SCORES_FILE, dtype={"section": str})
         results = labelled_results(scores, Path(ground_truth_root) if ground_truth_root else None)
-        return cls(scores, load_sections(out_dir / SECTIONS_FILE), results, out_dir)
+        return cls(scores, load_scoring_sections(out_dir), results, out_dir)
 
 
 def write_submissions(scored: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -105,7 +103,7 @@ def _attach_ground_truth(scored: pd.DataFrame, root: Path) -> pd.DataFrame:
 def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, out_dir: str | Path,
                 ground_truth_root: str | Path | None = None) -> ScoringResult:
     """Score the store's test clips with the detector that trained ``model_dir``; write
-    submissions, tables and (for an embedding network) what predictions need; no MLflow here."""
+    submissions, tables and (for a servable detector) what predictions need; no MLflow here."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     detector = detectors.of_model_dir(model_dir)
@@ -121,11 +119,11 @@ def run_scoring(cfg: PipelineConfig, model_dir: str | Path, store: str | Path, o
     results = labelled_results(scored, Path(ground_truth_root) if ground_truth_root else None)
     scored.to_csv(out_dir / SCORES_FILE, index=False)
     torch.save({k: v.state_dict() for k, v in sections.items()}, out_dir / SECTIONS_FILE)
-    if detector.exports_network:
-        copy_model(model_dir, out_dir / SCORING_MODEL_DIR)
-        write_settings(cfg, out_dir)  # what predictions need to embed exactly as this job did
-    elif (out_dir / SCORING_MODEL_DIR).is_dir():  # an earlier network's scoring here: not this job's model
+    if (out_dir / SCORING_MODEL_DIR).is_dir():  # an earlier scoring's model here: not this job's
         shutil.rmtree(out_dir / SCORING_MODEL_DIR)
+    if detector.servable:  # with sections.pt, what predictions need to score exactly as this job did
+        detector.export(model_dir, out_dir / SCORING_MODEL_DIR)
+        write_settings(cfg, out_dir)
     if results:
         rows = M.results_table(results)
         M.write_table_csv(rows, out_dir / "results.csv")
