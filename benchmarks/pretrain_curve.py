@@ -107,7 +107,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="demo")
+    ap.add_argument("--config", default="demo-prototype")  # the paper's network
     ap.add_argument("--regime", help="a robustness-suite regime (benchmarks/robustness.py); default: the config's data")
     ap.add_argument("--suite-out", default="benchmarks/results/robustness", help="where the suite keeps its data")
     ap.add_argument("--variant", action="append", default=[], help="NAME=override,override,... (repeatable)")

@@ -62,13 +62,14 @@ KNN_FLOOR = ["method=knn", "knn.representation=statistics", "knn.normalisation=n
 SPECTRAL_KNN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local",
                 "knn.power=1"]
 # every variant of the paper's pipeline spelled out, whatever the config's default is
-PRETRAIN_FINETUNE = ["pretrain.enabled=true", "finetune.enabled=true", "finetune.from_scratch=false"]
+PROTOTYPE = ["method=prototype", "features.kind=inverted_logmel"]
+PRETRAIN_FINETUNE = [*PROTOTYPE, "pretrain.enabled=true", "finetune.enabled=true", "finetune.from_scratch=false"]
 METHODS: dict[str, list[str]] = {
     "pre-train + fine-tune": PRETRAIN_FINETUNE,
-    "pre-train only": ["pretrain.enabled=true", "finetune.enabled=false"],
+    "pre-train only": [*PROTOTYPE, "pretrain.enabled=true", "finetune.enabled=false"],
     # the one candidate cause that moved the pre-training curves (docs/method.md): the paper's lr 0.1
     "pre-train at lr 0.01 + fine-tune": [*PRETRAIN_FINETUNE, "pretrain.lr=0.01"],
-    "fine-tune from scratch": ["pretrain.enabled=false", "finetune.enabled=true"],
+    "fine-tune from scratch": [*PROTOTYPE, "pretrain.enabled=false", "finetune.enabled=true"],
     "AE baseline": ["method=ae", *LOGMEL],
     "kNN floor": KNN_FLOOR,
     # the same floor on the prototype network's input (inverted log-Mel): how much the front end decides
@@ -78,7 +79,7 @@ METHODS: dict[str, list[str]] = {
     "spectral kNN": SPECTRAL_KNN,
     "spectral kNN, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5"],
     # the initial, randomly weighted network with the same scoring: what training adds (docs/method.md)
-    "untrained network": ["pretrain.enabled=true", "pretrain.epochs=0", "finetune.enabled=false"],
+    "untrained network": [*PROTOTYPE, "pretrain.enabled=true", "pretrain.epochs=0", "finetune.enabled=false"],
 }
 # a method that differs from pre-train + fine-tune only in later stages takes that run's model
 REUSE = {"pre-train only": ("pretrain",)}
