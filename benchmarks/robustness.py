@@ -103,13 +103,13 @@ def run_method(config: str, work: Path, suite: str, method: str, method_override
     """One full ``run_pipeline`` of ``method`` on the DCASE tree ``work/data``; its paper row.
 
     Runs live in ``work/runs/<method>-seed<seed>``, one feature store per front end in
-    ``work/features-<kind>``, MLflow in the sqlite file beside ``work``."""
+    ``work/features-<kind>``, MLflow in ``work/mlflow.db``."""
     from pipelines.operations.run import run_pipeline
     from pipelines.stages.score import labelled_results
 
     run_dir = work / "runs" / f"{slug(method)}-seed{seed}"
     settings = [*overrides, f"data.root={work / 'data'}", f"run_dir={run_dir}", f"train.seed={seed}",
-                f"mlflow.tracking_uri=sqlite:///{work.parent / 'mlflow.db'}", f"mlflow.experiment=asd-{suite}",
+                f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"mlflow.experiment=asd-{suite}",
                 f"mlflow.registered_model={suite}-{slug(method)}", *method_overrides]
     kind = load_config(config, settings).features.kind  # one store per front end
     store = work / f"features-{STORE_NAMES.get(kind, kind)}"
