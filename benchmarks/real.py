@@ -48,6 +48,11 @@ METHODS: dict[str, list[str]] = {
     "pre-train + fine-tune": [*PROTOTYPE, "pretrain.enabled=true", "finetune.enabled=true",
                               "finetune.from_scratch=false"],
     "untrained network": [*PROTOTYPE, "pretrain.enabled=true", "pretrain.epochs=0", "finetune.enabled=false"],
+    # candidate causes of the network's failure, one at a time (docs/method.md, "Real sound")
+    "fine-tune from scratch, plain log-Mel": ["method=prototype", "features.kind=logmel", "pretrain.enabled=false",
+                                              "finetune.enabled=true"],
+    "fine-tune from scratch, 3x epochs": [*PROTOTYPE, "pretrain.enabled=false", "finetune.enabled=true",
+                                          "finetune.epochs=30", "finetune.lr_milestones=[18]", "finetune.min_steps=600"],
 }
 DETERMINISTIC = {m for m, o in METHODS.items() if "method=knn" in o}
 DEFAULT = "spectral kNN, power 0.5"  # configs/demo.yaml
