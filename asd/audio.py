@@ -46,7 +46,7 @@ class AudioInfo:
 
     ``declared_frames``: the frame count the WAV header's data chunk declares (None when the
     header does not say, e.g. a streamed WAV or another container); ``flags``: suspicious
-    properties of the source samples (:func:`audio_flags`)."""
+    properties of the clip (:func:`audio_flags`)."""
 
     sample_rate: int
     channels: int
@@ -140,25 +140,35 @@ def load_audio(
     frames, n_channels = data.shape
     if n_channels > 1 and channels == "reject":
         raise AudioFormatError(f"{name}: {n_channels} channels, expected mono")
-    wave = torch.from_numpy(data.mean(axis=1) if n_channels > 1 else data[:, 0])
-    wave = prepare_waveform(wave, sr, sample_rate, resample, name)
+    mono = data.mean(axis=1) if n_channels > 1 else data[:, 0]
+    wave = prepare_waveform(torch.from_numpy(mono), sr, sample_rate, resample, name)
     declared = wav_declared_frames(raw)
     info = AudioInfo(sample_rate=sr, channels=n_channels, frames=frames, resampled=sr != sample_rate,
                      downmixed=n_channels > 1, declared_frames=declared,
-                     flags=audio_flags(data, declared))
+                     flags=audio_flags(data, mono, declared))
     return wave, info
 
 
-def audio_flags(samples: np.ndarray, declared_frames: int | None = None) -> tuple[str, ...]:
-    """Suspicious properties of decoded source samples [frames, channels] (before any
-    conversion, so that resampling cannot hide clipping): ``truncated`` (fewer frames than the
-    header declares), ``constant`` (digital silence or a constant signal: nothing to analyse),
-    ``clipping`` (at least ``CLIPPING_SHARE`` of the samples at full scale)."""
+def audio_flags(samples: np.ndarray, mono: np.ndarray, declared_frames: int | None = None) -> tuple[str, ...]:
+    """Suspicious properties of a decoded clip: ``truncated`` (fewer frames than the header
+    declares), ``constant`` (the down-mixed ``mono`` is digital silence or a constant signal:
+    nothing to analyse; judged after the down-mix, because channels in anti-phase cancel to
+    silence there), ``clipping`` (at least ``CLIPPING_SHARE`` of the source ``samples`` [frames,
+    channels] at full scale: before any conversion, so that down-mixing and resampling cannot
+    hide it)."""
     flags = []
     if declared_frames is not None and len(samples) < declared_frames:
         flags.append("truncated")
-    if samples.size and samples.max() == samples.min():
+    if mono.size and mono.max() == mono.min():
         flags.append("constant")
     elif samples.size and np.mean(np.abs(samples) >= CLIPPING_LEVEL) >= CLIPPING_SHARE:
         flags.append("clipping")
     return tuple(flags)
+
+
+def require_signal(info: AudioInfo) -> None:
+    """Raise ``AudioFormatError`` for a clip flagged ``constant``: a score of silence (or of
+    channels that cancel in the down-mix) measures the microphone, not the machine."""
+    if "constant" in info.flags:
+        cancelled = f" after down-mixing {info.channels} channels" if info.downmixed else ""
+        raise AudioFormatError(f"constant signal{cancelled} (digital silence or DC offset): nothing to analyse")

@@ -12,6 +12,7 @@ section ids and attribute strings are read from the tree, never from a fixed lis
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -102,14 +103,26 @@ def parse_clip_name(file_name: str, machine: str, split_dir: str | None = None) 
     return meta
 
 
+def decode_utf8(raw: bytes, path: str | os.PathLike) -> tuple[str, str | None]:
+    """``raw`` as UTF-8 text with undecodable bytes replaced by U+FFFD, and one problem line naming
+    the file and the line of the first such byte (None when clean): a hand-edited metadata file
+    saved in Latin-1 must not stop a whole discovery with a UnicodeDecodeError."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        return raw.decode("utf-8", errors="replace"), (
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); undecodable bytes read as U+FFFD")
+
+
 def read_attributes_csv(path: str | os.PathLike, problems: list[str] | None = None
                         ) -> dict[str, dict[str, str]]:
     """Read ``attributes_XX.csv`` (``file_name,d1p,d1v[,d2p,d2v,...]``).
 
-    Returns ``{relative file name: {parameter: value}}``. A missing header or a row with an odd
-    number of parameter/value cells raises ``ValueError`` naming the file and line; with a
-    ``problems`` list, each is appended there instead (a bad header skips the file, a bad row
-    only itself) and the rest is read.
+    Returns ``{relative file name: {parameter: value}}``. A missing header, a row with an odd
+    number of parameter/value cells or a byte that is not UTF-8 raises ``ValueError`` naming the
+    file and line; with a ``problems`` list, each is appended there instead (a bad header skips
+    the file, a bad row only itself, bad bytes are read as U+FFFD) and the rest is read.
     """
     def bad(message: str) -> None:
         if problems is None:
@@ -117,8 +130,10 @@ def read_attributes_csv(path: str | os.PathLike, problems: list[str] | None = No
         problems.append(message)
 
     out: dict[str, dict[str, str]] = {}
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    text, problem = decode_utf8(Path(path).read_bytes(), path)
+    if problem:
+        bad(problem)
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or not rows[0] or rows[0][0] != "file_name":
         bad(f"{path}: expected a header starting with 'file_name'")
         return out
@@ -142,12 +157,13 @@ class Discovery:
     clips: list[ClipMeta]
     unparsed: list[tuple[str, str]]  # (relative path, reason): bad names, links, folders
     attributes: dict[str, dict[str, str]]  # from every attributes_XX.csv, keyed by relative name
-    warnings: list[str] = field(default_factory=list)  # missing attribute files, malformed rows
+    warnings: list[str] = field(default_factory=list)  # missing, refused or malformed attribute files
 
 
 def entry_problem(entry: Path, confine_to: Path) -> str | None:
-    """Why a ``*.wav`` directory entry cannot be read as a clip, or None: a dangling symlink,
-    a path that resolves outside ``confine_to`` (never followed), or not a regular file."""
+    """Why a directory entry of the data tree (a ``*.wav`` clip, an ``attributes_XX.csv``) must not
+    be read, or None: a dangling symlink, a path that resolves outside ``confine_to`` (never
+    followed, so a link cannot pull another file's contents into the logs), or not a regular file."""
     if entry.is_symlink() and not entry.exists():
         return f"dangling symlink to {os.readlink(entry)}"
     real = entry.resolve()
@@ -163,8 +179,9 @@ def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS,
     """Walk ``<root>/<machine>/<split>/*.wav`` of a dev_data or eval_data tree.
 
     Every ``*.wav`` entry found (files, links, folders) is either in ``clips`` or in
-    ``unparsed`` with the reason, so that counts always add up; entries that resolve outside
-    ``confine_to`` (default ``root``) are never read. Sorted by path for determinism.
+    ``unparsed`` with the reason, so that counts always add up; entries (clips and
+    ``attributes_XX.csv``) that resolve outside ``confine_to`` (default ``root``) are never read:
+    a refused attributes file is a warning naming it. Sorted by path for determinism.
     """
     root = Path(root)
     if not root.is_dir():
@@ -178,6 +195,10 @@ def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS,
         csv_sections = set()
         for csv_path in sorted(machine_dir.glob("attributes_*.csv")):
             csv_sections.add(csv_path.stem[len("attributes_"):])
+            problem = entry_problem(csv_path, confine)
+            if problem:
+                warnings.append(f"{csv_path}: {problem}; its attributes are not read")
+                continue
             attributes.update(read_attributes_csv(csv_path, warnings))
         sections = set()
         for split in splits:

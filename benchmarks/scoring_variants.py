@@ -61,10 +61,19 @@ def fit(train_meta, emb, cfg, covariance: str, clips: str | None) -> dict:
     return sections
 
 
+REMOVED_KEYS = {"train": ("class_scope",), "retrain": ("lock_timeout_s",)}  # dead keys removed 2026-12-03
+
+
+def without_removed_keys(config: dict) -> dict:
+    """A config saved with an older model, without the keys the config no longer has."""
+    return {section: ({k: v for k, v in values.items() if k not in REMOVED_KEYS.get(section, ())}
+                      if isinstance(values, dict) else values) for section, values in config.items()}
+
+
 def evaluate(run_dir: Path) -> dict[str, dict]:
     model_dir = run_dir / "models" / ("finetune" if (run_dir / "models" / "finetune" / "model.pt").is_file() else "pretrain")
     model, meta = load_model(model_dir)
-    cfg = from_dict(PipelineConfig, meta["train_config"])
+    cfg = from_dict(PipelineConfig, without_removed_keys(meta["train_config"]))
     store = Path(cfg.extract.store)
     train = load_split(store, "train", feature_version=cfg.features.version)
     test = load_split(store, "test", feature_version=cfg.features.version)

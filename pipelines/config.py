@@ -185,8 +185,6 @@ class TrainConfig:
     bf16: Bool = True  # autocast to bfloat16 when on GPU
     channels_last: Bool = False
     crop_frames: PositiveInt = 64
-    # "global": one label space over all machines; "machine": per type
-    class_scope: Literal["global", "machine"] = "global"
     threads_per_worker: PositiveInt | None = None  # torch intra-op threads per worker
     max_failures: Annotated[Int, Field(ge=-1)] = 1  # Ray Train FailureConfig: -1 = retry forever
     # "store": each worker reads Parquet; "object_store": driver reads once
@@ -304,7 +302,6 @@ class MLflowConfig:
 class RetrainConfig:
     tolerance: NonNegativeFloat = 0.0  # promote if challenger >= champion - tolerance (official score)
     from_scratch: Bool = False  # else fine-tune from the champion's weights
-    lock_timeout_s: NonNegativeFloat = 0.0
 
 
 METHODS = detectors.NAMES  # the registered detectors (pipelines/detectors)
@@ -445,7 +442,14 @@ def _parse_yaml(text: str, where: str):
         raise ConfigError(f"{where}: not valid YAML ({problem})") from err
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> dict:
+    """The config file at ``path`` merged over the files it ``extends:``; ``extended_by`` are the
+    files that led here, so that a cycle (a file extending itself, a -> b -> a) is one line
+    naming it instead of a RecursionError."""
+    real = path.resolve()
+    if real in extended_by:
+        chain = " -> ".join(str(p) for p in (*extended_by[extended_by.index(real):], real))
+        raise ConfigError(f"{path}: 'extends:' forms a cycle ({chain}): remove one of them")
     try:
         text = path.read_text()
     except OSError as err:
@@ -455,7 +459,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: must be a mapping of sections (got {type(data).__name__})")
     parent = data.pop("extends", None)
     if parent:
-        data = _merge(_read_yaml((path.parent / parent).resolve()), data)
+        data = _merge(_read_yaml((path.parent / parent).resolve(), (*extended_by, real)), data)
     return data
 
 

@@ -1,8 +1,10 @@
-"""Bad input and interruptions: one test per row of docs/reliability.md's matrix (extraction part).
+"""Bad input and interruptions: one test per row of docs/reliability.md's matrix (extraction part,
+and the files ``asd predict`` reads).
 
-Real WAV files written here, real symlinks, a real local Ray; the kill test runs ``asd extract``
-as a separate process and kills it with SIGKILL. Config, CLI and MLflow-outage rows are in
-tests/test_config_validation.py.
+Real WAV files written here, real symlinks, a real FIFO, a real local Ray; the kill test runs
+``asd extract`` as a separate process and kills it with SIGKILL. Config, CLI and MLflow-outage
+rows are in tests/test_config_validation.py; ``asd predict`` end to end with a real model in
+tests/test_knn_serving.py.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from asd.audio import MAX_RATIO_TERM, AudioFormatError, load_audio, resample_ratio
+from asd.audio import MAX_RATIO_TERM, AudioFormatError, load_audio, require_signal, resample_ratio
+from asd.features import FeatureConfig
+from asd.metadata import discover_clips, read_attributes_csv
 from pipelines import store as S
-from pipelines.stages.extract import ExtractError, extract, extract_shard
+from pipelines.serving.pyfunc_model import MAX_CLIP_BYTES, PATH_REFUSED, AsdPyfuncModel, read_clip_file
+from pipelines.stages.extract import ExtractError, extract, extract_shard, featurise_clip
 from pipelines.locks import exclusive_lock
 
 SR = 16000
@@ -210,7 +215,6 @@ def test_rates_outside_the_accepted_range_are_refused(tmp_path, write_wav):
 
 def test_an_unexpected_error_in_one_clip_quarantines_only_that_clip(tmp_path, write_wav, monkeypatch):
     import pipelines.stages.extract as E
-    from asd.features import FeatureConfig
 
     for i in range(2):
         write_wav(tmp_path / "data" / DEV / "train" / _name("00", "source", "train", "normal", i), _noise(i))
@@ -238,6 +242,98 @@ def test_a_second_writer_of_a_store_gets_a_clear_error(tmp_path, write_wav):
     with exclusive_lock(tmp_path / "store" / S.LOCK_FILE, "test holder"):
         with pytest.raises(ExtractError, match=f"pid {os.getpid()}"):
             extract(tmp_path / "data", tmp_path / "store")
+
+
+# ----------------------------------------------------------------------------- metadata files
+def _clip_tree(root: Path) -> Path:
+    """``<root>/fan/train/`` with one (never decoded) clip of section 00; returns the machine folder."""
+    train = root / "fan" / "train"
+    train.mkdir(parents=True)
+    (train / _name("00", "source", "train", "normal", 0)).write_bytes(b"")
+    return root / "fan"
+
+
+def test_a_non_utf8_byte_in_attributes_csv_is_one_warning_and_every_row_is_read(tmp_path):
+    machine = _clip_tree(tmp_path)
+    names = [f"fan/train/{_name('00', 'source', 'train', 'normal', i)}" for i in range(3)]
+    lines = [b"file_name,d1p,d1v", f"{names[0]},a,1".encode(), f"{names[1]},caf".encode() + b"\xe9\xff,2",
+             f"{names[2]},a,3".encode()]
+    csv_path = machine / "attributes_00.csv"
+    csv_path.write_bytes(b"\n".join(lines) + b"\n")
+    disc = discover_clips(tmp_path)
+    undecodable = [w for w in disc.warnings if "UTF-8" in w]
+    assert len(undecodable) == 1 and undecodable[0].startswith(f"{csv_path}:3: ")  # line 3 of the file
+    assert disc.attributes[names[0]] == {"a": "1"} and disc.attributes[names[2]] == {"a": "3"}
+    (parameter,) = disc.attributes[names[1]]
+    assert parameter.startswith("caf") and "\ufffd" in parameter and disc.attributes[names[1]][parameter] == "2"
+    with pytest.raises(ValueError, match=r"attributes_00\.csv:3: not UTF-8"):  # strict: one line, not a traceback
+        read_attributes_csv(csv_path)
+
+
+def test_an_attributes_csv_linked_outside_the_root_is_refused_unread(tmp_path):
+    machine = _clip_tree(tmp_path / "data")
+    outside = tmp_path / "elsewhere" / "attributes_00.csv"
+    outside.parent.mkdir()
+    outside.write_text("file_name,d1p,d1v\nfan/train/x.wav,SECRET-CONTENT\n")  # a malformed row would be echoed
+    os.symlink(outside, machine / "attributes_00.csv")
+    disc = discover_clips(tmp_path / "data")
+    (refused,) = [w for w in disc.warnings if "attributes_00.csv" in w]
+    assert refused.startswith(f"{machine / 'attributes_00.csv'}: ") and "outside the data root" in refused
+    assert not any("SECRET-CONTENT" in w for w in disc.warnings) and disc.attributes == {}
+
+
+# ----------------------------------------------------------------------------- channels
+def test_stereo_channels_in_anti_phase_are_flagged_as_silence_after_the_downmix(tmp_path, write_wav):
+    left = _noise(7).clip(-32767, 32767)  # -(-32768) does not fit in int16
+    stereo = np.stack([left, -left], axis=1)
+    assert not np.any(stereo.astype(np.int32).sum(axis=1))  # the reference: the channels sum to zero
+    path = write_wav(tmp_path / "anti.wav", stereo)
+    _, info = load_audio(path)
+    assert info.downmixed and "constant" in info.flags
+    with pytest.raises(AudioFormatError, match="constant signal after down-mixing 2 channels"):
+        require_signal(info)  # what the served model and asd predict answer for it
+    with pytest.raises(AudioFormatError, match="constant signal"):  # quarantined by extraction
+        featurise_clip(path.read_bytes(), FeatureConfig())
+    _, in_phase = load_audio(write_wav(tmp_path / "same.wav", np.stack([left, left], axis=1)))
+    assert in_phase.flags == ()
+    clipped = (left.astype(np.int32) * 40).clip(-32768, 32767).astype(np.int16)
+    loud_left = np.stack([clipped, np.zeros_like(left)], axis=1)  # clipped on one channel: still seen
+    assert load_audio(write_wav(tmp_path / "clip.wav", loud_left))[1].flags == ("clipping",)
+
+
+# ----------------------------------------------------------------------------- files asd predict reads
+@pytest.fixture
+def odd_files(tmp_path):
+    """A FIFO nobody writes to, a folder, a sparse file one byte over the limit, and /dev/zero."""
+    os.mkfifo(tmp_path / "fifo.wav")
+    (tmp_path / "folder.wav").mkdir()
+    with open(tmp_path / "big.wav", "wb") as fh:
+        fh.truncate(MAX_CLIP_BYTES + 1)
+    return {"fifo": tmp_path / "fifo.wav", "folder": tmp_path / "folder.wav", "big": tmp_path / "big.wav",
+            "device": Path("/dev/zero")}
+
+
+@pytest.mark.timeout(60)  # a read that blocks on the FIFO fails here instead of hanging
+def test_only_regular_files_up_to_the_limit_are_read(tmp_path, odd_files, write_wav):
+    for kind in ("fifo", "folder", "device"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_clip_file(odd_files[kind])
+    with pytest.raises(ValueError, match=f"larger than the {MAX_CLIP_BYTES // 2**20} MiB"):
+        read_clip_file(odd_files["big"])
+    good = write_wav(tmp_path / "good.wav", _noise(8))
+    assert read_clip_file(good) == good.read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_the_served_model_refuses_odd_files_under_its_input_root(tmp_path, odd_files, write_wav):
+    model = AsdPyfuncModel()
+    model.input_root = tmp_path.resolve()
+    os.symlink("/dev/zero", tmp_path / "zero.wav")  # outside the root anyway
+    for name in ("fifo.wav", "folder.wav", "big.wav", "zero.wav"):
+        with pytest.raises(PermissionError, match=PATH_REFUSED):
+            model.confined_bytes(name)
+    good = write_wav(tmp_path / "good.wav", _noise(9))
+    assert model.confined_bytes("good.wav") == good.read_bytes()
 
 
 # ----------------------------------------------------------------------------- killed mid-way

@@ -154,6 +154,29 @@ def test_asd_predict_scores_with_a_knn_scoring_folder(knn_scoring, capsys):
                                                                                      row.nearest_attribute)
 
 
+@pytest.mark.timeout(120)  # a read that blocks on the FIFO fails here instead of hanging
+def test_asd_predict_reports_odd_files_and_silence_per_clip_and_scores_the_rest(knn_scoring, tmp_path, capsys):
+    """A FIFO, /dev/zero and stereo channels in anti-phase (silence once down-mixed) are one error
+    line each, in the order given; the good clips around them still score as scores.csv."""
+    import os
+
+    scores = knn_scoring.scores[knn_scoring.scores["machine"] == "fan"].iloc[:2]
+    os.mkfifo(tmp_path / "fifo.wav")
+    wave = sf.read(scores["wav"].iloc[0], dtype="int16")[0].clip(-32767, 32767)  # -(-32768) overflows
+    sf.write(tmp_path / "anti.wav", np.stack([wave, -wave], axis=1), SR, subtype="PCM_16")
+    odd = [str(tmp_path / "fifo.wav"), "/dev/zero", str(tmp_path / "anti.wav")]  # the FIFO first: see timeout
+    clips = [scores["wav"].iloc[0], *odd, scores["wav"].iloc[1]]
+    rc = cli.main(["predict", "--model", str(knn_scoring.result.out_dir), "--machine", "fan", "--section", "00",
+                   *clips])
+    out, err = capsys.readouterr()
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert rc == 1 and [line[0] for line in lines] == clips and "3 of 5 clip(s) failed" in err
+    for (_, score, decision, _), row in zip((lines[0], lines[-1]), scores.itertuples()):
+        assert float(score) == pytest.approx(row.score, rel=TOL, abs=TOL) and int(decision) == row.decision
+    assert lines[1][1] == lines[2][1] == "ERROR: cannot read the file: not a regular file"
+    assert lines[3][1].startswith("ERROR: constant signal after down-mixing 2 channels")
+
+
 # ----------------------------------------------------------------------------- MLflow registry
 @pytest.fixture(scope="module")
 def registered_knn(knn_scoring, mlflow_server):

@@ -8,6 +8,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -272,6 +273,40 @@ def test_k8s_ray_token_comes_from_the_secret_and_ray_ports_are_fenced():
     assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
     (source,) = rule["from"]  # pods of the pipeline AND in its namespace
     assert source["podSelector"] == {"matchLabels": pipeline} and "namespaceSelector" in source
+
+
+# kubectl refuses `kubectl -n A apply -f` of an object that declares `namespace: B`
+_APPLY = re.compile(r"kubectl\s+(?:-n|--namespace)[\s=](\S+)\s+apply\s+-f\s+infra/k8s/(\S+\.yaml)")
+
+
+def _documents() -> list[Path]:
+    """What a user reads for commands: the README, docs/ and the manifests' own comments."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(K8S.glob("*.yaml"))]
+
+
+def test_k8s_manifests_apply_in_the_documented_namespaces():
+    applied_in: dict[str, set[str]] = {}  # manifest file -> namespaces of its documented apply commands
+    for document in _documents():
+        for namespace, name in _APPLY.findall(document.read_text()):
+            applied_in.setdefault(name, set()).add(namespace)
+    for name, doc in _manifests():
+        assert len(applied_in.get(name, ())) == 1, (name, applied_in.get(name))  # one documented namespace
+        assert doc["metadata"].get("namespace") in (None, *applied_in[name]), name
+    pipeline = {ns for name, doc in _manifests() if _pod_templates(doc) for ns in applied_in[name]}
+    mlflow_policy = next(doc for name, doc in _manifests() if doc["metadata"]["name"] == "mlflow-from-asd")
+    (source,) = mlflow_policy["spec"]["ingress"][0]["from"]  # MLflow admits the namespace the pipeline runs in
+    assert {source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]} == pipeline
+
+
+def test_documented_model_servers_refuse_pickles():
+    """Every documented `mlflow models serve` block sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
+    (docs/security.md): MLflow's default unpickles whatever version the registry holds."""
+    blocks = [(document.name, block) for document in _documents() if document.suffix == ".md"
+              for block in re.findall(r"```[^\n]*\n(.*?)```", document.read_text(), re.S)
+              if "mlflow models serve" in block]
+    assert {name for name, _ in blocks} >= {"README.md", "security.md", "mlflow.md"}
+    for name, block in blocks:
+        assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in block, (name, block)
 
 
 # --- MLflow with basic authentication ----------------------------------------------------------

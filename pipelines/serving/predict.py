@@ -4,7 +4,10 @@
     asd predict --model runs/demo/scoring dev_data/valve/test/section_00_*.wav
 
 Prints one line per clip, ``path<TAB>score<TAB>decision<TAB>nearest_attribute`` or
-``path<TAB>ERROR: reason`` (``--json``: one JSON document). Without ``--machine``/``--section``
+``path<TAB>ERROR: reason`` (``--json``: one JSON document). Only regular files of at most
+``MAX_CLIP_BYTES`` (64 MiB) are read: a FIFO, a device such as ``/dev/zero``, a folder or a larger
+file is that clip's error, never a hang; a clip that is a constant signal (silence, or stereo
+channels that cancel in the down-mix) is an error too, not a score. Without ``--machine``/``--section``
 they are read from the DCASE file name and its folders (``<machine>/test/section_00_...wav``).
 Exit status: 0 all clips scored, 1 some clip failed (the others are still printed), 2 usage
 error (model not found, unknown machine/section, ...).
@@ -33,7 +36,8 @@ from asd.contracts import SETTINGS_FILE, section_key
 from asd.metadata import ClipNameError, parse_clip_name
 from pipelines.config import load_config
 from pipelines.errors import UserError, first_line
-from pipelines.serving.pyfunc_model import AsdPyfuncModel, is_scoring_folder, normalize_section, scoring_settings
+from pipelines.serving.pyfunc_model import (AsdPyfuncModel, is_scoring_folder, normalize_section, read_clip_file,
+                                             scoring_settings)
 from pipelines.tracking import connect
 from pipelines.tracking import tracking_uri as cfg_uri
 
@@ -155,9 +159,9 @@ def _score(predictor, records: list[dict]) -> None:
     rows = {}
     for i, rec in enumerate(records):
         try:
-            audio = Path(rec["path"]).read_bytes()
-        except OSError as err:
-            rec["error"] = f"cannot read the file: {err.strerror or err}"
+            audio = read_clip_file(rec["path"])
+        except (OSError, ValueError) as err:  # missing, unreadable, a FIFO or device, too large
+            rec["error"] = f"cannot read the file: {getattr(err, 'strerror', None) or err}"
             continue
         rows[i] = {"machine": rec["machine"], "section": rec["section"], "audio": audio}
     if not rows:

@@ -24,18 +24,20 @@ exactly one clip column per row:
 * ``audio``    — the audio file's bytes (WAV, or another format soundfile decodes), or those
   bytes as base64 text: the form MLflow's scoring server JSON carries
   (``{"dataframe_records": [{"machine": "valve", "section": "00", "audio": "UklGR..."}]}``);
-* ``path``     — a file under the input root, the directory named by ``$ASD_INPUT_ROOT`` when
-  the model is loaded (a host setting, never part of the model); relative paths are relative
-  to it. Without it, path input is refused. Paths are resolved (symlinks included) before the
-  check, and a refused path and a missing or unreadable one give the same error
-  (:data:`PATH_REFUSED`), so a caller cannot probe which files exist;
+* ``path``     — a regular file of at most :data:`MAX_CLIP_BYTES` under the input root, the
+  directory named by ``$ASD_INPUT_ROOT`` when the model is loaded (a host setting, never part of
+  the model); relative paths are relative to it. Without it, path input is refused. Paths are
+  resolved (symlinks included) before the check, and a refused path and a missing, unreadable or
+  too large one give the same error (:data:`PATH_REFUSED`), so a caller cannot probe which files
+  exist;
 * ``waveform`` — 1-D float samples at the model's sample rate (an optional ``sample_rate``
   column resamples).
 
 Output: one row per input row (same index) with ``score`` (min Mahalanobis distance, or the
 kNN's scaled cosine distance to the nearest training clip),
 ``decision`` (1 anomalous, 0 normal), ``nearest_attribute`` and ``error`` (None, or why the row
-could not be scored; the other rows are still scored). A failed row's ``score``, ``decision``
+could not be scored, e.g. a constant signal such as stereo channels that cancel in the down-mix;
+the other rows are still scored). A failed row's ``score``, ``decision``
 and ``nearest_attribute`` are None (object columns), so the scoring server answers ``null``,
 never a bare ``NaN``; ``out["score"].astype(float)`` gives NaN for them.
 
@@ -52,6 +54,7 @@ import binascii
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +63,7 @@ import torch
 import mlflow.pyfunc
 from mlflow.models import Model
 
-from asd.audio import AudioFormatError, load_audio, prepare_waveform
+from asd.audio import AudioFormatError, load_audio, prepare_waveform, require_signal
 from asd.backend import decide
 from asd.contracts import META_FILE, SCORING_MODEL_DIR as MODEL_DIR, SECTIONS_FILE, SETTINGS_FILE
 from asd.contracts import section_key
@@ -71,8 +74,11 @@ DEFAULT_SETTINGS = {"embedding": "whole", "window_hop": 32, "crop_frames": 64, "
                     "feature_dtype": "float32"}
 INPUT_ROOT_ENV = "ASD_INPUT_ROOT"
 # One message for every path that is not scored for where it is: outside the root, missing,
-# not a regular file, unreadable. Distinct messages would tell a caller which files exist.
+# not a regular file, too large, unreadable. Distinct messages would tell a caller which files exist.
 PATH_REFUSED = "path not allowed or not readable"
+# The largest audio file read from a path (asd predict's files, the ``path`` column): 64 MiB is
+# over half an hour of 16 kHz 16-bit stereo, and bounds the memory a mistaken argument can take.
+MAX_CLIP_BYTES = 64 * 2**20
 CLIP_COLUMNS = ("audio", "path", "waveform")
 
 
@@ -145,6 +151,25 @@ def audio_bytes(value) -> bytes:
         except binascii.Error as err:
             raise ValueError(f"audio is not valid base64: {err}") from err
     raise TypeError(f"audio must be bytes or base64 text, got {type(value).__name__}")
+
+
+def read_clip_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed), at most :data:`MAX_CLIP_BYTES`;
+    ``ValueError`` for anything else, ``OSError`` when it cannot be opened or read. Checked on the
+    opened file, so that nothing swapped in after a check is read: reading a FIFO blocks until a
+    writer comes (opened non-blocking here), ``/dev/zero`` never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:  # one byte over the limit tells a file that grew
+            data = fh.read(MAX_CLIP_BYTES + 1) if info.st_size <= MAX_CLIP_BYTES else None
+    finally:
+        os.close(fd)
+    if data is None or len(data) > MAX_CLIP_BYTES:
+        raise ValueError(f"larger than the {MAX_CLIP_BYTES // 2**20} MiB an audio file may have")
+    return data
 
 
 def load_sections(path: str | Path, section_type: type) -> dict:
@@ -231,14 +256,15 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
 
     # ------------------------------------------------------------------ features
     def confined_bytes(self, path) -> bytes:
-        """The bytes of ``path`` if it resolves (symlinks followed) to a readable regular file
-        under the input root; else :data:`PATH_REFUSED`, the same whether or not it exists."""
+        """The bytes of ``path`` if it resolves (symlinks followed) to a readable regular file of
+        at most :data:`MAX_CLIP_BYTES` under the input root (:func:`read_clip_file`); else
+        :data:`PATH_REFUSED`, the same whether or not it exists."""
         try:
             if self.input_root is not None:  # root / an absolute path is that path
                 resolved = (self.input_root / os.fspath(path)).resolve()
-                if resolved.is_relative_to(self.input_root) and resolved.is_file():
-                    return resolved.read_bytes()
-        except (OSError, RuntimeError, TypeError, ValueError):  # unreadable, link loop, not a path
+                if resolved.is_relative_to(self.input_root):
+                    return read_clip_file(resolved)
+        except (OSError, RuntimeError, TypeError, ValueError):  # unreadable, too large, link loop, not a path
             pass
         raise PermissionError(PATH_REFUSED)
 
@@ -258,7 +284,8 @@ class AsdPyfuncModel(mlflow.pyfunc.PythonModel):
                                     f.resample, "waveform")
         else:  # decoded from bytes, so that no error message names a file on this host
             data = audio_bytes(row["audio"]) if given[0] == "audio" else self.confined_bytes(row["path"])
-            wave, _ = load_audio(data, f.sample_rate, resample=f.resample, channels=f.channels)
+            wave, info = load_audio(data, f.sample_rate, resample=f.resample, channels=f.channels)
+            require_signal(info)  # as the feature store refuses it: silence has no score
         feats = log_mel(wave.float().contiguous(), f)
         dtype = getattr(torch, str(self.settings.get("feature_dtype", "float32")), torch.float32)
         if dtype != torch.float32:  # the scoring job reads features back from a store of this type
