@@ -3,7 +3,8 @@
 At default verbosity the console gets the project's loggers (``asd.*``, ``pipelines.*``) at INFO,
 progress bars (:func:`progress`, :class:`EpochProgress`) and errors from anywhere; Ray's, Ray
 Train's and Ray Data's own logs (and every worker's output) go to ``<run_dir>/logs/<command>.log``
-only, whose path is printed once. ``asd -v <command>`` sends everything to the console as well.
+only (``asd extract``: ``logs/extract.log`` beside its store), whose path is printed once.
+``asd -v <command>`` sends everything to the console as well.
 Routing is by logger and level (Ray's loggers are re-parented to ours and its workers' output is
 not forwarded to the driver: ``ray.init(log_to_driver=False)``), never by message text.
 """

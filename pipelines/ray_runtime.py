@@ -7,6 +7,13 @@ size is the cluster's business, so ``num_cpus`` is ignored there.
 
 The local Ray listens on loopback only and checks Ray's token (docs/security.md): a local Ray
 otherwise serves its GCS, raylet and worker gRPC ports on every interface of the machine.
+
+Ray starts a worker that has a ``runtime_env`` (ours, and Ray Train's controller and workers,
+which always have one) through ``bash -c "exec <python> ..."`` with the interpreter's path
+unquoted: from a checkout whose path holds a space or a quote, every such worker died at start and
+the stage waited forever. :func:`worker_python` gives Ray the path quoted, for the local Ray and
+for a cluster whose nodes run on this machine (docs/reliability.md); :func:`worker_start_watch`
+stops a stage whose workers die at start anyway with one line.
 """
 
 from __future__ import annotations
@@ -15,13 +22,18 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 
 from pipelines import console
+from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +61,61 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **quiet, runtime_env=cluster_runtime_env(address))
     else:
         ensure_private_token()
         with loopback_node():
             ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet,
                      runtime_env={"worker_process_setup_hook": quiet_state_api_pollers,
-                                  "env_vars": dict(TRAIN_ENV)})
+                                  "env_vars": dict(TRAIN_ENV), **worker_python(sys.executable)})
         start_reaper()
+
+
+def worker_python(python: str | None) -> dict:
+    """The ``runtime_env`` entry that lets Ray start workers from ``python`` wherever it lives:
+    none for a path bash reads as one word (or no path); else ``py_executable``, the path quoted
+    (Ray puts it in its ``bash -c`` command as it is)."""
+    quoted = shlex.quote(python) if python else python
+    return {} if quoted == python else {"py_executable": quoted}
+
+
+def cluster_runtime_env(address: str) -> dict | None:
+    """The driver's ``runtime_env`` on a cluster: its nodes' interpreter quoted where they run on
+    this machine (:func:`worker_python`); None elsewhere, and in a Ray Job, whose own runtime_env
+    has it (pipelines/operations/submit.py: merging the two would conflict)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # deferred: Ray
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return None
+    return worker_python(local_node_python(gcs_port(address))) or None
+
+
+def gcs_port(address: str) -> int | None:
+    """The GCS port of a cluster address (``auto``: this machine's latest ``ray start``); None for
+    a Ray Client address (``ray://``), whose nodes this machine cannot see."""
+    from ray._private import services  # deferred: Ray, as in init_ray
+
+    if address.startswith("ray://"):
+        return None
+    bootstrap = services.canonicalize_bootstrap_address(address)
+    return int(bootstrap.rsplit(":", 1)[1]) if bootstrap else None
+
+
+def local_node_python(port: int | None) -> str | None:
+    """The interpreter that this machine's Ray node serving ``port`` (its cluster's GCS port, or
+    the head's dashboard port) starts workers with; None when no such node runs here."""
+    if port is None:
+        return None
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        if proc.info["name"] == "raylet" and flags.get("gcs-address", "").endswith(f":{port}") and \
+                flags.get("python_worker_command"):
+            return shlex.split(flags["python_worker_command"])[0]
+        if args[1:2] and args[1].endswith(os.path.join("dashboard", "dashboard.py")) and \
+                flags.get("port") == str(port):
+            return args[0]
+    return None
 
 
 @contextlib.contextmanager
@@ -145,6 +204,83 @@ def reap_after(pid: int, poll_s: float = 0.5) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+# What the raylet logs (to raylet.err, after the worker's own error) for each worker process
+# that died before it registered; Ray retries the start every minute, without end.
+DEAD_AT_START = "have not registered within the timeout"
+STALL_S = 120.0  # no result for this long, and dead workers in the raylet's log: the stage stops
+
+
+class WorkersNotStarting(UserError):
+    """The raylet's worker processes die at start: the stage would wait forever."""
+
+
+class _StopWaiting(BaseException):
+    """What the watch's signal raises in the stage's thread: not an ``Exception``, which Ray Data
+    would log with its whole stack as a bug of its own, on its way out."""
+
+
+def dead_at_start(logs_dir: Path) -> tuple[int, str]:
+    """(how many worker processes died at start, the last error line they left) per the raylet's
+    ``raylet.err`` in ``logs_dir``."""
+    try:
+        lines = (logs_dir / "raylet.err").read_text(errors="replace").splitlines()
+    except OSError:
+        return 0, ""
+    errors = [ln.strip() for ln in lines if ln.strip() and DEAD_AT_START not in ln]
+    return sum(DEAD_AT_START in ln for ln in lines), errors[-1] if errors else ""
+
+
+@contextlib.contextmanager
+def worker_start_watch(stage: str, logs_dir: str | os.PathLike | None = None, stall_s: float = STALL_S,
+                       poll_s: float = 5.0):
+    """``with worker_start_watch("extract") as progressed:`` around a stage's loop over its Ray
+    results, calling ``progressed()`` on each: when none came for ``stall_s`` while the raylet
+    (``logs_dir``: its session's logs) reported worker processes that died at start since the
+    watch began, the stage stops with :class:`WorkersNotStarting`, one line, instead of waiting
+    forever. A thread waiting on Ray Data has no way out but a signal: the watch sends SIGUSR1 to
+    the main thread, whose handler it sets meanwhile, so it watches a stage on the main thread only."""
+    if logs_dir is None:
+        import ray  # deferred: Ray, as in init_ray
+
+        node = ray._private.worker._global_node  # None on Ray Client: the raylet's logs are elsewhere
+        logs_dir = node.get_logs_dir_path() if node else None
+    if logs_dir is None or threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    logs_dir = Path(logs_dir)
+    dead_before, _ = dead_at_start(logs_dir)
+    over, lock, reason = threading.Event(), threading.Lock(), []
+
+    def stop(_signum, _frame) -> None:
+        raise _StopWaiting
+
+    def watch() -> None:
+        over.wait(stall_s)
+        while True:
+            with lock:
+                if over.is_set():
+                    return
+                dead, last_error = dead_at_start(logs_dir)
+                if dead > dead_before:
+                    reason.append(f"{stage}: no Ray worker came up in {stall_s:g} s; {dead - dead_before} worker "
+                                  f"process(es) died at start ({last_error or 'no error line'}); see "
+                                  f"{logs_dir / 'raylet.err'}")
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                    return
+            over.wait(poll_s)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    threading.Thread(target=watch, name=f"{stage}-worker-start-watch", daemon=True).start()
+    try:
+        yield over.set
+    except _StopWaiting:
+        raise WorkersNotStarting(reason[0]) from None
+    finally:
+        with lock:
+            over.set()
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL if previous is None else previous)  # None: set in C
 
 
 # Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether the

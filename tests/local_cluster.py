@@ -103,15 +103,15 @@ def node_processes(temp_dir: str):
     return list(found.values())
 
 
-def kill_node(temp_dir: str) -> list[str]:
-    """SIGKILL every process of the node at once, as if its machine had died; return their
-    command lines (the first 80 characters of each)."""
+def kill_node(temp_dir: str) -> list[tuple[str, str]]:
+    """SIGKILL every process of the node at once, as if its machine had died; return the name
+    (``raylet``, ``gcs_server``, a worker's ``ray::...``) and command line of each."""
     import psutil
 
     procs, names = node_processes(temp_dir), []
     for p in procs:
         try:
-            names.append(" ".join(p.cmdline())[:80])
+            names.append((p.name(), " ".join(p.cmdline())))
         except psutil.NoSuchProcess:
             pass
     for p in procs:  # a tight loop: none of them gets to notice the others' deaths

@@ -80,7 +80,7 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
                                            f"mlflow.registered_model={name}"], python=sys.executable)
     client = JobSubmissionClient(address)
     job_id = submit_job(client, entrypoint=entry, runtime_env=runtime_env(
-        extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}))
+        extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}, address=address))
     status = wait_for_job(client, job_id, timeout_s=900)
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]

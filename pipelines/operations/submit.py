@@ -11,17 +11,22 @@ files that would be uploaded and submits nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
 
 from ray import job_submission
 from ray._private import ray_constants
 from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
-from pipelines.ray_runtime import TRAIN_ENV
+from pipelines.ray_runtime import TRAIN_ENV, local_node_python, worker_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipelines/operations/ -> the repository
 # Never upload these: large, machine-specific, or produced by runs; and secrets, which would
@@ -47,11 +52,35 @@ def job_entrypoint(command: str, config: str, overrides: list[str], python: str 
     return shlex.join(parts)
 
 
-def runtime_env(working_dir: Path = PROJECT_ROOT, extra_env: dict | None = None) -> dict:
+def runtime_env(working_dir: Path = PROJECT_ROOT, extra_env: dict | None = None,
+                address: str | None = None) -> dict:
+    """The job's runtime_env; for a head on this machine (``address``: its dashboard) also the
+    head's interpreter quoted, without which Ray cannot start the job's workers from a path with
+    a space or a quote (pipelines.ray_runtime.worker_python)."""
     env = dict(TRAIN_ENV)
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     env.update(extra_env or {})
-    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
+    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env,
+            **worker_python(head_python(address) if address else None)}
+
+
+def head_python(address: str) -> str | None:
+    """The interpreter of the cluster head whose dashboard is at ``address``, when it runs on this
+    machine; None otherwise."""
+    url = urlparse(address if "://" in address else f"http://{address}")
+    return local_node_python(url.port) if on_this_machine(url.hostname) else None
+
+
+def on_this_machine(host: str | None) -> bool:
+    """Whether ``host`` names this machine (loopback, or one of its interfaces' addresses)."""
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(host))
+    except OSError:
+        return False
+    local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return ip.is_loopback or str(ip) in local
 
 
 def upload_listing(env: dict) -> list[str]:
@@ -76,7 +105,7 @@ def submit(address: str, entrypoint: str, *, env: dict | None = None, follow: bo
            timeout_s: float | None = None, submission_id: str | None = None) -> tuple[str, str]:
     """Submit the job; with ``follow`` print its logs until it ends. Returns (job id, status)."""
     client = job_submission.JobSubmissionClient(address)  # looked up at call time: tests replace it
-    job_id = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env),
+    job_id = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env(extra_env=env, address=address),
                         submission_id=submission_id)
     print(f"submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)
     if not follow:

@@ -296,8 +296,11 @@ def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConf
         ds = ds.flat_map(extract_shard_task, num_cpus=0.5, fn_kwargs=settings,
                          compute=ray.data.TaskPoolStrategy(size=workers))
     statuses = []
-    with console.progress(sum(len(json.loads(s)["clips"]) for s in specs), "extract", "clip") as bar:
+    # a clear error, not a progress bar stuck at 0 %, when the workers die at start
+    with console.progress(sum(len(json.loads(s)["clips"]) for s in specs), "extract", "clip") as bar, \
+            ray_runtime.worker_start_watch("extract") as progressed:
         for status in ds.iter_rows():
+            progressed()
             statuses.append(status)
             bar.update(1)
     return statuses
@@ -560,7 +563,8 @@ def register(subparsers) -> None:
     add_config_arguments(p)
     p.add_argument("--data", help="data root holding dev_data/ and/or eval_data/, or one such folder "
                                   "(default: data.root of the config)")
-    p.add_argument("--store", help="feature store folder (default: extract.store of the config)")
+    p.add_argument("--store", help="feature store folder (default: extract.store of the config); "
+                                   "the log goes to logs/ beside it")
     p.add_argument("--address", help="Ray cluster to join ('auto', ray://...); default: ray.address or a local Ray")
     p.add_argument("--show-quarantine", action="store_true", help="print every quarantined clip and why")
     p.set_defaults(func=main)
@@ -568,8 +572,9 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    console.log_to_file(Path(cfg.run_dir) / "logs", "extract")
     store = Path(args.store) if args.store else cfg.path(cfg.extract.store)
+    # beside the store it writes (by default <run_dir>/features: <run_dir>/logs, as for every command)
+    console.log_to_file(store.parent / "logs", "extract")
     summary = extract_from_config(cfg, args.data, store, args.address)  # ExtractError: one line, exit 2
     print(summary.text())
     if args.show_quarantine:
