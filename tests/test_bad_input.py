@@ -354,8 +354,9 @@ def test_a_killed_extraction_resumes_and_leaves_no_ray_processes(tmp_path, write
     _good_tree(root, write_wav, n_train=30)
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "extract", "--data", str(root), "--store",
-                             str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"],
+    # the tiny config's front end is FeatureConfig()'s, which the resuming extract() below uses
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "extract", "--config", "tiny", "--data", str(root),
+                             "--store", str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     journal = None

@@ -406,7 +406,7 @@ def test_run_pipeline_with_the_knn_method(tmp_path, ray_session):
     assert set(stages) == {"extract", "knn", "score"}
     assert 0.0 < stages["score"]["official_score"] <= 1.0 and stages["score"]["version"] == 1
     assert str(get_alias_version("asd-knn-test", "champion").version) == "1"
-    assert "kNN baseline" in (Path(cfg.run_dir) / "results.md").read_text()
+    assert "spectral kNN" in (Path(cfg.run_dir) / "results.md").read_text()
     again = run_pipeline(cfg)
     assert again["stages"]["knn"].get("skipped") is True and again["stages"]["score"].get("skipped") is True
 
