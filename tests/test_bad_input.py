@@ -27,7 +27,7 @@ from asd.features import FeatureConfig
 from asd.metadata import discover_clips, read_attributes_csv
 from pipelines import store as S
 from pipelines.serving.pyfunc_model import MAX_CLIP_BYTES, PATH_REFUSED, AsdPyfuncModel, read_clip_file
-from pipelines.stages.extract import ExtractError, extract, extract_shard, featurise_clip
+from pipelines.stages.extract import ExtractError, extract, extract_shard, featurise_clip, pending_clips
 from pipelines.locks import exclusive_lock
 
 SR = 16000
@@ -242,6 +242,27 @@ def test_a_second_writer_of_a_store_gets_a_clear_error(tmp_path, write_wav):
     with exclusive_lock(tmp_path / "store" / S.LOCK_FILE, "test holder"):
         with pytest.raises(ExtractError, match=f"pid {os.getpid()}"):
             extract(tmp_path / "data", tmp_path / "store")
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_and_runs_go_on(tmp_path, write_wav, ray_session):
+    root = tmp_path / "data"
+    _good_tree(root, write_wav, n_train=2)
+    train = root / DEV / "train"
+    bad = os.fsencode(train) + b"/section_00_source_train_normal_0009_\xff.wav"  # a name Linux allows
+    with open(bad, "wb") as fh:
+        fh.write((train / _name("00", "source", "train", "normal", 0)).read_bytes())
+    shown = f"{DEV}/train/section_00_source_train_normal_0009_\\xff.wav"
+    first = extract(root, tmp_path / "store", batch_size=4)
+    again = extract(root, tmp_path / "store", batch_size=4)
+    assert first.discovered == 9 == first.extracted + first.quarantined and first.quarantined == 1
+    assert again.discovered == again.already_present + again.quarantined and again.quarantined == 1
+    reason = _reasons(first)[shown]
+    assert reason == "file name is not UTF-8 (shown as section_00_source_train_normal_0009_\\xff.wav): rename the file"
+    quarantine = S.store_quarantine(tmp_path / "store")
+    assert quarantine["path"].tolist() == [shown] and quarantine["content_hash"].notna().all()
+    assert shown not in set(S.store_manifest(tmp_path / "store")["path"])
+    first.text().encode("utf-8")  # what the console and the log get: UTF-8 text
+    assert pending_clips(root, tmp_path / "store") == []  # the retraining's check agrees
 
 
 # ----------------------------------------------------------------------------- metadata files

@@ -120,6 +120,23 @@ class Found:
     attributes: dict | None
     size: int
     mtime_ns: int
+    entry: str | None = None  # the real relative path, where ``path`` shows a name that is not UTF-8
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with every byte of a file name that is not UTF-8 (a surrogate escape, as Python
+    decodes such names on Linux) shown as ``\\xNN``: Parquet, the summary and the log hold UTF-8
+    text only, and one such name failed the whole extraction on every run."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _not_utf8(ds: Path, rel: str, size: int, mtime_ns: int) -> Found:
+    """The quarantined entry of a file whose name is not UTF-8, under its shown name (its key in
+    the quarantine table from run to run)."""
+    shown = utf8_text(rel)
+    return Found(f"{ds.name}/{shown}", ds.name, None,
+                 f"file name is not UTF-8 (shown as {Path(shown).name}): rename the file", None, size,
+                 mtime_ns, entry=f"{ds.name}/{rel}")
 
 
 def dataset_dirs(root: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -141,14 +158,21 @@ def discover(root: str | os.PathLike) -> tuple[Path, list[Found], list[str]]:
     warnings: list[str] = []
     for ds in datasets:
         disc = discover_clips(ds, confine_to=data_root)
-        warnings += disc.warnings
+        warnings += [utf8_text(w) for w in disc.warnings]
         for c in disc.clips:
             st = (ds / c.path).stat()
+            if utf8_text(c.path) != c.path:
+                out.append(_not_utf8(ds, c.path, st.st_size, st.st_mtime_ns))
+                continue
             out.append(Found(f"{ds.name}/{c.path}", ds.name, c, None, disc.attributes.get(c.path),
                              st.st_size, st.st_mtime_ns))
         for rel, reason in disc.unparsed:
             st = os.lstat(ds / rel)  # the entry itself: a link may dangle or lead outside
-            out.append(Found(f"{ds.name}/{rel}", ds.name, None, reason, None, st.st_size, st.st_mtime_ns))
+            if utf8_text(rel) != rel:
+                out.append(_not_utf8(ds, rel, st.st_size, st.st_mtime_ns))
+                continue
+            out.append(Found(f"{ds.name}/{rel}", ds.name, None, utf8_text(reason), None, st.st_size,
+                             st.st_mtime_ns))
     out.sort(key=lambda f: f.path)
     return data_root, out, warnings
 
@@ -361,7 +385,8 @@ def _extract_locked(root, store: Path, fcfg: FeatureConfig, dtype: str, batch_si
     vdir = S.version_dir(store, version)
     settings = _prepare_version_dir(vdir, fcfg, dtype)
     data_root, found, warnings = discover(root)
-    summary = ExtractSummary(discovered=len(found), feature_version=version, store=str(store), warnings=warnings)
+    summary = ExtractSummary(discovered=len(found), feature_version=version, store=utf8_text(str(store)),
+                             warnings=warnings)
     if not found:
         raise ExtractError(f"no .wav clips under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
                            "*.wav (DCASE layout) or <dataset>/<machine>/<split>/*.wav")
@@ -425,8 +450,9 @@ def _triage(found: list[Found], manifest: pd.DataFrame, quarantine: pd.DataFrame
                 summary.quarantined += 1
                 continue
         if f.meta is None:
-            readable = entry_problem(data_root / f.path, data_root) is None  # never read a link's target
-            triage.quarantine.append(_quarantine_record(f.path, _hash_file(data_root / f.path) if readable else None,
+            entry = data_root / (f.entry or f.path)
+            readable = entry_problem(entry, data_root) is None  # never read a link's target
+            triage.quarantine.append(_quarantine_record(f.path, _hash_file(entry) if readable else None,
                                                         f.size, f.mtime_ns, f.reason, version))
             summary.quarantine.append((f.path, f.reason))
             summary.quarantined += 1
