@@ -43,6 +43,11 @@ def _name(section: str, domain: str, split: str, label: str, index: int, attr: s
     return f"section_{section}_{domain}_{split}_{label}_{index:04d}_{attr}.wav"
 
 
+def _cli_env() -> dict:
+    """The environment of an ``asd`` command run as a separate process from this checkout."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
 def _good_tree(root: Path, write_wav, n_train: int = 4) -> None:
     """Two sections of noise clips; attributes_00.csv with one malformed row, no attributes_01.csv."""
     rows = ["file_name,d1p,d1v"]
@@ -357,6 +362,24 @@ def test_the_served_model_refuses_odd_files_under_its_input_root(tmp_path, odd_f
     assert model.confined_bytes("good.wav") == good.read_bytes()
 
 
+# ----------------------------------------------------------------------------- asd run
+def test_a_second_run_of_one_run_dir_stops_at_once_with_one_line(tmp_path):
+    from pipelines.operations.run import RUN_LOCK
+
+    run_dir = tmp_path / "run"
+    with exclusive_lock(run_dir / RUN_LOCK, "the first run"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipelines", "run", "--config", "tiny", "--set",
+                               f"run_dir={run_dir}", "--set", f"data.root={tmp_path / 'data'}"],
+                              capture_output=True, text=True, timeout=120, env=_cli_env())
+        seconds = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"asd run: error: run directory {run_dir} is in use by another command "
+                                        f"(pid {os.getpid()}, lock {run_dir / RUN_LOCK}); wait for it to finish"]
+    assert not (tmp_path / "data").exists() and not (run_dir / "stages").exists()  # nothing started
+    assert seconds < 60
+
+
 # ----------------------------------------------------------------------------- killed mid-way
 def _descendants(pid: int) -> list:
     import psutil
@@ -374,11 +397,10 @@ def test_a_killed_extraction_resumes_and_leaves_no_ray_processes(tmp_path, write
     root = tmp_path / "data"
     _good_tree(root, write_wav, n_train=30)
     store = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # the tiny config's front end is FeatureConfig()'s, which the resuming extract() below uses
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "extract", "--config", "tiny", "--data", str(root),
                              "--store", str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_cli_env())
     deadline = time.time() + 240
     journal = None
     while time.time() < deadline and proc.poll() is None:

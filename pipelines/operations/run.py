@@ -5,7 +5,8 @@ parent run with a nested run per stage. Every stage records the digest of its in
 (config sections + upstream digests) in ``<run_dir>/stages/<stage>.json``; a stage whose
 digest is unchanged and whose output exists is skipped, so re-running after a crash resumes
 instead of starting over (an interrupted training stage resumes from its last epoch
-checkpoint, because its Ray Train run name is derived from the same digest).
+checkpoint, because its Ray Train run name is derived from the same digest). One ``asd run``
+per run directory at a time (``<run_dir>/run.lock``, an ``flock``): a second one stops at once.
 
 Each stage that runs records its wall time and the peak memory of the driver and every process
 it started (``peak_rss_mib``, :mod:`pipelines.monitor`) in the summary and its MLflow run.
@@ -25,6 +26,7 @@ from pipelines import console, detectors, tracking
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.detectors.base import Detector
 from pipelines.errors import UserError
+from pipelines.locks import LockBusy, exclusive_lock
 from pipelines.stages.extract import extract_from_config
 from pipelines.operations.runner import Stage, StageBook, StageContext, run_stages
 from pipelines.serving.registry import log_scoring
@@ -34,6 +36,7 @@ from pipelines.synth.generate import PRESETS, generate
 
 log = logging.getLogger(__name__)
 FROZEN_EVAL_SET = "frozen_eval_set.json"
+RUN_LOCK = "run.lock"  # held by the one `asd run` of a run directory
 
 
 def ensure_data(cfg: PipelineConfig) -> Path:
@@ -126,7 +129,14 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         raise UserError(f"--force {', '.join(sorted(unknown))}: no such stage in this pipeline "
                         f"(stages: {', '.join(names)})")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(run_dir / RUN_LOCK, f"run directory {run_dir}"):
+            return _run_pipeline_locked(cfg, run_dir, force or [])
+    except LockBusy as err:  # two runs would train into and score from the same folders
+        raise UserError(str(err)) from err
+
+
+def _run_pipeline_locked(cfg: PipelineConfig, run_dir: Path, force: list[str]) -> dict:
     uri = tracking.setup(cfg)
     summary: dict = {"run_dir": str(run_dir), "tracking_uri": uri}
     t_start = time.perf_counter()
@@ -136,7 +146,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         mlflow.log_params(tracking.flatten(cfg.to_dict()))
         mlflow.set_tag("pipeline", cfg.name)
         summary["parent_run_id"] = parent.info.run_id
-        summary["stages"] = run_stages(stages, StageBook(run_dir), force=force or ())
+        summary["stages"] = run_stages(stages, StageBook(run_dir), force=force)
         mlflow.set_tag("data_manifest_digest", summary["stages"]["extract"]["output_digest"])
         summary["seconds"] = time.perf_counter() - t_start
         mlflow.log_metric("pipeline_seconds", summary["seconds"])
