@@ -1,12 +1,19 @@
-"""Clip metadata of DCASE-style trees (DCASE 2022 Task 2 naming, also 2023 and user trees).
+"""Clip metadata of DCASE-style trees: every year's naming of DCASE Task 2 (2020-2025) and user trees.
 
-File names, split on ``_``::
+File names (WAV or FLAC), split on ``_``::
 
-    section_<id>_<domain>_<split>_<label>_<index>[_<attribute string>].wav   (dev train/test, eval train)
-    section_<id>_test_<index>.wav                                            (eval test: no labels)
+    section_<id>_<domain>_<split>_<label>_<index>[_<attribute string>].wav   (2021-2025 dev train/test, eval train)
+    section_<id>_test_<index>.wav                                            (2022-2025 eval test: no labels)
+    section_<id>_<domain>_test_<index>.wav                                   (2021 eval test: no labels)
+    <normal|anomaly>_id_<id>_<index>.wav                                     (2020 dev train/test, eval train)
+    id_<id>_<index>.wav                                                      (2020 eval test: no labels)
 
-The attribute string is everything after the sixth field; it may be empty. Machine types,
-section ids and attribute strings are read from the tree, never from a fixed list.
+The attribute string is everything after the sixth field; it may be empty (2021 test names have
+none; 2023-2025 use ``noAttribute`` for machines without one). 2020 names have a machine id instead of
+a section: it is read as the section (``id_02`` -> section ``02``), and 2020 has no domain shift, so
+its labelled clips are source-domain clips. Test clips lie in ``test/``, or in 2021's ``source_test/``
+and ``target_test/`` (:data:`SPLIT_FOLDERS`). Machine types, section ids and attribute strings are
+read from the tree, never from a fixed list.
 """
 
 from __future__ import annotations
@@ -24,7 +31,17 @@ _LABELLED = re.compile(
     rf"^section_(?P<section>[0-9A-Za-z]+)_(?P<domain>{'|'.join(DOMAINS)})_(?P<split>{'|'.join(SPLITS)})_"
     rf"(?P<label>{'|'.join(LABELS)})_(?P<index>\d+)(?:_(?P<attribute>.*))?$"
 )
-_UNLABELLED = re.compile(r"^section_(?P<section>[0-9A-Za-z]+)_test_(?P<index>\d+)$")
+_UNLABELLED = re.compile(
+    rf"^section_(?P<section>[0-9A-Za-z]+)_(?:(?P<domain>{'|'.join(DOMAINS)})_)?test_(?P<index>\d+)$")
+_ID_LABELLED = re.compile(rf"^(?P<label>{'|'.join(LABELS)})_id_(?P<section>[0-9A-Za-z]+)_(?P<index>\d+)$")  # 2020
+_ID_UNLABELLED = re.compile(r"^id_(?P<section>[0-9A-Za-z]+)_(?P<index>\d+)$")  # 2020 eval test
+
+# audio containers a clip may come in (soundfile decodes both; DCASE publishes WAV)
+AUDIO_SUFFIXES = (".wav", ".flac")
+# folder under <machine>/ -> (split, domain its clips must have or None): 2021 put test clips in
+# source_test/ and target_test/, every other year in test/
+SPLIT_FOLDERS = {"train": ("train", None), "test": ("test", None),
+                 "source_test": ("test", "source"), "target_test": ("test", "target")}
 
 
 class ClipNameError(ValueError):
@@ -64,43 +81,47 @@ class ClipMeta:
 
 
 def parse_clip_name(file_name: str, machine: str, split_dir: str | None = None) -> ClipMeta:
-    """Parse one DCASE file name. ``split_dir`` is the folder it sits in (train/test), if known.
+    """Parse one DCASE file name (any year's scheme, WAV or FLAC). ``split_dir`` is the folder it
+    sits in (train/test, or 2021's source_test/target_test), if known.
 
     Raises ``ClipNameError`` naming the file when the name does not parse or disagrees
     with the folder it was found in.
     """
-    stem = os.path.basename(file_name)
-    if not stem.lower().endswith(".wav"):
-        raise ClipNameError(f"{file_name}: not a .wav file")
-    stem = stem[: -len(".wav")]
     base = os.path.basename(file_name)
-    m = _LABELLED.match(stem)
-    if m:
-        meta = ClipMeta(
-            path=f"{machine}/{split_dir or m['split']}/{base}",
-            machine=machine,
-            section=m["section"],
-            split=m["split"],
-            domain=m["domain"],
-            label=m["label"],
-            index=int(m["index"]),
-            attribute=m["attribute"] or "",
-        )
+    suffix = next((x for x in AUDIO_SUFFIXES if base.lower().endswith(x)), None)
+    if suffix is None:
+        raise ClipNameError(f"{file_name}: not an audio clip ({' or '.join(AUDIO_SUFFIXES)})")
+    stem = base[: -len(suffix)]
+    if split_dir is not None and split_dir not in SPLIT_FOLDERS:
+        raise ClipNameError(f"{file_name}: lies in '{split_dir}/', not one of {', '.join(SPLIT_FOLDERS)}")
+    folder_split, folder_domain = SPLIT_FOLDERS.get(split_dir, (None, None))
+
+    def meta(split: str, section: str, domain, label, index: str, attribute) -> ClipMeta:
+        return ClipMeta(path=f"{machine}/{split_dir or split}/{base}", machine=machine, section=section,
+                        split=split, domain=domain, label=label, index=int(index), attribute=attribute)
+
+    name_domain = None  # the domain the name states, checked against a source_test/target_test folder
+    if m := _LABELLED.match(stem):
+        out = meta(m["split"], m["section"], m["domain"], m["label"], m["index"], m["attribute"] or "")
+        name_domain = m["domain"]
+    elif m := _UNLABELLED.match(stem):
+        out = meta("test", m["section"], None, None, m["index"], None)
+        name_domain = m["domain"]
+    elif m := _ID_LABELLED.match(stem):  # 2020: no split in the name, no domains (all source)
+        out = meta(folder_split or "test", m["section"], "source", m["label"], m["index"], "")
+    elif m := _ID_UNLABELLED.match(stem):
+        out = meta("test", m["section"], None, None, m["index"], None)
     else:
-        m = _UNLABELLED.match(stem)
-        if not m:
-            raise ClipNameError(
-                f"{file_name}: cannot parse the DCASE clip name; expected "
-                "'section_XX_<source|target>_<train|test>_<normal|anomaly>_NNNN[_attributes].wav' "
-                "or 'section_XX_test_NNNN.wav'"
-            )
-        meta = ClipMeta(
-            path=f"{machine}/{split_dir or 'test'}/{base}", machine=machine, section=m["section"], split="test",
-            domain=None, label=None, index=int(m["index"]), attribute=None,
+        raise ClipNameError(
+            f"{file_name}: cannot parse the DCASE clip name; expected "
+            "'section_XX_<source|target>_<train|test>_<normal|anomaly>_NNNN[_attributes].wav', "
+            "'section_XX[_<source|target>]_test_NNNN.wav' or (2020) '[<normal|anomaly>_]id_XX_NNNNNNNN.wav'"
         )
-    if split_dir is not None and split_dir != meta.split:
-        raise ClipNameError(f"{file_name}: name says split '{meta.split}' but it lies in '{split_dir}/'")
-    return meta
+    if folder_split is not None and folder_split != out.split:
+        raise ClipNameError(f"{file_name}: name says split '{out.split}' but it lies in '{split_dir}/'")
+    if folder_domain is not None and name_domain is not None and folder_domain != name_domain:
+        raise ClipNameError(f"{file_name}: name says domain '{name_domain}' but it lies in '{split_dir}/'")
+    return out
 
 
 def decode_utf8(raw: bytes, path: str | os.PathLike) -> tuple[str, str | None]:
@@ -176,9 +197,10 @@ def entry_problem(entry: Path, confine_to: Path) -> str | None:
 
 def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS,
                    confine_to: str | os.PathLike | None = None) -> Discovery:
-    """Walk ``<root>/<machine>/<split>/*.wav`` of a dev_data or eval_data tree.
+    """Walk ``<root>/<machine>/<split folder>/*.{wav,flac}`` of a dev_data or eval_data tree (split
+    folders: :data:`SPLIT_FOLDERS`).
 
-    Every ``*.wav`` entry found (files, links, folders) is either in ``clips`` or in
+    Every ``*.wav``/``*.flac`` entry found (files, links, folders) is either in ``clips`` or in
     ``unparsed`` with the reason, so that counts always add up; entries (clips and
     ``attributes_XX.csv``) that resolve outside ``confine_to`` (default ``root``) are never read:
     a refused attributes file is a warning naming it. Sorted by path for determinism.
@@ -201,21 +223,24 @@ def discover_clips(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS,
                 continue
             attributes.update(read_attributes_csv(csv_path, warnings))
         sections = set()
-        for split in splits:
-            split_dir = machine_dir / split
+        for folder in (f for f, (split, _) in SPLIT_FOLDERS.items() if split in splits):
+            split_dir = machine_dir / folder
             if not split_dir.is_dir():
                 continue
             for wav in sorted(split_dir.iterdir()):
-                if wav.suffix.lower() != ".wav":
+                if wav.suffix.lower() not in AUDIO_SUFFIXES:
                     continue
-                rel = f"{machine_dir.name}/{split}/{wav.name}"
+                rel = f"{machine_dir.name}/{folder}/{wav.name}"
                 problem = entry_problem(wav, confine)
                 if problem:
                     unparsed.append((rel, problem))
                     continue
                 try:
-                    clips.append(parse_clip_name(wav.name, machine_dir.name, split))
+                    clips.append(parse_clip_name(wav.name, machine_dir.name, folder))
                     sections.add(clips[-1].section)
+                    wav_key = f"{rel[: -len(wav.suffix)]}.wav"  # attributes CSVs name the WAV of a FLAC clip
+                    if rel not in attributes and wav_key in attributes:
+                        attributes[rel] = attributes[wav_key]
                 except ClipNameError as err:
                     unparsed.append((rel, str(err)))
         missing = sorted(sections - csv_sections)

@@ -21,6 +21,7 @@ from pipelines.errors import UserError
 
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {
+    "download": "pipelines.datasets.download",
     "synth": "pipelines.synth.cli",
     "extract": "pipelines.stages.extract",
     "train": "pipelines.stages.train",
@@ -53,6 +54,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 
 _HELP = {
+    "download": "download DCASE Task 2 data (2020-2025) into the layout the pipeline reads",
     "synth": "generate synthetic machine sounds in the DCASE 2022 layout",
     "extract": "extract inverted log-Mel features into the Parquet feature store (Ray Data)",
     "train": "train the configured detector, or one of its stages (Ray Train)",

@@ -88,7 +88,7 @@ def test_to_dict_round_trip():
 
 
 @pytest.mark.parametrize("name", [
-    "section_00_source_train_normal_0000_a.flac",        # not a wav
+    "section_00_source_train_normal_0000_a.mp3",         # not a WAV or FLAC clip
     "sec_00_source_train_normal_0000_a.wav",             # wrong prefix
     "section_00_sauce_train_normal_0000_a.wav",          # unknown domain
     "section_00_source_valid_normal_0000_a.wav",         # unknown split
@@ -273,3 +273,35 @@ def test_real_dcase_clips_parse(real_audio_dir):
         seen.add((meta.domain, meta.label, meta.attribute))
     # one clip for each (domain, label, attribute) pair
     assert seen == {(d, lab, a) for d in expected_attr for lab in ("normal", "anomaly") for a in expected_attr[d]}
+
+
+# ----------------------------------------------------------------------------- every year's naming
+@pytest.mark.parametrize("name, folder, want", [
+    # 2020: machine ids as sections, no split in the name, no domains (source), 8-digit numbers
+    ("normal_id_00_00000000.wav", "train", ("train", "00", "source", "normal", 0, "")),
+    ("anomaly_id_04_00000123.wav", "test", ("test", "04", "source", "anomaly", 123, "")),
+    ("id_01_00000007.wav", "test", ("test", "01", None, None, 7, None)),
+    # 2021: test clips in source_test/ and target_test/, test names without attributes
+    ("section_00_source_test_normal_0000.wav", "source_test", ("test", "00", "source", "normal", 0, "")),
+    ("section_02_target_test_anomaly_0099.wav", "target_test", ("test", "02", "target", "anomaly", 99, "")),
+    ("section_03_source_test_0000.wav", "source_test", ("test", "03", None, None, 0, None)),
+    # 2023-2025: multi-attribute names from 0001, FLAC as well as WAV
+    ("section_00_source_train_normal_0001_car_A1_spd_28V_mic_1.flac", "train",
+     ("train", "00", "source", "normal", 1, "car_A1_spd_28V_mic_1")),
+    ("section_00_test_0001.FLAC", "test", ("test", "00", None, None, 1, None)),
+])
+def test_every_years_names_parse(name, folder, want):
+    meta = parse_clip_name(name, "m", folder)
+    assert (meta.split, meta.section, meta.domain, meta.label, meta.index, meta.attribute) == want
+    assert meta.path == f"m/{folder}/{name}"
+
+
+@pytest.mark.parametrize("name, folder", [
+    ("section_00_target_test_normal_0000.wav", "source_test"),  # domain disagrees with the 2021 folder
+    ("section_03_source_test_0000.wav", "target_test"),
+    ("section_00_source_train_normal_0000.wav", "source_test"),  # a train clip in a test folder
+    ("normal_id_00_00000000.wav", "valid"),                      # not a split folder
+])
+def test_folder_disagreements_raise(name, folder):
+    with pytest.raises(ClipNameError, match=name):
+        parse_clip_name(name, "m", folder)
