@@ -42,13 +42,13 @@ def test_cluster_config_schema_rejects_a_broken_config():
         jsonschema.validate(config, schema)
 
 
-def test_job_entrypoint_and_runtime_env():
+def test_job_entrypoint_and_runtime_env(tmp_path):
     from pipelines.operations.submit import job_entrypoint, runtime_env
 
     entry = job_entrypoint("run", "tiny", ["run_dir=/tmp/x y"], python="/v/bin/python")
     assert entry == "/v/bin/python -m pipelines run --config tiny --set 'run_dir=/tmp/x y'"
-    env = runtime_env()
-    assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"]
+    env = runtime_env(tmp_path, extra_env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert env["working_dir"] == str(tmp_path) and env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
 @pytest.fixture
@@ -70,7 +70,8 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.operations.submit import job_entrypoint, runtime_env, submit_job, wait_for_job
+    from pipelines.operations.submit import (job_entrypoint, package_files, runtime_env, staged_package,
+                                             submit_job, wait_for_job)
 
     address, env = local_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -79,8 +80,10 @@ def test_tiny_pipeline_as_ray_job(local_head, tmp_path, mlflow_server, monkeypat
     entry = job_entrypoint("run", "tiny", [f"run_dir={run_dir}", f"data.root={data}",
                                            f"mlflow.registered_model={name}"], python=sys.executable)
     client = JobSubmissionClient(address)
-    job_id = submit_job(client, entrypoint=entry, runtime_env=runtime_env(
-        extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}, address=address))
+    with staged_package(package_files()) as working_dir:  # the allowlisted project, as `asd submit` uploads it
+        job_id = submit_job(client, entrypoint=entry, runtime_env=runtime_env(
+            working_dir, extra_env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            address=address))
     status = wait_for_job(client, job_id, timeout_s=900)
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]

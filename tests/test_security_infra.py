@@ -403,37 +403,88 @@ def test_mlflow_auth_server_without_given_credentials_makes_a_private_admin_file
 
 # --- asd submit -------------------------------------------------------------------------------
 
-def _working_dir(root: Path) -> set[str]:
-    """A project folder with secrets beside the code; returns the files that may be uploaded."""
-    secrets = [".env", ".env.production", "key.pem", "tls/server.key", "cert.p12", "aws/credentials",
-               "gcp-credentials.json", ".netrc", "id_rsa", "id_ed25519.pub", ".ray/auth_token",
-               ".git/config", ".git/objects/ab/cdef", ".venv/bin/python", "runs/demo/mlflow.db"]
-    normal = ["README.md", "pipelines/operations/run.py", "pipelines/__init__.py", "configs/demo.yaml",
-              "infra/k8s/rayjob.yaml", "docs/keys.md"]
-    for name in secrets + normal:
+# What a repository folder collects beside the code: Ray's token, the MLflow server's session key
+# and auth config, cluster, registry and cloud credentials, keys, a venv, runs and data; some of
+# them also inside the package folders, under names no code file has.
+SECRETS = [".ray/auth_token", "auth_token", "mlflow-server/flask_secret_key", "mlflow-server/basic_auth.ini",
+           ".kube/config", ".docker/config.json", ".pypirc", ".npmrc", "my-project-3f2a1c.json",
+           "infra/gcp-service-account.json", ".htpasswd", "prod.tfvars", "infra/terraform/prod.auto.tfvars",
+           ".env", "key.pem", "id_ed25519", ".netrc", ".git/config", ".venv/bin/python", "runs/demo/mlflow.db",
+           "data/dev_data/fan/train/section_00_source_train_normal_0000_a_1.wav", "features/v-1/part-0.parquet",
+           "configs/basic_auth.ini", "configs/.env", "pipelines/flask_secret_key", "pipelines/.pypirc",
+           "asd/service-account.json", "pipelines/.venv/lib/site.py", "configs/.kube/config"]
+# the files a job needs: the code, the configs, the declaration of what the nodes install
+NEEDED = ["pyproject.toml", "requirements.txt", "asd/__init__.py", "asd/model.py", "pipelines/__init__.py",
+          "pipelines/__main__.py", "pipelines/operations/run.py", "configs/demo.yaml", "configs/tiny.yaml"]
+# the project's own files that no job reads
+UNNEEDED = ["README.md", "docs/keys.md", "infra/k8s/rayjob.yaml", "tests/test_x.py", "ray_cluster.yaml"]
+
+
+def _project_with_secrets(root: Path) -> None:
+    for name in SECRETS + NEEDED + UNNEEDED:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(name)
-    return set(normal)
+    with open(root / "recordings.tar", "wb") as big:  # a stray data file of 1 GiB (sparse)
+        big.truncate(2**30)
+    (root / "pipelines" / "token.py").symlink_to(root / ".ray" / "auth_token")  # code by name only
 
 
-def test_submit_upload_excludes_secrets_and_lists_exactly_what_ray_packs(tmp_path):
+def test_submit_uploads_only_the_allowlist_and_exactly_what_ray_packs(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
-    from pipelines.operations.submit import runtime_env, upload_listing
+    from pipelines.operations.submit import package_files, runtime_env, staged_package
 
-    expected = _working_dir(tmp_path / "project")
-    env = runtime_env(working_dir=tmp_path / "project")
-    assert set(upload_listing(env)) == expected
-    # the package Ray itself builds from the same runtime_env holds the same files
-    package = tmp_path / "package.zip"
-    create_package(env["working_dir"], package, include_gitignore=True, excludes=env["excludes"])
-    assert set(zipfile.ZipFile(package).namelist()) == expected
+    project = tmp_path / "project"
+    _project_with_secrets(project)
+    files = package_files(project)
+    assert files == sorted(NEEDED)
+    # the package Ray itself builds from the job's runtime_env holds the same files, nothing else
+    with staged_package(files, project) as working_dir:
+        env = runtime_env(working_dir)
+        package = tmp_path / "package.zip"
+        create_package(env["working_dir"], package, include_gitignore=True, excludes=env.get("excludes", []))
+    assert sorted(zipfile.ZipFile(package).namelist()) == sorted(NEEDED)
+
+
+def test_submit_allowlist_holds_every_file_of_the_project_a_job_reads():
+    """Every tracked file of asd/, pipelines/ and configs/ goes up (a job that misses one fails on
+    the cluster), and nothing outside them but pyproject.toml and requirements.txt."""
+    from pipelines.operations.submit import PACKAGED_FILES, PACKAGED_TREES, PROJECT_ROOT, package_files
+
+    tracked = subprocess.run(["git", "ls-files", "--", *PACKAGED_TREES], cwd=PROJECT_ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    files = package_files()
+    assert tracked and set(tracked) <= set(files)
+    assert all(f in PACKAGED_FILES or f.split("/")[0] in PACKAGED_TREES for f in files)
+
+
+def test_submit_packages_a_config_path_with_its_extends_chain_and_refuses_one_outside(tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.operations.submit import job_config
+
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "demo.yaml").write_text("run_dir: runs/demo\n")
+    (project / "experiments").mkdir()
+    (project / "experiments" / "base.yaml").write_text("extends: ../configs/demo.yaml\n")
+    (project / "experiments" / "mine.yaml").write_text("extends: base.yaml\n")
+    config, files = job_config(str(project / "experiments" / "mine.yaml"), project)
+    assert config == "experiments/mine.yaml"  # as the job finds it in its working dir
+    assert files == ["experiments/mine.yaml", "experiments/base.yaml", "configs/demo.yaml"]
+    assert job_config("tiny") == ("tiny", [])
+
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("extends: demo\n")
+    assert main(["submit", "--dry-run", "--config", str(outside)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asd submit: error: --config") and "outside the project" in err and "\n" not in err
 
 
 def test_submit_dry_run_lists_the_upload_and_never_connects(monkeypatch, capsys):
     import ray.job_submission
 
     from pipelines.cli import main
+    from pipelines.operations.submit import package_files
 
     def refuse(*args, **kwargs):
         raise AssertionError("--dry-run connected to the cluster")
@@ -441,5 +492,5 @@ def test_submit_dry_run_lists_the_upload_and_never_connects(monkeypatch, capsys)
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
     assert main(["submit", "--dry-run", "--address", f"http://127.0.0.1:{_free_port()}"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert "pipelines/operations/submit.py" in listed and "dry run:" in listed[-1]
-    assert not [f for f in listed[:-1] if f.startswith((".git/", ".venv/", "runs/", "data/"))]
+    assert "pipelines/operations/submit.py" in listed and "configs/demo.yaml" in listed
+    assert listed[:-1] == package_files() and "dry run:" in listed[-1]
