@@ -7,7 +7,10 @@ in ``<run_dir>/mlartifacts``).
 An http(s) tracking server is probed once when the pipeline connects (:func:`connect`), so a
 dead URI fails in seconds with one line instead of MLflow's minutes of retries, and MLflow's
 HTTP timeouts and retries are bounded (:data:`HTTP_LIMITS`) unless the environment sets them.
-Per-epoch training metrics are best effort (:func:`log_epoch_metrics`). Training and scoring runs
+Per-epoch training metrics are best effort (:func:`log_epoch_metrics`), and so is every MLflow call
+of a pipeline run once it is connected (:func:`best_effort`, :func:`tolerant_run`): a server that
+goes down mid-run is one warning, the run finishes its local work (stage records, models, scores and
+submission files) and says how to log and register the results later. Training and scoring runs
 name the clips they used: the feature store's manifest as an MLflow dataset input
 (:func:`log_manifest_input`).
 """
@@ -30,6 +33,7 @@ import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
@@ -47,6 +51,11 @@ PROBE_TIMEOUT_S = 5.0
 # The manifest columns a dataset input carries (its schema and profile; the rows stay in the store)
 MANIFEST_COLUMNS = ("path", "content_hash", "split", "label", "machine", "section", "domain")
 _unlogged_runs: set[str] = set()  # runs whose per-epoch logging failed: not retried every epoch
+# The first MLflow failure of this command ("<what it was doing>: <why>"); cleared by connect()
+_outage: list[str] = []
+# What MLflow's client raises when its server is gone: MlflowException once its retries are spent,
+# OSError for requests' connection errors (and a local store's disk)
+MLFLOW_ERRORS = (MlflowException, OSError)
 
 
 class TrackingUnavailable(UserError):
@@ -100,6 +109,7 @@ def connect(uri: str) -> None:
     bound_http(uri)
     if _is_http(uri):
         probe(uri)
+    _outage.clear()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -108,13 +118,67 @@ def setup(cfg: PipelineConfig) -> str:
     """Point MLflow at the config's store and experiment; return the tracking URI."""
     uri = tracking_uri(cfg)
     connect(uri)
-    if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:"):  # keep local artifacts beside the local database
-            location = (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    try:
+        if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+            location = None
+            if uri.startswith("sqlite:"):  # keep local artifacts beside the local database
+                location = (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        mlflow.set_experiment(cfg.mlflow.experiment)
+    except MLFLOW_ERRORS as err:  # gone between the probe and here: nothing has started yet
+        raise TrackingUnavailable(f"MLflow tracking server {uri} failed ({first_line(err)}): start it, or "
+                                  "set mlflow.tracking_uri / $MLFLOW_TRACKING_URI to one that runs") from err
     return uri
+
+
+def outage() -> str | None:
+    """What the first MLflow failure of this command was doing, and why; None while MLflow works."""
+    return _outage[0] if _outage else None
+
+
+def best_effort(what: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, an MLflow call of a pipeline run, or None when MLflow fails: an
+    outage never stops the run or loses its local work. The first failure is one warning; every
+    later call of this command is skipped (each would wait out the HTTP retries again)."""
+    if _outage:
+        return None
+    try:
+        return call(*args, **kwargs)
+    except MLFLOW_ERRORS as err:
+        _failed(what, err)
+        return None
+
+
+def _failed(what: str, err: BaseException) -> None:
+    """Remember the first MLflow failure of this command and say it, in one line."""
+    if not _outage:
+        _outage.append(f"{what}: {first_line(err)}")
+        log.warning("warning: MLflow failed while %s (%s); going on without MLflow, every result stays on disk",
+                    what, first_line(err))
+
+
+@contextlib.contextmanager
+def tolerant_run(name: str, tags: dict | None = None, params: dict | None = None):
+    """A run nested under the active one (if any), as the active run for the block; yields its id,
+    or None when MLflow is down (:func:`best_effort`). It is ended FINISHED, or FAILED on an
+    exception, even after an outage (MLflow takes it off its stack first, then one bounded
+    request), so that no stale run stays active in this process."""
+    run = best_effort(f"starting the MLflow run {name!r}", mlflow.start_run, run_name=name,
+                      nested=mlflow.active_run() is not None)
+    if run is not None:
+        best_effort(f"tagging the MLflow run {name!r}", mlflow.set_tags, tags or {})
+        if params:
+            best_effort(f"logging the parameters of the MLflow run {name!r}", mlflow.log_params, flatten(params))
+    status = "FAILED"
+    try:
+        yield run.info.run_id if run is not None else None
+        status = "FINISHED"
+    finally:
+        if run is not None:
+            try:
+                mlflow.end_run(status)
+            except MLFLOW_ERRORS as err:
+                _failed(f"ending the MLflow run {name!r}", err)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -171,11 +235,12 @@ def log_manifest_input(store: str | os.PathLike, context: str, manifest=None,
             warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
             source = resolve_dataset_source(str(path))
         dataset = _ManifestDataset(frame, source, name=f"feature-store-{version}", digest=digest)
-        mlflow.log_input(dataset, context=context)
     except Exception as err:
         log.warning("feature-store manifest of %s not logged as a dataset input: %s", store,
                     first_line(err))
         return None
+    best_effort(f"logging the feature-store manifest as the {context} input", mlflow.log_input, dataset,
+                context=context)
     return digest
 
 

@@ -47,19 +47,27 @@ def real_audio_dir() -> Path:
     return folder
 
 
+MLFLOW_SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "mlflow_server.sh"
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """URI (``http://127.0.0.1:<port>``) of a real ``mlflow server`` started for the session with
     infra/mlflow_server.sh: SQLite backend and proxied artifacts in a tmp folder, a free port,
     same Python as the tests. Stopped (its whole process group) at the end of the session."""
+    yield from serve_mlflow(tmp_path_factory.mktemp("mlflow-server"))
+
+
+def serve_mlflow(state: Path):
+    """Start a real ``mlflow server`` with its state in ``state`` (``state/server.pid`` is the
+    leader of its process group), yield its URI, stop it."""
     import socket
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "infra" / "mlflow_server.sh"
+    script = MLFLOW_SERVER_SCRIPT
     if not script.is_file():
         pytest.skip(f"{script} is missing")
-    state = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

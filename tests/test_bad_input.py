@@ -380,6 +380,60 @@ def test_a_second_run_of_one_run_dir_stops_at_once_with_one_line(tmp_path):
     assert seconds < 60
 
 
+KNN_RUN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local"]
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_killed_while_asd_run_trains_loses_no_stage_and_no_result(tmp_path, ray_session, monkeypatch,
+                                                                                    capsys):
+    """A real ``mlflow server`` killed (SIGKILL to its process group) the moment the training stage
+    has written its model: the run finishes its local work with one warning, keeps every stage
+    record, and a re-run trains nothing again."""
+    from conftest import serve_mlflow
+    from pipelines import detectors
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from pipelines.operations.run import run_pipeline
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # recorded, so teardown also undoes what the pipeline sets
+        monkeypatch.delenv(name)
+    knn = detectors.get("knn")
+    fit = knn.fit
+
+    def fit_then_kill_the_server(*args, **kwargs):
+        model_dir = fit(*args, **kwargs)
+        os.killpg(int((tmp_path / "mlflow" / "server.pid").read_text()), signal.SIGKILL)
+        return model_dir
+
+    monkeypatch.setattr(knn, "fit", fit_then_kill_the_server)
+    run_dir, settings = tmp_path / "run", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *KNN_RUN,
+                                           "mlflow.experiment=asd-outage", "mlflow.registered_model=asd-outage"]
+    server = serve_mlflow(tmp_path / "mlflow")
+    try:
+        uri = next(server)
+        rc = main(["run", "--config", "tiny", *(x for o in [*settings, f"mlflow.tracking_uri={uri}"]
+                                                 for x in ("--set", o))])
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "MLflow" in line] == [
+        next(line for line in err.splitlines() if line.startswith("warning: MLflow failed while "))]
+    assert "asd score --register-only --config tiny" in out and f"--out {run_dir / 'scoring'}" in out
+    assert {f.stem for f in (run_dir / "stages").glob("*.json")} == {"extract", "knn", "score"}
+    assert (run_dir / "models" / "knn" / knn.weights_file).is_file()
+    assert (run_dir / "scoring" / "scores.csv").is_file() and (run_dir / "results.md").is_file()
+    assert list((run_dir / "scoring" / "submission").rglob("anomaly_score_*.csv"))
+
+    monkeypatch.setattr(knn, "fit", fit)
+    local = f"mlflow.tracking_uri=sqlite:///{run_dir / 'mlflow.db'}"  # MLflow back: the score stage re-runs
+    again = run_pipeline(load_config("tiny", [*settings, local]))
+    assert again["stages"]["knn"].get("skipped") is True and again["stages"]["score"]["version"] == 1
+    assert again["mlflow_outage"] is None
+
+
 # ----------------------------------------------------------------------------- killed mid-way
 def _descendants(pid: int) -> list:
     import psutil

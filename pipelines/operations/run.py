@@ -30,7 +30,7 @@ from pipelines.locks import LockBusy, exclusive_lock
 from pipelines.stages.extract import extract_from_config
 from pipelines.operations.runner import Stage, StageBook, StageContext, run_stages
 from pipelines.serving.registry import log_scoring
-from pipelines.stages.score import results_markdown, run_scoring
+from pipelines.stages.score import register_only_command, results_markdown, run_scoring
 from pipelines.store import manifest_digest
 from pipelines.synth.generate import PRESETS, generate
 
@@ -65,7 +65,10 @@ def extract_stage(cfg: PipelineConfig, root: Path, store: Path) -> Stage:
     """Extraction (incremental by itself: always runs); its digest is the manifest's."""
     def run(ctx: StageContext) -> dict:
         ex = extract_from_config(cfg, root, store)
-        mlflow.log_metrics({**{k: float(v) for k, v in ex.counts().items()}, "clips_per_s": ex.clips_per_s})
+        if ctx.mlflow_run_id:  # None: MLflow is down (pipelines.tracking.best_effort)
+            tracking.best_effort("logging the extraction's counts", mlflow.log_metrics,
+                                 {**{k: float(v) for k, v in ex.counts().items()}, "clips_per_s": ex.clips_per_s},
+                                 run_id=ctx.mlflow_run_id)
         return {**ex.counts(), "clips_per_s": ex.clips_per_s, "output_digest": manifest_digest(store)}
     return Stage("extract", run)
 
@@ -105,11 +108,12 @@ def score_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, root: Path
     def run(ctx: StageContext) -> dict:
         result = run_scoring(cfg, model_stage.output, store, score_dir, ground_truth_root=root)
         freeze_eval_set(Path(cfg.run_dir), result.scores["path"].tolist())
-        reg = log_scoring(cfg, result)
         if result.results:
             (Path(cfg.run_dir) / "results.md").write_text(
                 results_markdown(result.results, detectors.get(cfg.method).label(cfg)))
-        return {"official_score": result.official_score, **reg}
+        # None when MLflow is down: the results are on disk for `asd score --register-only`
+        reg = tracking.best_effort("logging and registering the scoring results", log_scoring, cfg, result)
+        return {"official_score": result.official_score, **(reg or {})}
     return Stage("score", run, inputs=(model_stage.name,), fingerprint=cfg.digest("score", "mlflow"),
                  output=score_dir, done_file=SECTIONS_FILE, mlflow_run=False)
 
@@ -142,14 +146,16 @@ def _run_pipeline_locked(cfg: PipelineConfig, run_dir: Path, force: list[str]) -
     t_start = time.perf_counter()
     root = ensure_data(cfg)  # a missing data tree fails before a pipeline run is opened
     stages = pipeline_stages(cfg, root, uri)
-    with mlflow.start_run(run_name=f"pipeline-{cfg.name}") as parent:
-        mlflow.log_params(tracking.flatten(cfg.to_dict()))
-        mlflow.set_tag("pipeline", cfg.name)
-        summary["parent_run_id"] = parent.info.run_id
+    with tracking.tolerant_run(f"pipeline-{cfg.name}", tags={"pipeline": cfg.name}, params=cfg.to_dict()) as parent:
+        summary["parent_run_id"] = parent
         summary["stages"] = run_stages(stages, StageBook(run_dir), force=force)
-        mlflow.set_tag("data_manifest_digest", summary["stages"]["extract"]["output_digest"])
         summary["seconds"] = time.perf_counter() - t_start
-        mlflow.log_metric("pipeline_seconds", summary["seconds"])
+        if parent:
+            tracking.best_effort("tagging the pipeline's MLflow run with its data", mlflow.set_tags,
+                                 {"data_manifest_digest": summary["stages"]["extract"]["output_digest"]})
+            tracking.best_effort("logging the pipeline's time", mlflow.log_metric, "pipeline_seconds",
+                                 summary["seconds"], run_id=parent)
+    summary["mlflow_outage"] = tracking.outage()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -179,6 +185,12 @@ def main(args) -> int:
     score = summary["stages"].get("score", {})
     if score.get("model_uri"):
         print(f"registered model: {score['model_uri']} (version {score.get('version')})")
+    if summary["mlflow_outage"]:  # warned once when it happened; here what to do about it
+        unlogged = "score" in summary["stages"] and not score.get("skipped") and not score.get("run_id")
+        print(f"MLflow: not logged from {summary['mlflow_outage']}" + (
+            f"; log and register the results later with `{register_only_command(args, cfg.path('scoring'))}`"
+            if unlogged else ""))
+        return 0
     uri = summary["tracking_uri"]
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite:")
           else f"open {uri}")

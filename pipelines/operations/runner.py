@@ -11,7 +11,8 @@ the feature-store manifest).
 
 Every stage that runs is timed, and the peak memory of the driver and every process it started
 (:class:`pipelines.monitor.PeakMemory`) is measured; both go into the summary, the stage's record
-and its nested MLflow run.
+and its nested MLflow run. The runner's MLflow calls are best effort (:mod:`pipelines.tracking`):
+a stage's record is written before them, so an MLflow outage never loses a finished stage.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class StageContext:
 
     digest: str  # this stage's digest (Ray Train run names derive from it)
     earlier: dict[str, dict]  # the summary of every stage run or skipped before this one
-    mlflow_run_id: str | None  # the stage's nested MLflow run (None when it logs its own runs)
+    mlflow_run_id: str | None  # the stage's nested MLflow run (None when it logs its own runs, or MLflow is down)
 
 
 @dataclass
@@ -106,13 +107,16 @@ def run_stages(stages: list[Stage], book: StageBook, *, force: Iterable[str] = (
 
 def _run(stage: Stage, digest: str, earlier: dict, book: StageBook) -> dict:
     t0 = time.perf_counter()
-    with (tracking.stage_run(stage.name) if stage.mlflow_run else contextlib.nullcontext()) as run:
+    with (tracking.tolerant_run(stage.name, tags={"stage": stage.name}) if stage.mlflow_run
+          else contextlib.nullcontext()) as own_run_id:
         with PeakMemory() as peak:
-            info = stage.run(StageContext(digest, dict(earlier), run.info.run_id if run else None)) or {}
+            info = stage.run(StageContext(digest, dict(earlier), own_run_id)) or {}
         seconds = time.perf_counter() - t0
-        run_id = run.info.run_id if run else info.get("run_id")  # a stage logging its own run returns it
+        run_id = own_run_id or info.get("run_id")  # a stage logging its own run returns it
+        info = {**info, "seconds": seconds, "peak_rss_mib": peak.mib, **({"run_id": run_id} if run_id else {})}
+        # recorded before any MLflow call: a server gone by now loses neither the stage nor its output
+        book.record(stage.name, digest, **info)
         if run_id:
-            mlflow.log_metrics({"stage_seconds": seconds, "peak_rss_mib": peak.mib}, run_id=run_id)
-    info = {**info, "seconds": seconds, "peak_rss_mib": peak.mib, **({"run_id": run_id} if run_id else {})}
-    book.record(stage.name, digest, **info)
+            tracking.best_effort(f"logging the {stage.name} stage's timing", mlflow.log_metrics,
+                                 {"stage_seconds": seconds, "peak_rss_mib": peak.mib}, run_id=run_id)
     return info

@@ -195,15 +195,20 @@ def _score(cfg: PipelineConfig, args, out: Path) -> ScoringResult:
     return result
 
 
+def register_only_command(args, out_dir: str | Path) -> str:
+    """The ``asd score --register-only`` command that logs and registers the results in ``out_dir``
+    (written while MLflow was down) with the config of the command ``args`` parsed."""
+    return shlex.join(["asd", "score", "--register-only", "--config", args.config,
+                       *(x for o in args.overrides for x in ("--set", o)), "--out", str(out_dir)])
+
+
 def _log_to_mlflow(cfg: PipelineConfig, result: ScoringResult, args) -> None:
     """Log and register ``result``; an MLflow failure keeps the local results and says how to
     register them later."""
     try:
         reg = log_scoring(cfg, result)
     except (MlflowException, OSError, UserError) as err:  # OSError: requests' connection errors too
-        again = shlex.join(["asd", "score", "--register-only", "--config", args.config,
-                            *(x for o in args.overrides for x in ("--set", o)), "--out", str(result.out_dir)])
         raise UserError(f"MLflow logging failed ({first_line(err)}); the results stay in {result.out_dir}: "
-                        f"log and register them later with `{again}`") from err
+                        f"log and register them later with `{register_only_command(args, result.out_dir)}`") from err
     if reg.get("model_uri"):
         print(f"registered model: {reg['model_uri']}")
