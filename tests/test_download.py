@@ -529,3 +529,28 @@ def test_extract_reads_every_years_layout_and_downloaded_archives(server, tmp_pa
         assert by_path[rel] == want, rel
     assert by_path["dev_data/gearbox/target_test/section_00_target_test_anomaly_0000.wav"] == "test/target/anomaly/00"
     assert by_path["dev_data/fan/test/anomaly_id_00_00000000.wav"] == "test/source/anomaly/00"
+
+
+def test_flac_decodes_to_the_samples_of_its_wav(tmp_path):
+    """A FLAC clip (the real ToyCar ones where present) and the WAV written from it, as
+    ../shared/data/realtoycar/unpack.py writes it, decode to the same waveform."""
+    from asd.audio import load_audio
+
+    flacs = sorted((REAL_TOYCAR / "dev_data" / "ToyCar" / "test").glob("*.flac"))[:2]
+    if not flacs:
+        flacs = [tmp_path / "clip.flac"]
+        flacs[0].write_bytes(clip_bytes(0, "FLAC"))
+    for flac in flacs:
+        x, sr = sf.read(flac, dtype="int16")
+        wav = tmp_path / (flac.stem + ".wav")
+        sf.write(wav, x, sr, subtype="PCM_16", format="WAV")
+        a, _ = load_audio(flac)
+        b, _ = load_audio(wav)
+        assert a.shape == b.shape and bool((a == b).all())
+
+
+def test_predict_reads_the_machine_from_2021_test_folders():
+    from pipelines.serving.predict import infer_machine_section
+
+    assert infer_machine_section("d/gearbox/source_test/section_03_source_test_0000.wav") == ("gearbox", "03")
+    assert infer_machine_section("d/pump/test/id_01_00000000.wav") == ("pump", "01")

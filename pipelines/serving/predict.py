@@ -33,7 +33,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
 from asd.contracts import SETTINGS_FILE, section_key
-from asd.metadata import ClipNameError, parse_clip_name
+from asd.metadata import SPLIT_FOLDERS, ClipNameError, parse_clip_name
 from pipelines.config import load_config
 from pipelines.errors import UserError, first_line
 from pipelines.serving.pyfunc_model import (AsdPyfuncModel, is_scoring_folder, normalize_section, read_clip_file,
@@ -117,12 +117,12 @@ def _load_logged(model: str | Path, where: str | None = None, download_to: str |
 # ----------------------------------------------------------------------------- clip metadata
 def infer_machine_section(path: str | Path, machine: str | None = None,
                           section: str | None = None) -> tuple[str, str]:
-    """Machine from ``<machine>/<train|test>/file.wav`` (or the parent folder), section from the
+    """Machine from ``<machine>/<split folder>/file.wav`` (or the parent folder), section from the
     DCASE file name; explicit values win. Raises ValueError when one cannot be inferred."""
     p = Path(path)
     if machine is None:
         parent = p.resolve().parent if p.parent == Path(".") else p.parent
-        folder = parent.parent if parent.name in ("train", "test") else parent
+        folder = parent.parent if parent.name in SPLIT_FOLDERS else parent  # 2021: source_test/, target_test/
         machine = folder.name or None
         if machine is None:
             raise ValueError("cannot infer the machine type from the folders; pass --machine")

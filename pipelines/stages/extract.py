@@ -388,7 +388,7 @@ def _extract_locked(root, store: Path, fcfg: FeatureConfig, dtype: str, batch_si
     summary = ExtractSummary(discovered=len(found), feature_version=version, store=utf8_text(str(store)),
                              warnings=warnings)
     if not found:
-        raise ExtractError(f"no .wav clips under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
+        raise ExtractError(f"no .wav clips (nor .flac) under {root}: expected <root>/dev_data/<machine>/{{train,test}}/"
                            "*.wav (DCASE layout) or <dataset>/<machine>/<split>/*.wav")
     manifest = S.read_manifest(vdir).set_index("path", drop=False)
     triage = _triage(found, manifest, S.read_quarantine(vdir), data_root, version, summary)
