@@ -252,9 +252,11 @@ def test_end_to_end_resume_checksum_layout(server, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".asd-unpack")]
     assert tree(cache) == []  # archives removed once unpacked
     n = len(server.requests)
+    (out / ".asd-unpack-killed" / "fan").mkdir(parents=True)  # what a run killed while unpacking leaves
     assert cli.main(["download", "dcase2099", "--out", str(out), "--mirror", server.url, "--cache", str(cache),
                      "--catalogue", str(cat)]) == 0
     assert len(server.requests) == n and "2 already there" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [D.RECORD_FILE, "dev_data"]
 
 
 def test_resume_from_an_earlier_run_and_from_a_server_without_ranges(server, tmp_path):
@@ -414,6 +416,11 @@ def test_additional_and_eval_with_ground_truth_give_eval_metrics(server, tmp_pat
     results = labelled_results(scored, out)
     assert {(r.machine, r.section) for r in results} == {("bandsaw", "00"), ("gearbox", "03")}
     assert all(r.pauc is not None for r in results)
+    # a second run fetches nothing, the ground truth included
+    n = len(server.requests)
+    again = D.download("d", out, ["additional", "eval"], ["bandsaw", "gearbox"], mirror=server.url,
+                       cache=tmp_path / "c", catalogue=cat, show_progress=False)
+    assert len(server.requests) == n and len(again.skipped) == 4 and again.ground_truth_sections == 2
 
 
 # ----------------------------------------------------------------------------- every year's layout

@@ -57,6 +57,7 @@ DATASET_FOLDER = {"dev": DEV_DATA, "additional": EVAL_DATA, "eval": EVAL_DATA}
 MIRROR_ENV = "ASD_DOWNLOAD_MIRROR"
 CACHE_ENV = "ASD_DOWNLOAD_CACHE"
 RECORD_FILE = ".asd-download.json"  # archives unpacked into this data root
+STAGE_PREFIX = ".asd-unpack-"  # staging folders inside the data root, removed after each archive
 CHUNK = 1 << 20
 # waits (s) before the retries of one transfer that stopped half-way or got a 5xx; a transfer that
 # makes progress starts the count again. Tests set them to zero.
@@ -401,7 +402,7 @@ def _move_machine(src: Path, dst: Path) -> None:
 
 def unpack(zpath: Path, archive: Archive, out: Path, show_progress: bool = True) -> list[str]:
     """Unpack one machine archive into ``out/<dev_data|eval_data>/<machine>/``; the machine names."""
-    stage = Path(tempfile.mkdtemp(prefix=".asd-unpack-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
     try:
         _safe_extract(zpath, archive, stage, show_progress=show_progress)
         found = machine_dirs(stage)
@@ -415,6 +416,8 @@ def unpack(zpath: Path, archive: Archive, out: Path, show_progress: bool = True)
             _move_machine(mdir, dataset / name)
             names.append(name)
         return names
+    except OSError as err:  # disk full, permissions: one line, not a traceback
+        raise DownloadError(f"{archive.file}: cannot unpack into {out}: {_reason(err)}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -425,7 +428,7 @@ def apply_ground_truth(zpath: Path, archive: Archive, out: Path, machines: set[s
     (``ground_truth_<machine>_section_<XX>_test.csv`` in ground_truth_data/ and ground_truth_domain/);
     per-domain files (2021: ``..._section_XX_source_test.csv``) are merged, their domain written.
     Returns the number of sections written."""
-    stage = Path(tempfile.mkdtemp(prefix=".asd-unpack-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
 
     def wanted(name: str) -> bool:
         parts = name.replace("\\", "/").split("/")
@@ -516,6 +519,8 @@ def download(dataset: str, out: str | os.PathLike, splits: list[str] | tuple[str
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(STAGE_PREFIX + "*"):  # left by a run that was killed while unpacking
+        shutil.rmtree(stale, ignore_errors=True)
     done = _read_record(out)
     summary = DownloadSummary([], [], 0, [])
     try:
@@ -536,11 +541,21 @@ def download(dataset: str, out: str | os.PathLike, splits: list[str] | tuple[str
                 summary.notes.append(f"{dataset}: no published ground truth in the catalogue: eval clips are "
                                      "scored, without metrics")
             else:
-                eval_machines = {m for a in archives if a.split == "eval" for m in done.get(a.key, {}).get("machines", ())}
-                path = fetch(gt, cache, timeout=timeout, show_progress=show_progress)
-                summary.ground_truth_sections = apply_ground_truth(path, gt, out, eval_machines, show_progress)
-                if not keep_archives:
-                    path.unlink(missing_ok=True)
+                eval_machines = sorted({m for a in archives if a.split == "eval"
+                                        for m in done.get(a.key, {}).get("machines", ())})
+                have = done.get(gt.key, {})
+                if have.get("machines") == eval_machines and (out / GROUND_TRUTH_DATA).is_dir():
+                    summary.skipped.append(gt.key)
+                    summary.ground_truth_sections = have.get("sections", 0)
+                else:
+                    path = fetch(gt, cache, timeout=timeout, show_progress=show_progress)
+                    summary.ground_truth_sections = apply_ground_truth(path, gt, out, set(eval_machines),
+                                                                       show_progress)
+                    done[gt.key] = {"machines": eval_machines, "sections": summary.ground_truth_sections,
+                                    "url": gt.url, "unpacked_at": time.time()}
+                    _write_record(out, done)
+                    if not keep_archives:
+                        path.unlink(missing_ok=True)
                 if not summary.ground_truth_sections:
                     summary.notes.append(f"{gt.file}: no ground truth of {', '.join(sorted(eval_machines))} in it")
     except BaseException:
