@@ -209,6 +209,8 @@ def test_shipped_catalogue_is_complete_and_honest():
     a = D.plan(cat, "dcase2023", ["dev"], ["ToyCar"])[0]
     assert a.url == "https://zenodo.org/records/7882613/files/dev_ToyCar.zip?download=1"
     assert D.plan(cat, "dcase2023", ["dev"], ["ToyCar"], mirror="http://h/m/")[0].url == "http://h/m/7882613/dev_ToyCar.zip"
+    # machine types as the records spell them, whatever the case typed; a split without them is skipped
+    assert [a.file for a in D.plan(cat, "dcase2023", ["dev", "eval"], ["toycar"])] == ["dev_ToyCar.zip"]
 
 
 def test_cli_list_and_usage_errors(capsys, tmp_path):

@@ -121,6 +121,9 @@ def plan(cat: dict, dataset: str, splits: list[str], machines: list[str] | None 
     entry = cat["datasets"][dataset]
     out: list[Archive] = []
     seen_machines: set[str] = set()
+    if machines:  # as the catalogue spells them: `toycar` is ToyCar
+        spelling = {a["machine"].lower(): a["machine"] for s in splits if entry.get(s) for a in entry[s]["archives"]}
+        machines = [spelling.get(m.lower(), m) for m in machines]
     for split in splits:
         part = entry.get(split)
         if not part:
@@ -535,7 +538,7 @@ def download(dataset: str, out: str | os.PathLike, splits: list[str] | tuple[str
             summary.unpacked.append(a.key)
             if not keep_archives:
                 path.unlink(missing_ok=True)
-        if "eval" in splits and ground_truth:
+        if ground_truth and any(a.split == "eval" for a in archives):
             gt = ground_truth_archive(cat, dataset, mirror)
             if gt is None:
                 summary.notes.append(f"{dataset}: no published ground truth in the catalogue: eval clips are "
