@@ -1,8 +1,8 @@
 """``asd extract``: decode WAV clips and compute their features on Ray Data, into the Parquet store.
 
-1. Discover every ``.wav`` under ``<root>/{dev_data,eval_data}/<machine>/{train,test}/`` (or a single
-   ``<dataset>/<machine>/<split>`` tree) and parse its name (:mod:`asd.metadata`); names that do not
-   parse go to the quarantine table.
+1. Discover every ``.wav`` and ``.flac`` under ``<root>/{dev_data,eval_data}/<machine>/{train,test}/``
+   (2021: ``source_test/``, ``target_test/``; or a single ``<dataset>/<machine>/<split>`` tree) and parse
+   its name, any DCASE year's (:mod:`asd.metadata`); names that do not parse go to the quarantine table.
 2. Diff against the manifest of the current feature version: a clip whose path, size and mtime
    match is already present; a clip whose stat changed is re-hashed, and re-extracted only if its
    content changed. New clips are hashed while they are extracted.
