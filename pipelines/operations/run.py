@@ -36,6 +36,7 @@ from pipelines.synth.generate import PRESETS, generate
 
 log = logging.getLogger(__name__)
 FROZEN_EVAL_SET = "frozen_eval_set.json"
+DATA_DIGEST_TAG = "data_manifest_digest"  # the feature-store manifest a run used (pipelines.store)
 RUN_LOCK = "run.lock"  # held by the one `asd run` of a run directory
 
 
@@ -65,11 +66,17 @@ def extract_stage(cfg: PipelineConfig, root: Path, store: Path) -> Stage:
     """Extraction (incremental by itself: always runs); its digest is the manifest's."""
     def run(ctx: StageContext) -> dict:
         ex = extract_from_config(cfg, root, store)
+        digest = manifest_digest(store)
         if ctx.mlflow_run_id:  # None: MLflow is down (pipelines.tracking.best_effort)
             tracking.best_effort("logging the extraction's counts", mlflow.log_metrics,
                                  {**{k: float(v) for k, v in ex.counts().items()}, "clips_per_s": ex.clips_per_s},
                                  run_id=ctx.mlflow_run_id)
-        return {**ex.counts(), "clips_per_s": ex.clips_per_s, "output_digest": manifest_digest(store)}
+            parent = tracking.best_effort("finding the pipeline's MLflow run", mlflow.get_parent_run,
+                                          ctx.mlflow_run_id)
+            if parent:  # the pipeline's run names its data now: a run interrupted later carries it too
+                tracking.best_effort("tagging the pipeline's MLflow run with its data",
+                                     mlflow.MlflowClient().set_tag, parent.info.run_id, DATA_DIGEST_TAG, digest)
+        return {**ex.counts(), "clips_per_s": ex.clips_per_s, "output_digest": digest}
     return Stage("extract", run)
 
 
@@ -151,8 +158,6 @@ def _run_pipeline_locked(cfg: PipelineConfig, run_dir: Path, force: list[str]) -
         summary["stages"] = run_stages(stages, StageBook(run_dir), force=force)
         summary["seconds"] = time.perf_counter() - t_start
         if parent:
-            tracking.best_effort("tagging the pipeline's MLflow run with its data", mlflow.set_tags,
-                                 {"data_manifest_digest": summary["stages"]["extract"]["output_digest"]})
             tracking.best_effort("logging the pipeline's time", mlflow.log_metric, "pipeline_seconds",
                                  summary["seconds"], run_id=parent)
     summary["mlflow_outage"] = tracking.outage()

@@ -269,8 +269,11 @@ def _summarise(manifest) -> object:
     return manifest
 
 
-def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -> dict:
-    """Log a :class:`pipelines.stages.score.ScoringResult` to MLflow and register its pyfunc model.
+def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None,
+                version_tags: dict | None = None) -> dict:
+    """Log a :class:`pipelines.stages.score.ScoringResult` to MLflow and register its pyfunc model,
+    with ``version_tags`` among the tags the version is created with (in the same call, so a
+    version never exists without them).
 
     Returns ``{run_id, model_uri, version, official_score}`` (``model_uri`` is
     ``models:/<name>/<version>``; ``model_uri``/``version`` are None for a detector scored in the
@@ -324,6 +327,7 @@ def log_scoring(cfg: PipelineConfig, result, parent_run_id: str | None = None) -
                 "stage": "score"}
         if digest is not None:
             tags["data_manifest_digest"] = digest
+        tags.update(version_tags or {})
         version = register_model(info.model_uri, name,
                                  {k: v for k, v in tags.items() if v is not None})
         set_alias(name, CHALLENGER, version)
