@@ -6,13 +6,15 @@ Modules are imported lazily by name so that ``asd --help`` does not import Ray o
 
 User errors (:class:`pipelines.errors.UserError`: a bad config, a missing feature store or model,
 an unreachable MLflow server) print one line on stderr and exit 2; ``asd --debug <command>``
-shows their traceback instead.
+shows their traceback instead. SIGTERM and Ctrl-C end a command in one line too, with the shell's
+codes (143, 130): what it finished is kept, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from pipelines import console
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tune_allocator()  # the driver computes too: synthesis, in-process embedding, scoring
     console.configure(verbose=args.verbose)
+    console.handle_sigterm()
     try:
         return int(args.func(args) or 0)
     except UserError as err:  # the message names the key or file and the fix
@@ -83,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"asd {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (console.Terminated)
+        if args.debug:
+            raise
+        signum = signal.SIGTERM if isinstance(err, console.Terminated) else signal.SIGINT
+        print(f"asd {command}: interrupted by {signum.name}; re-run the same command to resume", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -66,6 +67,29 @@ def configure(verbose: bool = False) -> None:
 
 def verbose() -> bool:
     return bool(_state["verbose"])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's or a container's stop) as an interruption: the command
+    unwinds as on Ctrl-C (locks released, journals kept, Ray shut down) and ends in one line."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (the CLI, at the start of a command)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+        _state["sigterm"] = True
+
+
+def rearm_sigterm() -> None:
+    """After ``ray.init``, which replaces SIGTERM's handler (its C++ core's prints a stack dump and
+    aborts): :func:`handle_sigterm` again, where a command had called it."""
+    if _state.get("sigterm"):
+        handle_sigterm()
 
 
 def log_to_file(folder: str | Path, command: str) -> Path:

@@ -69,6 +69,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                      runtime_env={"worker_process_setup_hook": quiet_state_api_pollers,
                                   "env_vars": dict(TRAIN_ENV), **worker_python(sys.executable)})
         start_reaper()
+    console.rearm_sigterm()
 
 
 def worker_python(python: str | None) -> dict:

@@ -18,6 +18,8 @@ The schema is documented in docs/feature-store.md.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from asd.contracts import class_ids
+from pipelines.errors import UserError
 
 STORE_FILE = "store.json"
 LOCK_FILE = ".lock"
@@ -101,16 +104,40 @@ def shard_name(members: list[tuple[str, str]], feature_version: str, dtype: str)
     return f"part-{hashlib.sha256(blob).hexdigest()[:16]}.parquet"
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """A file of the store could not be written: no space left (or over quota) on its device."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """``with atomic_path(path) as tmp:`` write ``tmp``; it then replaces ``path``, so that readers
+    see either the old file or the whole new one. On a full disk the temporary file is removed
+    (``path`` is left as it was) and the error is one :class:`DiskFull` line naming ``path``,
+    instead of a traceback from wherever the write happened."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in NO_SPACE:
+            raise DiskFull(f"no space left on the device of {path} ({os.strerror(err.errno)}): free some space "
+                           "there and re-run the same command; every file written before is whole") from err
+        raise
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file so that readers see either the old file or the whole new one.
+    """Write a Parquet file through :func:`atomic_path`.
 
     Dictionary encoding only for the string columns: trying it on the feature values costs
     more than the decode and hash of a clip, for nothing (measured in benchmarks/bench_extract.py)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=strings)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=strings)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -289,10 +316,8 @@ def write_json_if_changed(path: Path, data: dict) -> None:
     text = json.dumps(data, indent=2, sort_keys=True)
     if path.is_file() and path.read_text() == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def record_store(store: str | os.PathLike, feature_version: str, settings: dict) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +272,60 @@ def test_a_file_name_that_is_not_utf8_is_quarantined_and_runs_go_on(tmp_path, wr
     assert pending_clips(root, tmp_path / "store") == []  # the retraining's check agrees
 
 
+STORE_CHECK = """
+import json, sys
+from pathlib import Path
+import pyarrow.parquet as pq
+from pipelines import store as S
+store = Path(sys.argv[1])
+files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+vdir = next(store.glob("v-*"))
+manifest = S.read_manifest(vdir)
+readable = all(pq.read_table(vdir / shard).num_rows > 0 for shard in set(manifest["shard"]))
+print(json.dumps({"files": files, "rows": len(manifest), "readable": readable}))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_store_is_one_line_and_a_rerun_after_freeing_space_completes(tmp_path, write_wav):
+    """A real full file system, no root needed: a 160 KiB tmpfs mounted on the run directory in a
+    user namespace (``unshare -rm``). ``asd extract`` into it stops with one line naming the file
+    (exit 2); the store holds whole files only; after the tmpfs grows (space freed) the same
+    command completes and every clip is counted."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("unprivileged user namespaces (unshare -rm) are not available here")
+    root, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "out"
+    _good_tree(root, write_wav, n_train=8)
+    run.mkdir()
+    out.mkdir()
+    (out / "check.py").write_text(STORE_CHECK)
+    q = shlex.quote
+    extract_cmd = (f"{q(sys.executable)} -m pipelines extract --config tiny --data {q(str(root))} --store "
+                   f"{q(str(run / 'store'))} --set extract.batch_size=2 --set ray.num_cpus=1")
+    script = "\n".join([
+        f"mount -t tmpfs -o size=160k tmpfs {q(str(run))} || exit 90",
+        f"{extract_cmd} > {q(str(out / 'full.out'))} 2> {q(str(out / 'full.err'))}; echo $? > {q(str(out / 'full.rc'))}",
+        f"{q(sys.executable)} {q(str(out / 'check.py'))} {q(str(run / 'store'))} > {q(str(out / 'full.json'))}",
+        f"mount -o remount,size=64m tmpfs {q(str(run))} || exit 91",
+        f"{extract_cmd} > {q(str(out / 'freed.out'))} 2> {q(str(out / 'freed.err'))}; echo $? > {q(str(out / 'freed.rc'))}",
+        f"{q(sys.executable)} {q(str(out / 'check.py'))} {q(str(run / 'store'))} > {q(str(out / 'freed.json'))}",
+    ])
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                          env=_cli_env())
+    assert proc.returncode == 0, proc.stderr
+    err = (out / "full.err").read_text()
+    assert (out / "full.rc").read_text().strip() == "2", err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "No space left" in line] == [
+        err.strip().splitlines()[-1]], err  # after the progress lines: one line, the last
+    assert err.strip().splitlines()[-1].startswith(f"asd extract: error: no space left on the device of {run / 'store'}/")
+    full = json.loads((out / "full.json").read_text())
+    assert full["readable"] and not [f for f in full["files"] if ".tmp-" in Path(f).name]
+    assert (out / "freed.rc").read_text().strip() == "0", (out / "freed.err").read_text()
+    freed = json.loads((out / "freed.json").read_text())
+    assert freed["readable"] and freed["rows"] == 20 and "journal" not in " ".join(freed["files"])
+    assert "extract: 20 discovered = " in (out / "freed.out").read_text()
+
+
 # ----------------------------------------------------------------------------- metadata files
 def _clip_tree(root: Path) -> Path:
     """``<root>/fan/train/`` with one (never decoded) clip of section 00; returns the machine folder."""
@@ -380,6 +436,19 @@ def test_a_second_run_of_one_run_dir_stops_at_once_with_one_line(tmp_path):
     assert seconds < 60
 
 
+def test_a_stage_record_on_a_full_disk_is_one_error_naming_it_and_the_old_record_stays(tmp_path):
+    """The kernel's own ENOSPC: the record's temporary name is a link to /dev/full, whose writes fail so."""
+    from pipelines.operations.runner import StageBook
+
+    book = StageBook(tmp_path)
+    book.record("knn", "d1", seconds=1.0)
+    record = tmp_path / "stages" / "knn.json"
+    os.symlink("/dev/full", record.with_name(f".tmp-{os.getpid()}-knn.json"))
+    with pytest.raises(S.DiskFull, match=f"^no space left on the device of {record} "):
+        book.record("knn", "d2", seconds=2.0)
+    assert book.get("knn")["digest"] == "d1" and [p.name for p in record.parent.iterdir()] == ["knn.json"]
+
+
 KNN_RUN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local"]
 
 
@@ -442,6 +511,47 @@ def _descendants(pid: int) -> list:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if running(p)]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_an_extraction_in_one_line_and_the_same_command_resumes(tmp_path, write_wav):
+    root, store = tmp_path / "data", tmp_path / "store"
+    _good_tree(root, write_wav, n_train=30)
+    command = [sys.executable, "-m", "pipelines", "extract", "--config", "tiny", "--data", str(root), "--store",
+               str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_cli_env())
+    deadline, journal = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        journal = next(store.glob(f"v-*/{S.JOURNAL}"), None)
+        if journal is not None and len(list(journal.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    ray_procs = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert journal is not None and ray_procs, "the run ended before it could be stopped"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "asd extract: interrupted by SIGTERM; re-run the same command to resume"
+    assert "Traceback" not in err and "SIGTERM received" not in err and "***" not in err, err
+    gone_by = time.time() + 15
+    while time.time() < gone_by and _alive(ray_procs):
+        time.sleep(0.2)
+    assert not _alive(ray_procs), f"Ray processes outlived the stopped run: {[p.name() for p in _alive(ray_procs)]}"
+    done_before = len(list(journal.glob("*.json")))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_cli_env())
+    assert again.returncode == 0, again.stderr
+    assert f"resumed: {done_before} shard(s) finished by an interrupted run were kept" in again.stdout
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import mlflow
 
 from pipelines import tracking
 from pipelines.monitor import PeakMemory
+from pipelines.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ class StageBook:
         return json.loads(f.read_text()) if f.is_file() else None
 
     def record(self, stage: str, digest: str, **info) -> None:
-        self._file(stage).write_text(json.dumps({"digest": digest, "finished": time.time(), **info},
-                                                indent=2, default=str))
+        """Whole or not at all (a record cut short by a full disk would stop every later run);
+        a full disk is one line naming the file."""
+        with atomic_path(self._file(stage)) as tmp:
+            tmp.write_text(json.dumps({"digest": digest, "finished": time.time(), **info}, indent=2, default=str))
 
 
 def run_stages(stages: list[Stage], book: StageBook, *, force: Iterable[str] = ()) -> dict[str, dict]:

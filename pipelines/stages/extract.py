@@ -12,7 +12,8 @@
    (:func:`asd.features.log_mel`) and writes the shard file itself, so feature matrices never
    travel through the driver. It returns one small status row per clip.
    Any exception while reading, decoding or featurising one clip quarantines that clip (with
-   the exception) and never the run. A finished shard is recorded in the version's journal, so
+   the exception) and never the run; a full disk under the store stops the run with one line
+   naming the file (``store.DiskFull``), every file written before it whole. A finished shard is recorded in the version's journal, so
    that a run stopped half-way (killed, node lost) resumes with the shards it had not finished.
 4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
    (changed or deleted files), flags identical content under several names, and removes files
@@ -56,6 +57,9 @@ from pipelines import ray_runtime
 
 log = logging.getLogger(__name__)
 DATASETS = (DEV_DATA, EVAL_DATA)
+# The status of a clip whose shard could not be written (a full disk): returned, not raised, because
+# Ray Data prints a task's exception with its whole stack before the driver can say it in one line
+NOT_WRITTEN = "not_written"
 
 
 class ExtractError(UserError):
@@ -257,14 +261,17 @@ def extract_shard(row: dict, data_root: str, vdir: str, features: dict, dtype: s
                      "source_channels": info.channels, "resampled": info.resampled,
                      "downmixed": info.downmixed})
         flat.append(feats.numpy().astype(np_dtype).reshape(-1))
-    if rows:
-        name = S.shard_name([(r["path"], r["content_hash"]) for r in rows], fcfg.version, dtype)
-        rel = f"{spec['partition']}/{name}"
-        write_shard(Path(vdir) / rel, rows, flat, dtype)
-        for st in statuses:
-            if st["status"] == "extracted":
-                st["shard"] = rel
-    S.write_journal(Path(vdir), spec_digest(row["shard"]), statuses)
+    try:
+        if rows:
+            name = S.shard_name([(r["path"], r["content_hash"]) for r in rows], fcfg.version, dtype)
+            rel = f"{spec['partition']}/{name}"
+            write_shard(Path(vdir) / rel, rows, flat, dtype)
+            for st in statuses:
+                if st["status"] == "extracted":
+                    st["shard"] = rel
+        S.write_journal(Path(vdir), spec_digest(row["shard"]), statuses)
+    except S.DiskFull as err:  # the store's disk, not these clips: the driver stops the run with it
+        return [{**st, "status": NOT_WRITTEN, "reason": str(err)} for st in statuses]
     return statuses
 
 
@@ -325,6 +332,8 @@ def _run_shards(specs: list[str], data_root: Path, vdir: Path, fcfg: FeatureConf
             ray_runtime.worker_start_watch("extract") as progressed:
         for status in ds.iter_rows():
             progressed()
+            if status["status"] == NOT_WRITTEN:
+                raise S.DiskFull(status["reason"])
             statuses.append(status)
             bar.update(1)
     return statuses
