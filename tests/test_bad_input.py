@@ -453,15 +453,18 @@ KNN_RUN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("killed_after", ["extraction", "training"])
 def test_an_mlflow_server_killed_while_asd_run_trains_loses_no_stage_and_no_result(tmp_path, ray_session, monkeypatch,
-                                                                                    capsys):
-    """A real ``mlflow server`` killed (SIGKILL to its process group) the moment the training stage
-    has written its model: the run finishes its local work with one warning, keeps every stage
-    record, and a re-run trains nothing again."""
+                                                                                    capsys, killed_after):
+    """A real ``mlflow server`` killed (SIGKILL to its process group) the moment the extraction or
+    the training stage has written its output (so the next stage starts its MLflow run against a
+    dead server, or the training stage ends its own there): the run finishes its local work with
+    one warning, keeps every stage record, and a re-run trains nothing again."""
     from conftest import serve_mlflow
     from pipelines import detectors
     from pipelines.cli import main
     from pipelines.config import load_config
+    from pipelines.operations import run as run_module
     from pipelines.operations.run import run_pipeline
 
     for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -469,14 +472,15 @@ def test_an_mlflow_server_killed_while_asd_run_trains_loses_no_stage_and_no_resu
         monkeypatch.setenv(name, "")  # recorded, so teardown also undoes what the pipeline sets
         monkeypatch.delenv(name)
     knn = detectors.get("knn")
-    fit = knn.fit
+    owner, name = (run_module, "extract_from_config") if killed_after == "extraction" else (knn, "fit")
+    real = getattr(owner, name)
 
-    def fit_then_kill_the_server(*args, **kwargs):
-        model_dir = fit(*args, **kwargs)
+    def then_kill_the_server(*args, **kwargs):
+        out = real(*args, **kwargs)
         os.killpg(int((tmp_path / "mlflow" / "server.pid").read_text()), signal.SIGKILL)
-        return model_dir
+        return out
 
-    monkeypatch.setattr(knn, "fit", fit_then_kill_the_server)
+    monkeypatch.setattr(owner, name, then_kill_the_server)
     run_dir, settings = tmp_path / "run", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *KNN_RUN,
                                            "mlflow.experiment=asd-outage", "mlflow.registered_model=asd-outage"]
     server = serve_mlflow(tmp_path / "mlflow")
@@ -496,7 +500,7 @@ def test_an_mlflow_server_killed_while_asd_run_trains_loses_no_stage_and_no_resu
     assert (run_dir / "scoring" / "scores.csv").is_file() and (run_dir / "results.md").is_file()
     assert list((run_dir / "scoring" / "submission").rglob("anomaly_score_*.csv"))
 
-    monkeypatch.setattr(knn, "fit", fit)
+    monkeypatch.setattr(owner, name, real)
     local = f"mlflow.tracking_uri=sqlite:///{run_dir / 'mlflow.db'}"  # MLflow back: the score stage re-runs
     again = run_pipeline(load_config("tiny", [*settings, local]))
     assert again["stages"]["knn"].get("skipped") is True and again["stages"]["score"]["version"] == 1
