@@ -92,13 +92,27 @@ def rearm_sigterm() -> None:
         handle_sigterm()
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The run's log file. When a record cannot be written (a full disk under the run directory),
+    one line says so and the file stops, instead of logging's traceback on stderr for every
+    later record; the console goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
+        logging.getLogger().removeHandler(self)
+        print(f"logs: {self.baseFilename} stopped ({err.strerror or err}); the console goes on", file=sys.stderr)
+
+
 def log_to_file(folder: str | Path, command: str) -> Path:
     """Every record (Ray's included) also goes to ``<folder>/<command>.log``; prints its path once."""
     path = Path(folder) / f"{command}.log"
     if _state["log_file"] == path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _LogFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     _state["log_file"] = path

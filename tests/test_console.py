@@ -39,6 +39,20 @@ def test_library_logs_reach_the_file_and_only_errors_reach_the_console(fresh_log
         assert line in path.read_text()  # always in the file
 
 
+def test_a_log_file_on_a_full_disk_stops_in_one_line_and_the_console_goes_on(fresh_logging, tmp_path, capsys):
+    """The kernel's own ENOSPC: the log file is a link to /dev/full, whose writes fail so."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run.log").symlink_to("/dev/full")
+    console.configure()
+    path = console.log_to_file(tmp_path / "logs", "run")
+    for i in range(3):
+        logging.getLogger("asd.train").info("own progress line %d", i)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.splitlines() == ["own progress line 0", f"logs: {path} stopped (No space left on device); the console "
+                                "goes on", "own progress line 1", "own progress line 2"]
+
+
 @pytest.mark.slow  # a fresh interpreter importing MLflow and torch: ~10 s
 def test_mlflow_configures_no_console_handler_of_its_own(tmp_path):
     """A subcommand module imports MLflow before the console is configured (the CLI loads it to
