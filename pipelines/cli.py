@@ -19,7 +19,7 @@ import sys
 
 from pipelines import console
 from pipelines.compute_process import tune_allocator
-from pipelines.errors import UserError
+from pipelines.errors import NO_SPACE, UserError
 
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = {
@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"asd {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where no writer of ours names the file (models, scoring files)
+        if args.debug or err.errno not in NO_SPACE:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"asd {command}: error: no space left on the device{where} ({err.strerror}): free some space and "
+              "re-run the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (console.Terminated)
         if args.debug:

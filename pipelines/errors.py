@@ -4,7 +4,10 @@ shows the traceback. Kept free of heavy imports so that the CLI can catch them c
 
 from __future__ import annotations
 
+import errno
 import os
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a user over a quota
 
 
 class UserError(Exception):

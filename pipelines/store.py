@@ -19,7 +19,6 @@ The schema is documented in docs/feature-store.md.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from asd.contracts import class_ids
-from pipelines.errors import UserError
+from pipelines.errors import NO_SPACE, UserError
 
 STORE_FILE = "store.json"
 LOCK_FILE = ".lock"
@@ -102,9 +101,6 @@ def shard_name(members: list[tuple[str, str]], feature_version: str, dtype: str)
     """``part-<digest>.parquet`` from the (path, content hash) of its clips: same clips, same name."""
     blob = json.dumps([feature_version, dtype, sorted(members)]).encode()
     return f"part-{hashlib.sha256(blob).hexdigest()[:16]}.parquet"
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(UserError):

@@ -449,6 +449,35 @@ def test_a_stage_record_on_a_full_disk_is_one_error_naming_it_and_the_old_record
     assert book.get("knn")["digest"] == "d1" and [p.name for p in record.parent.iterdir()] == ["knn.json"]
 
 
+def test_a_full_disk_under_a_file_no_writer_of_ours_names_is_still_one_line(tmp_path, capsys):
+    """``asd score`` whose ``scores.csv`` is a link to /dev/full (the kernel's own ENOSPC, raised by
+    pandas when it closes the file): one line and exit 2, not a traceback."""
+    from asd.contracts import SCORES_FILE
+    from store_writer import clip_row, write_store
+    from pipelines.cli import main
+
+    fcfg = FeatureConfig(kind="logmel", n_mels=8)
+    rng = np.random.default_rng(0)
+    clips = []
+    for split, labels in (("train", ["normal"] * 9), ("test", ["normal", "anomaly"] * 2)):
+        for i, label in enumerate(labels):
+            feats = rng.normal(-50.0, 1.0 if label == "normal" else 3.0, size=(8, 70)).astype(np.float32)
+            clips.append((clip_row("fan", "00", split, "source", label, i, "a1", 8, 70, fcfg.version,
+                                   f"{split}{i}"), feats))
+    write_store(tmp_path / "store", fcfg.version, clips)
+    out = tmp_path / "scoring"
+    out.mkdir()
+    (out / SCORES_FILE).symlink_to("/dev/full")
+    rc = main(["score", "--config", "tiny", "--no-mlflow", "--set", f"run_dir={tmp_path / 'run'}", "--set",
+               "method=knn", "--set", "features.kind=logmel", "--set", "features.n_mels=8", "--set",
+               "knn.representation=statistics", "--set", "knn.normalisation=none", "--store", str(tmp_path / "store"),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("asd score: error: no space left on the device (No space left on device): "
+                                            "free some space and re-run the same command")
+
+
 KNN_RUN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local"]
 
 
