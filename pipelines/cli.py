@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asd {command}: error: no space left on the device{where} ({err.strerror}): free some space and "
               "re-run the same command", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (console.Terminated)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (console.Terminated)
         if args.debug:
             raise
-        signum = signal.SIGTERM if isinstance(err, console.Terminated) else signal.SIGINT
+        signum = signal.SIGTERM if console.terminated() else signal.SIGINT
         print(f"asd {command}: interrupted by {signum.name}; re-run the same command to resume", file=sys.stderr)
         return 128 + signum
 

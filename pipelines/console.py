@@ -75,7 +75,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(_signum, _frame) -> None:
+    _state["terminated"] = True
     raise Terminated
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived: Ray Train re-raises an interruption as a plain KeyboardInterrupt."""
+    return bool(_state.get("terminated"))
 
 
 def handle_sigterm() -> None:

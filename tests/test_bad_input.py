@@ -588,6 +588,30 @@ def test_sigterm_ends_an_extraction_in_one_line_and_the_same_command_resumes(tmp
 
 
 @pytest.mark.slow
+def test_sigterm_during_training_in_asd_run_is_one_line_too(tmp_path):
+    """Ray Train re-raises the interruption as a plain KeyboardInterrupt: still SIGTERM's line and code."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--config", "tiny", "--set", f"run_dir={run_dir}",
+                             "--set", f"data.root={tmp_path / 'data'}", "--set", "pretrain.epochs=50", "--set",
+                             "mlflow.experiment=asd-sigterm", "--set", "mlflow.registered_model=asd-sigterm"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_cli_env())
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not list(run_dir.glob("**/checkpoint_*")):
+        time.sleep(0.2)  # until pre-training has registered a checkpoint
+    ray_procs = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert ray_procs and list(run_dir.glob("**/checkpoint_*")), "the run ended before it could be stopped"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "asd run: interrupted by SIGTERM; re-run the same command to resume"
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    gone_by = time.time() + 15
+    while time.time() < gone_by and _alive(ray_procs):
+        time.sleep(0.2)
+    assert not _alive(ray_procs), f"Ray processes outlived the stopped run: {[p.name() for p in _alive(ray_procs)]}"
+
+
+@pytest.mark.slow
 def test_a_killed_extraction_resumes_and_leaves_no_ray_processes(tmp_path, write_wav):
     import psutil
 
