@@ -13,8 +13,9 @@
    travel through the driver. It returns one small status row per clip.
    Any exception while reading, decoding or featurising one clip quarantines that clip (with
    the exception) and never the run; a full disk under the store stops the run with one line
-   naming the file (``store.DiskFull``), every file written before it whole. A finished shard is recorded in the version's journal, so
-   that a run stopped half-way (killed, node lost) resumes with the shards it had not finished.
+   naming the file (``store.DiskFull``), every file written before it whole. A finished shard is
+   recorded in the version's journal, so that a run stopped half-way (killed, node lost) resumes
+   with the shards it had not finished.
 4. The driver updates the manifest and quarantine tables, rewrites shards that hold stale rows
    (changed or deleted files), flags identical content under several names, and removes files
    no manifest row points at.
