@@ -88,14 +88,14 @@ def handle_sigterm() -> None:
     """Make SIGTERM raise :class:`Terminated` in the main thread (the CLI, at the start of a command)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
-        _state["sigterm"] = True
+        _state.update(sigterm=True, terminated=False)
 
 
 def rearm_sigterm() -> None:
     """After ``ray.init``, which replaces SIGTERM's handler (its C++ core's prints a stack dump and
-    aborts): :func:`handle_sigterm` again, where a command had called it."""
-    if _state.get("sigterm"):
-        handle_sigterm()
+    aborts): ours again, where a command had set it."""
+    if _state.get("sigterm") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 class _LogFileHandler(logging.FileHandler):
