@@ -16,8 +16,8 @@ import soundfile as sf
 
 from asd.metadata import discover_clips, read_attributes_csv
 from asd.metrics import ground_truth_file_name, read_ground_truth
-from pipelines.synth.generate import PRESETS, add_drop, generate, next_value
-from pipelines.synth.machines import MACHINE_TYPES, MACHINES
+from pipelines.synth.generate import DEFAULT_STRENGTH, PRESETS, REAL_SOUND, add_drop, generate, next_value
+from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, Ctx, Difficulty, background_events, keyed_rng, render_clip, stretch
 
 TINY = PRESETS["tiny"]
 
@@ -225,9 +225,61 @@ def _auc(normal, anomalous) -> float:
     return float(((a[:, None] > n[None, :]).sum() + 0.5 * (a[:, None] == n[None, :]).sum()) / (len(a) * len(n)))
 
 
+def _band_stat_aucs(root: Path, machines) -> dict[str, float]:
+    """Per machine type: AUC of a z-scored band-energy detector on the source-domain test clips."""
+    found = discover_clips(root / "dev_data")
+    stats = {c.path: _band_stats(sf.read(str(root / "dev_data" / c.path), dtype="float32")[0]) for c in found.clips}
+    aucs = {}
+    for machine in machines:
+        clips = [c for c in found.clips if c.machine == machine and c.domain == "source"]
+        ref = np.stack([stats[c.path] for c in clips if c.split == "train"])
+        mu, sd = ref.mean(0), ref.std(0) + 0.5
+        score = {c.path: float(np.mean(((stats[c.path] - mu) / sd) ** 2)) for c in clips if c.split == "test"}
+        aucs[machine] = _auc([score[c.path] for c in clips if c.split == "test" and c.label == "normal"],
+                             [score[c.path] for c in clips if c.split == "test" and c.label == "anomaly"])
+    return aucs
+
+
+def test_the_real_sound_defaults_hide_anomalies_that_the_sound_models_make_plain(tmp_path):
+    """The same clips (seed, names) three ways: the old defaults (strength 0.5-2, no real-sound factors),
+    the factors alone, and today's defaults (docs/synthetic-data.md, "Difficulty"). A band-energy
+    detector that finds the old anomalies loses ground to the factors and most of its edge to the defaults."""
+    preset = _small(machines=("fan", "gearbox"), seconds=4.0, source_train=12, target_train=0, test_per_group=12,
+                    snr_db=(6.0, 12.0), anomaly_strength=DEFAULT_STRENGTH, difficulty=REAL_SOUND)
+    variants = {"old": dict(anomaly_strength=(0.5, 2.0), difficulty=Difficulty()),
+                "factors": dict(anomaly_strength=(0.5, 2.0)), "default": {}}
+    auc = {}
+    for name, change in variants.items():
+        generate(dataclasses.replace(preset, **change), tmp_path / name, seed=0, workers=2)
+        auc[name] = np.mean(list(_band_stat_aucs(tmp_path / name, preset.machines).values()))
+    assert auc["default"] < auc["factors"] < auc["old"] and auc["default"] < auc["old"] - 0.1, auc
+
+
+def test_anomaly_stretches_and_background_events():
+    c = Ctx(10 * SR, keyed_rng("stretch-test"))
+    for duty in (0.3, 0.6):
+        env = stretch(c, (duty, duty))
+        assert env.min() >= 0 and env.max() <= 1 + 1e-6
+        assert np.mean(env) == pytest.approx(duty, abs=0.01)  # one stretch of that fraction, fades included
+        assert np.count_nonzero(np.diff((env > 0.5).astype(int))) <= 2  # one stretch
+    assert np.array_equal(stretch(c, (1.0, 1.0)), np.ones(c.n, np.float32))
+    assert not background_events(Ctx(10 * SR, keyed_rng("ev")), 0.0).any()
+    events = background_events(Ctx(10 * SR, keyed_rng("ev")), 1.0)
+    quiet = np.mean(np.abs(events.reshape(100, -1)).max(axis=1) == 0)
+    assert events.any() and 0 < quiet < 1  # sources come and go
+    # the factors are deterministic for a clip's RNG, and off by default
+    kw = dict(anomaly="leak", strength=1.0, snr_db=6.0, n=2 * SR)
+    attrs = MACHINES["valve"].spec("00").values("source")[0]
+    a = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), difficulty=Difficulty(3, 6.0, 2.0, (0.5, 0.5), 1.0), **kw)
+    b = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), difficulty=Difficulty(3, 6.0, 2.0, (0.5, 0.5), 1.0), **kw)
+    plain = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), **kw)
+    assert np.array_equal(a, b) and not np.allclose(a, plain)
+
+
 def test_obvious_anomalies_differ_from_normal_clips(tmp_path):
+    """The sound models themselves (without the real-sound factors): plain anomalies are plain."""
     preset = _small(machines=("fan", "valve", "gearbox"), seconds=4.0, source_train=10, target_train=0,
-                    test_per_group=8, anomaly_strength=(0.9, 1.0), snr_db=(6.0, 12.0))
+                    test_per_group=8, anomaly_strength=(0.9, 1.0), snr_db=(6.0, 12.0), difficulty=Difficulty())
     root = tmp_path / "obvious"
     generate(preset, root, seed=0, workers=2)
     found = discover_clips(root / "dev_data")

@@ -12,7 +12,7 @@ import sys
 import time
 
 from pipelines.synth.generate import DEFAULT_SNR_DB, DEFAULT_STRENGTH, DROP_KINDS, PRESETS, add_drop, generate
-from pipelines.synth.machines import MACHINE_TYPES
+from pipelines.synth.machines import MACHINE_TYPES, Difficulty
 
 
 def _names(values: list[str] | None) -> tuple[str, ...] | None:
@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     g.add_argument("--snr", nargs=2, type=float, metavar=("LO", "HI"),
                    help="machine-to-background ratio range in dB "
                         f"(default {DEFAULT_SNR_DB[0]:g} {DEFAULT_SNR_DB[1]:g})")
+    g.add_argument("--easy", action="store_true",
+                   help="without the real-sound factors (hidden operating states, time-limited anomalies, background "
+                        "events; docs/synthetic-data.md, 'Difficulty'): the generator before it was calibrated")
     d = p.add_argument_group("data drop (adds clips to an existing dev_data tree instead of generating)")
     d.add_argument("--drop", choices=DROP_KINDS,
                    help="target: more target train clips per section; attribute: a new target attribute value "
@@ -68,7 +71,7 @@ def main(args) -> int:
             machines=_names(args.machines), dev_sections=_names(args.sections),
             eval_sections=_names(args.eval_sections), seconds=args.seconds, source_train=args.source_train,
             target_train=args.target_train, test_per_group=args.test_per_group, anomaly_strength=strength,
-            snr_db=snr).items() if v is not None}
+            snr_db=snr, difficulty=Difficulty() if args.easy else None).items() if v is not None}
         preset = dataclasses.replace(PRESETS[args.preset], **overrides)
         s = generate(preset, args.out, seed=args.seed, workers=args.workers, eval_data=args.eval_data)
     except (ValueError, FileNotFoundError) as err:

@@ -29,14 +29,17 @@ from asd.contracts import (DEV_DATA, DOMAINS, EVAL_DATA, GROUND_TRUTH_DATA, GROU
                            ground_truth_file_name, labelled_clip_name, unlabelled_clip_name)
 from asd.metadata import discover_clips
 from pipelines.compute_process import tune_allocator
-from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, keyed_rng, render_clip
+from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, Difficulty, keyed_rng, render_clip
 
 log = logging.getLogger(__name__)
 
-# Calibrated against the official AE baseline (docs/synthetic-data.md): anomaly strength, uniform per
-# clip (0 = none, 1 = plainly audible), and machine-to-background ratio in dB, uniform per clip.
-DEFAULT_STRENGTH = (0.5, 2.0)
+# Calibrated against real recordings (benchmarks/realism.py; docs/synthetic-data.md, "Difficulty"):
+# anomaly strength, uniform per clip (0 = none, 1 = plainly audible), machine-to-background ratio in
+# dB, uniform per clip, and the factors that make normal sound vary and anomalies hide.
+DEFAULT_STRENGTH = (0.25, 1.0)
 DEFAULT_SNR_DB = (3.0, 12.0)
+REAL_SOUND = Difficulty(hidden_states=4, state_db=6.0, clip_db=2.0, anomaly_duty=(0.3, 1.0), events_per_s=0.3,
+                        event_snr_db=(0.0, 12.0))
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class SynthPreset:
     # added to the target domain's machine-to-background ratio: a negative value makes the domain
     # shift stronger (the target machine further under the factory noise)
     target_snr_offset_db: float = 0.0
+    difficulty: Difficulty = REAL_SOUND
 
     def check(self) -> None:
         unknown = sorted(set(self.machines) - set(MACHINES))
@@ -95,6 +99,7 @@ class ClipJob:
     n: int
     seed: int
     key: tuple[str, ...]  # (dataset, machine, section, split, domain, label, index)
+    difficulty: Difficulty = Difficulty()
 
 
 @dataclass
@@ -137,7 +142,7 @@ def render_job(job: ClipJob) -> np.ndarray:
     rng = keyed_rng(*job.key, seed=job.seed)
     strength, snr = rng.uniform(*job.strength), rng.uniform(*job.snr_db)
     y = render_clip(job.machine, job.section, dict(job.attrs), anomaly=job.anomaly, strength=strength,
-                    snr_db=snr, rng=rng, n=job.n)
+                    snr_db=snr, rng=rng, n=job.n, difficulty=job.difficulty)
     return np.round(y * 32767.0).astype(np.int16)
 
 
@@ -254,7 +259,7 @@ def _labelled(plan: Plan, data: Path, dataset: str, machine: str, section: str, 
 def plan_dataset(preset: SynthPreset, root: Path, seed: int, eval_data: bool) -> Plan:
     plan = Plan()
     common = dict(strength=tuple(preset.anomaly_strength), snr_db=tuple(preset.snr_db),
-                  n=int(round(preset.seconds * SR)), seed=seed)
+                  n=int(round(preset.seconds * SR)), seed=seed, difficulty=preset.difficulty)
     offset = preset.target_snr_offset_db
     by_domain = {"source": common,
                  "target": {**common, "snr_db": (preset.snr_db[0] + offset, preset.snr_db[1] + offset)}}
@@ -400,7 +405,8 @@ def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, work
         info = sf.info(str(dev / sections[min(sections)][0].path))
         if info.samplerate != SR:
             raise ValueError(f"{machine}: clips are {info.samplerate} Hz; the synthesiser writes {SR} Hz")
-        common = dict(strength=tuple(strength), snr_db=tuple(snr_db), n=int(info.frames), seed=seed)
+        common = dict(strength=tuple(strength), snr_db=tuple(snr_db), n=int(info.frames), seed=seed,
+                      difficulty=REAL_SOUND)
         if kind == "section":
             _drop_section(plan, dev, machine, set(sections), count, common)
             continue

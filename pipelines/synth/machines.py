@@ -789,21 +789,109 @@ def scene_for(machine: str, section: str, attrs: dict[str, str]) -> Scene:
     return scene
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """What makes real machine sound hard (docs/synthetic-data.md, "Difficulty"); all off by default.
+
+    ``hidden_states``: operating states of every unit that no attribute names (load, temperature,
+    wear, a door open); each clip is in one, and each state colours the machine's spectrum by up
+    to ``state_db`` (a spectral tilt and a broad peak), ``clip_db`` more per clip.
+    ``anomaly_duty``: the fraction of the clip an anomaly is present in (one stretch, uniform in
+    the range; 1 = the whole clip). ``events_per_s``: intermittent background sources (a voice-like
+    harmonic complex, a tool's band of noise, a passing vehicle's swell), 0.2-2 s long, at a
+    machine-to-event ratio uniform in ``event_snr_db``.
+    """
+
+    hidden_states: int = 0
+    state_db: float = 0.0
+    clip_db: float = 0.0
+    anomaly_duty: tuple[float, float] = (1.0, 1.0)
+    events_per_s: float = 0.0
+    event_snr_db: tuple[float, float] = (0.0, 10.0)
+
+
+def colouring(n: int, rng: np.random.Generator, db: float) -> tuple:
+    """Spectrum ops of a random colouring up to ``db``: a tilt of up to db/4 per octave and a
+    broad peak or dip of up to db."""
+    return (("tilt", rng.uniform(-1, 1) * db / 4), ("peak", log_uniform(rng, 150, 5000), rng.uniform(0.7, 2.0),
+                                                    rng.uniform(-1, 1) * db))
+
+
+def operating_state(c: Ctx, x: np.ndarray, machine: str, section: str, d: Difficulty) -> np.ndarray:
+    """The machine sound coloured by the clip's hidden operating state and its own variation."""
+    if d.hidden_states <= 0 and d.clip_db <= 0:
+        return x
+    ops = ()
+    if d.hidden_states > 0:
+        state = int(c.rng.integers(d.hidden_states))
+        ops += colouring(c.n, keyed_rng("hidden-state", machine, section, state), d.state_db)
+    if d.clip_db > 0:
+        ops += colouring(c.n, c.rng, d.clip_db)
+    return sfft.irfft(sfft.rfft(x) * spectrum(c.n, tuple(round(v, 6) if isinstance(v, float) else v for v in ops)),
+                      c.n).astype(np.float32)
+
+
+def stretch(c: Ctx, duty: tuple[float, float], fade_s: float = 0.05) -> np.ndarray:
+    """A 0..1 envelope that is 1 over one random stretch of the clip (raised-cosine fades)."""
+    length = int(c.rng.uniform(*duty) * c.n)
+    if length >= c.n:
+        return np.ones(c.n, np.float32)
+    start = int(c.rng.integers(0, c.n - length + 1))
+    g = gate(c, [start], [start + length])
+    k = max(1, int(fade_s * SR))
+    return np.convolve(g, np.hanning(2 * k + 1) / np.hanning(2 * k + 1).sum(), mode="same").astype(np.float32)
+
+
+def background_events(c: Ctx, rate: float) -> np.ndarray:
+    """Intermittent other sources, each with unit RMS while it sounds; zeros when there is none."""
+    out = np.zeros(c.n, np.float32)
+    for onset in c.poisson_times(rate):
+        length = int(c.rng.uniform(0.2, 2.0) * SR)
+        kind = int(c.rng.integers(3))
+        if kind == 0:  # a voice or a tool's whine: a gliding harmonic complex
+            f0 = log_uniform(c.rng, 90, 600)
+            sound = periodic(c, c.cycles(f0 * (1 + 0.05 * c.smooth(3.0))), c.rng.uniform(0.2, 1, 8) / np.arange(1, 9),
+                             f0 * 1.2)
+        elif kind == 1:  # a hand tool or an air blow-off: a band of noise
+            fc = log_uniform(c.rng, 300, 6000)
+            sound = c.noise(("band", fc / 1.5, fc * 1.5, 2))
+        else:  # a passing vehicle or a crane: a low rumble
+            sound = c.noise(("tilt", -4.0), ("band", 40, 1500))
+        env = np.zeros(c.n, np.float32)
+        stop = min(c.n, onset + length)
+        env[onset:stop] = np.sin(np.linspace(0, np.pi, stop - onset, dtype=np.float32))  # swells and fades
+        out += unit_rms(sound) * env
+    return out
+
+
 def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: str | None, strength: float,
-                snr_db: float, rng: np.random.Generator, n: int) -> np.ndarray:
-    """One clip as float32 in [-1, 1]: machine (+ anomaly) through the mic path, plus background."""
+                snr_db: float, rng: np.random.Generator, n: int, difficulty: Difficulty = Difficulty()) -> np.ndarray:
+    """One clip as float32 in [-1, 1]: machine (+ anomaly) in its operating state through the mic
+    path, plus background (and its events)."""
     model = MACHINES[machine]
     if anomaly is not None and anomaly not in model.anomalies:
         raise ValueError(f"{machine}: unknown anomaly {anomaly!r}; known: {model.anomalies}")
-    c = Ctx(n, rng)
-    x = model.sound(c, section_unit(machine, section), attrs, anomaly, float(strength) if anomaly else 0.0)
+    d = difficulty
+    unit = section_unit(machine, section)
+    if anomaly is not None and d.anomaly_duty[0] < 1.0:
+        # the anomaly sounds over one stretch: the rest of the clip is the same machine rendered normal
+        normal = model.sound(Ctx(n, np.random.default_rng(rng.integers(2**63))), unit, attrs, None, 0.0)
+        c = Ctx(n, rng)
+        on = stretch(c, d.anomaly_duty)
+        x = normal + on * (model.sound(c, unit, attrs, anomaly, float(strength)) - normal)
+    else:
+        c = Ctx(n, rng)
+        x = model.sound(c, unit, attrs, anomaly, float(strength) if anomaly else 0.0)
     scene = scene_for(machine, section, attrs)
     power = float(np.mean(np.square(x, dtype=np.float64)))
+    x = operating_state(c, x, machine, section, d)
     bg = factory_noise(c, scene.noise)
     if scene.interferer is not None:
         bg = unit_rms(bg + mixed_machine(c, scene.interferer))
     snr = snr_db + scene.snr_offset_db
     y = apply_path(x, scene.path) + bg * np.float32(np.sqrt(power / 10 ** (snr / 10)))
+    if d.events_per_s > 0:
+        y += background_events(c, d.events_per_s) * np.float32(np.sqrt(power / 10 ** (c.rng.uniform(*d.event_snr_db) / 10)))
     y *= np.float32(10 ** ((LEVEL_DBFS + rng.uniform(-2, 2)) / 20))
     top = float(np.max(np.abs(y)))
     return y * np.float32(PEAK / top) if top > PEAK else y

@@ -1,0 +1,358 @@
+"""How hard is a dataset? The statistics that make anomalous sound detection easy or hard, for any
+DCASE-layout tree, side by side for the real recordings and the synthetic presets and regimes.
+
+Per (machine type, section), on the official baseline's log-Mel (``librosa_logmel``: 128 bins,
+n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
+
+* the three floors, official score (hmean of source AUC, target AUC, pAUC), computed in-process
+  with the library's own functions: the **kNN floor** (cosine distance of the per-bin mean and
+  standard deviation to the nearest training clip, ``asd.knn``), the **AE recipe** (the official
+  dense autoencoder, ``asd.baseline_ae``, one per machine type; ``--ae-epochs``), and the
+  **untrained network** (random weights, batch norm at its initial statistics, the pipeline's
+  scoring: windowed embeddings, minimum Mahalanobis distance to the attribute prototypes);
+* the **spectral kNN**, the pipeline's default detector (``configs/demo.yaml``), for the ranking;
+* spreads of ``v`` in dB (root mean square distances): **within** an attribute class (normal
+  training clips to their class mean), **between** attribute classes (class means to the
+  section's source mean), the **anomaly shift** (the excess spread of the test anomalies about
+  the mean of the test normals of their domain: sqrt(E|a - m|^2 - E|n - m|^2), 0 when the
+  anomalies spread no more than the normals), and the **domain shift** (source to target training
+  means); reported as anomaly / within, anomaly / between and domain / anomaly;
+* **frame-to-frame variation**: mean absolute difference of consecutive log-Mel frames (dB), a
+  measure of (non-)stationarity; **spectral flatness** of the frames (geometric / arithmetic mean
+  of the Mel power), the median over clips; **level spread**: the standard deviation of the clips'
+  mean power (dB) within a section.
+
+    .venv/bin/python benchmarks/realism.py --out benchmarks/results/realism             # real + every preset
+    .venv/bin/python benchmarks/realism.py --tree /data/dcase2023 --name "my data"       # any DCASE tree
+
+Writes ``<out>/realism.json`` and ``<out>/realism.md``; resumable (datasets already measured
+with the same settings are kept unless ``--redo``). The real folder is skipped with a message
+when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from asd import metrics as M
+from asd.backend import fit_section, score_section
+from asd.baseline_ae import ADAM_EPS, AEConfig, DenseAutoencoder, clip_scores, frame_vectors, reconstruction_error
+from asd.features import FeatureConfig, log_mel
+from asd.knn import batch_clip_statistics, nearest_cosine_distance
+from asd.knn_backend import fit_knn_section
+from asd.metadata import discover_clips
+from asd.model import EmbeddingNet, ModelConfig
+from asd.training import embed_clips, input_stats
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO.parent / "shared" / "data" / "realtoycar"
+LOGMEL = FeatureConfig(kind="librosa_logmel")
+INVERTED = FeatureConfig(kind="inverted_logmel")
+SPECTRUM = FeatureConfig(kind="spectrum")
+STATS = ["anomaly/within", "anomaly/between", "domain/anomaly", "frame-to-frame dB", "flatness", "level spread dB"]
+FLOORS = ["kNN floor", "AE recipe", "untrained network", "spectral kNN"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_tree(root: Path) -> list[dict]:
+    """Every labelled dev clip of the tree with its waveform's three front ends."""
+    clips = []
+    base = root / "dev_data" if (root / "dev_data").is_dir() else root
+    for meta in discover_clips(base).clips:
+        if not meta.is_labelled:
+            continue
+        wave, sr = sf.read(str(Path(base) / meta.path), dtype="float32", always_2d=True)
+        wave = torch.from_numpy(wave.mean(axis=1))
+        if sr != LOGMEL.sample_rate:
+            raise SystemExit(f"{meta.path}: {sr} Hz; this script reads {LOGMEL.sample_rate} Hz trees")
+        clips.append({"meta": meta, "logmel": log_mel(wave, LOGMEL), "inverted": log_mel(wave, INVERTED),
+                      "spectrum": log_mel(wave, SPECTRUM)})
+    if not clips:
+        raise SystemExit(f"{root}: no labelled clips found")
+    return clips
+
+
+def sections(clips: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out = defaultdict(list)
+    for c in clips:
+        out[(c["meta"].machine, c["meta"].section)].append(c)
+    return dict(sorted(out.items()))
+
+
+def parts(group: list[dict]) -> tuple[list[dict], list[dict]]:
+    train = [c for c in group if c["meta"].split == "train"]
+    test = [c for c in group if c["meta"].split == "test"]
+    return train, test
+
+
+def result(machine: str, section: str, test: list[dict], scores) -> M.SectionResult:
+    y = [int(c["meta"].label == "anomaly") for c in test]
+    d = [int(c["meta"].domain == "target") for c in test]
+    return M.section_metrics(y, d, np.asarray(scores, dtype=np.float64), machine=machine, section=section)
+
+
+# ----------------------------------------------------------------------------- floors
+
+
+def knn_floor(train: list[dict], test: list[dict]) -> np.ndarray:
+    ref = batch_clip_statistics([c["logmel"] for c in train])
+    q = batch_clip_statistics([c["logmel"] for c in test])
+    return nearest_cosine_distance(q, ref)[0].numpy()
+
+
+def spectral_knn(train: list[dict], test: list[dict]) -> np.ndarray:
+    ref = batch_clip_statistics([c["spectrum"] for c in train], "spectrum_shape")
+    model = fit_knn_section(ref, [c["meta"].domain for c in train], [""] * len(train), "local", 0.5, 0.9)
+    return model.score(batch_clip_statistics([c["spectrum"] for c in test], "spectrum_shape"))[0].numpy()
+
+
+def untrained_network(train: list[dict], test: list[dict], seed: int) -> np.ndarray:
+    torch.manual_seed(seed)
+    net = EmbeddingNet(ModelConfig(width=16, embedding_dim=128))
+    feats = [c["inverted"] for c in train] + [c["inverted"] for c in test]
+    net.set_input_stats(*input_stats(feats[:len(train)]))
+    emb = embed_clips(net, feats, range(len(feats)), window=64, hop=32)
+    classes = sorted({c["meta"].attribute_class for c in train})
+    index = torch.tensor([classes.index(c["meta"].attribute_class) for c in train])
+    model = fit_section(emb[:len(train)], index)
+    return score_section(model, emb[len(train):])[0].numpy()
+
+
+def ae_scores(clips: list[dict], epochs: int, seed: int) -> dict[str, float]:
+    """The official AE, one per machine type, trained on every 5-frame vector of its training
+    clips (Adam 1e-3, batch 512; the recipe's 10 % validation hold-out is not needed here)."""
+    out: dict[str, float] = {}
+    cfg = AEConfig()
+    by_machine = defaultdict(list)
+    for i, c in enumerate(clips):
+        by_machine[c["meta"].machine].append(i)
+    for machine, idx in by_machine.items():
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        train = [clips[i]["logmel"] for i in idx if clips[i]["meta"].split == "train"]
+        vectors = torch.cat([frame_vectors(f, cfg.frames) for f in train])
+        model = DenseAutoencoder(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=ADAM_EPS)
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(vectors.shape[0], generator=g)
+            for s in range(0, len(order) - 1, 512):
+                loss = reconstruction_error(model, vectors[order[s:s + 512]]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        test = [i for i in idx if clips[i]["meta"].split == "test"]
+        for i, s in zip(test, clip_scores(model, [clips[i]["logmel"] for i in test], cfg.frames).tolist()):
+            out[clips[i]["meta"].path] = s
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_spectrum(c: dict) -> np.ndarray:
+    return c["logmel"].numpy().astype(np.float64).mean(axis=1)
+
+
+def rms_spread(vectors: np.ndarray, centre: np.ndarray) -> float:
+    return float(np.mean(np.sum((vectors - centre) ** 2, axis=1)))
+
+
+def section_statistics(train: list[dict], test: list[dict]) -> dict[str, float]:
+    """Squared spreads (summed over sections before the square root) and per-clip measures."""
+    src = [c for c in train if c["meta"].domain == "source"]
+    tgt = [c for c in train if c["meta"].domain == "target"]
+    v_src = np.stack([mean_spectrum(c) for c in src])
+    by_class = defaultdict(list)
+    for c, v in zip(src, v_src):
+        by_class[c["meta"].attribute].append(v)
+    within = [rms_spread(np.stack(vs), np.mean(vs, axis=0)) * len(vs) for vs in by_class.values() if len(vs) > 1]
+    n_within = sum(len(vs) for vs in by_class.values() if len(vs) > 1)
+    centres = np.stack([np.mean(vs, axis=0) for vs in by_class.values()])
+    between = rms_spread(centres, v_src.mean(axis=0))
+    excess = []
+    for domain in ("source", "target"):
+        normal = np.stack([mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "normal"])
+        anomal = np.stack([mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "anomaly"])
+        m = normal.mean(axis=0)
+        excess.append(rms_spread(anomal, m) - rms_spread(normal, m))
+    v_tgt = np.stack([mean_spectrum(c) for c in tgt]) if tgt else v_src
+    domain = float(np.sum((v_tgt.mean(axis=0) - v_src.mean(axis=0)) ** 2))
+    everything = train + test
+    frame_diff = np.mean([float(np.abs(np.diff(c["logmel"].numpy(), axis=1)).mean()) for c in everything])
+    flat = []
+    for c in everything:
+        p = 10.0 ** (c["logmel"].numpy().astype(np.float64) / 10.0)
+        flat.append(float(np.median(np.exp(np.log(p).mean(axis=0)) / p.mean(axis=0))))
+    levels = [10 * np.log10(np.mean(10.0 ** (c["logmel"].numpy().astype(np.float64) / 10.0))) for c in everything]
+    return {"within_sq": sum(within) / max(n_within, 1), "between_sq": between, "anomaly_sq": max(0.0, float(np.mean(excess))),
+            "domain_sq": domain, "frame-to-frame dB": float(frame_diff), "flatness": float(np.median(flat)),
+            "level spread dB": float(np.std(levels))}
+
+
+def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> dict:
+    t0 = time.perf_counter()
+    clips = load_tree(root)
+    groups = sections(clips)
+    results = {k: [] for k in FLOORS}
+    stats = []
+    ae = ae_scores(clips, ae_epochs, seed) if ae_epochs > 0 else None
+    for (machine, section), group in groups.items():
+        train, test = parts(group)
+        results["kNN floor"].append(result(machine, section, test, knn_floor(train, test)))
+        results["spectral kNN"].append(result(machine, section, test, spectral_knn(train, test)))
+        if untrained:
+            results["untrained network"].append(result(machine, section, test, untrained_network(train, test, seed)))
+        if ae is not None:
+            results["AE recipe"].append(result(machine, section, test, [ae[c["meta"].path] for c in test]))
+        stats.append(section_statistics(train, test))
+    mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    within, between = np.sqrt(mean["within_sq"]), np.sqrt(mean["between_sq"])
+    anomaly, domain = np.sqrt(mean["anomaly_sq"]), np.sqrt(mean["domain_sq"])
+    row = {"clips": len(clips), "sections": len(groups), "seconds": round(time.perf_counter() - t0, 1),
+           "within dB": within, "between dB": between, "anomaly dB": anomaly, "domain dB": domain,
+           "anomaly/within": anomaly / within, "anomaly/between": anomaly / between,
+           "domain/anomaly": domain / anomaly if anomaly > 0 else float("inf"),
+           **{k: mean[k] for k in ("frame-to-frame dB", "flatness", "level spread dB")}}
+    for name, res in results.items():
+        if res:
+            paper = M.paper_row(res, method=name)
+            row[name] = 100 * paper["Overall"]
+            row[f"{name} (s/t/p)"] = "/".join(f"{100 * paper[k]:.1f}" for k in ("Source AUC", "Target AUC", "pAUC"))
+    return row
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def synthetic_trees(work: Path, names: list[str], seed: int) -> dict[str, Path]:
+    """The ``demo`` preset and the robustness regimes, generated once under ``work``."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from robustness import DATA_SEED, REGIMES  # noqa: E402  (benchmarks/ is not a package)
+
+    from pipelines.synth.generate import PRESETS, generate
+    trees = {}
+    for name in names:
+        preset, data_seed = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
+        root = work / "synth" / name
+        generate(replace(preset), root, seed=data_seed)
+        trees[f"synthetic {name}"] = root
+    return trees
+
+
+def real_tree(work: Path) -> Path | None:
+    if not (REAL / "unpack.py").is_file():
+        print(f"realism: {REAL} is absent: the real column is skipped")
+        return None
+    root = work / "realtoycar"
+    if not (root / "dev_data").is_dir():
+        subprocess.run([sys.executable, str(REAL / "unpack.py"), str(root)], check=True)
+    return root
+
+
+def spectrogram_picture(trees: dict[str, Path], out: Path, machine: str = "ToyCar") -> Path:
+    """One row per tree: a source normal, a source anomaly, a target normal and a target anomaly
+    test clip of ``machine`` (the first of each, by name), log-Mel dB on one colour scale per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(trees), 4, figsize=(18, 3.2 * len(trees)), squeeze=False)
+    for row, (name, root) in zip(axes, trees.items()):
+        base = root / "dev_data" if (root / "dev_data").is_dir() else root
+        test = [m for m in discover_clips(base).clips if m.machine == machine and m.split == "test" and m.is_labelled]
+        cells = [next((m for m in test if (m.domain, m.label) == key), None)
+                 for key in (("source", "normal"), ("source", "anomaly"), ("target", "normal"), ("target", "anomaly"))]
+        mels = []
+        for meta in cells:
+            wave, _ = sf.read(str(base / meta.path), dtype="float32", always_2d=True) if meta else (None, None)
+            mels.append(log_mel(torch.from_numpy(wave.mean(axis=1)), LOGMEL).numpy() if meta else None)
+        top = max(float(np.percentile(m, 99.5)) for m in mels if m is not None)
+        for ax, meta, mel in zip(row, cells, mels):
+            if mel is None:
+                ax.set_axis_off()
+                continue
+            ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=top - 70, vmax=top,
+                      extent=(0, mel.shape[1] * LOGMEL.hop_length / LOGMEL.sample_rate, 0, LOGMEL.n_mels))
+            ax.set_title(f"{name}\n{meta.domain} {meta.label}: {Path(meta.path).name}", fontsize=8)
+        row[0].set_ylabel("Mel bin")
+    for ax in axes[-1]:
+        ax.set_xlabel("s")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=60)
+    plt.close(fig)
+    return out
+
+
+def table(rows: dict[str, dict]) -> str:
+    cols = [*FLOORS, *STATS, "within dB", "between dB", "anomaly dB", "domain dB"]
+    lines = ["| dataset | clips | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        cells = [f"{r[c]:.1f}" if c in FLOORS and c in r else (f"{r[c]:.2f}" if c in r else "—") for c in cols]
+        lines.append(f"| {name} | {r['clips']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "realism")
+    p.add_argument("--work", type=Path, default=None, help="where trees are generated (default <out>/work)")
+    p.add_argument("--tree", type=Path, action="append", default=[], help="any DCASE-layout tree (repeatable)")
+    p.add_argument("--name", action="append", default=[], help="a name for each --tree")
+    p.add_argument("--synthetic", nargs="*", default=["demo", "imbalanced", "unseen", "shift", "few"],
+                   help="synthetic presets / robustness regimes to measure")
+    p.add_argument("--no-real", action="store_true", help="skip the real folder")
+    p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100; 0 skips the AE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redo", action="store_true", help="measure datasets already in realism.json again")
+    p.add_argument("--picture", type=Path, default=None,
+                   help="also draw real and synthetic ToyCar spectrograms side by side into this PNG")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    work = a.work or a.out / "work"
+    a.out.mkdir(parents=True, exist_ok=True)
+    trees: dict[str, Path] = {}
+    if not a.no_real and (root := real_tree(work)) is not None:
+        trees["real ToyCar (DCASE 2023 dev, 609 + 100 clips)"] = root
+    trees.update(synthetic_trees(work, a.synthetic, a.seed))
+    for i, t in enumerate(a.tree):
+        trees[a.name[i] if i < len(a.name) else str(t)] = t
+    if a.picture is not None:
+        print(spectrogram_picture({k: v for k, v in trees.items() if not k.startswith("synthetic ")
+                                   or k in ("synthetic demo",)}, a.picture))
+    path = a.out / "realism.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    settings = {"ae_epochs": a.ae_epochs, "seed": a.seed}
+    rows = {k: v for k, v in saved.get("rows", {}).items() if saved.get("settings") == settings and not a.redo}
+    for name, root in trees.items():
+        if name in rows:
+            continue
+        print(f"realism: {name} ...", flush=True)
+        rows[name] = measure(root, a.ae_epochs, a.seed)
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), "commit": commit,
+                                    "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+        print(table({name: rows[name]}), flush=True)
+    (a.out / "realism.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
