@@ -7,7 +7,7 @@ Modules are imported lazily by name so that ``asd --help`` does not import Ray o
 User errors (:class:`pipelines.errors.UserError`: a bad config, a missing feature store or model,
 an unreachable MLflow server) print one line on stderr and exit 2; ``asd --debug <command>``
 shows their traceback instead. SIGTERM and Ctrl-C end a command in one line too, with the shell's
-codes (143, 130): what it finished is kept, and the same command resumes.
+codes (143, 130): what it finished is kept, and the same command resumes (but predict and submit).
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ SUBCOMMANDS = {
     "retrain": "pipelines.operations.retrain",
     "submit": "pipelines.operations.submit",
 }
+
+# commands a re-run does not resume: predict scores its files again; a submitted job goes on on its
+# cluster, and a re-run of submit submits another
+NOT_RESUMABLE = {"predict", "submit"}
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         signum = signal.SIGTERM if console.terminated() else signal.SIGINT
-        print(f"asd {command}: interrupted by {signum.name}; re-run the same command to resume", file=sys.stderr)
+        hint = "" if command in NOT_RESUMABLE else "; re-run the same command to resume"
+        print(f"asd {command}: interrupted by {signum.name}{hint}", file=sys.stderr)
         return 128 + signum
 
 
