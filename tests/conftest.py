@@ -19,6 +19,28 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def _mlflow_uris_restored():
+    """``mlflow.set_tracking_uri`` also exports ``$MLFLOW_TRACKING_URI`` (for subprocesses), and the
+    pipeline reads that variable when a config names no server: a test that ran the pipeline
+    against a server would send every later test's runs there. Put both back afterwards."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None unsets the variable too
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+# module scope: a module's own fixtures (a pipeline run shared by its tests) are undone after it
+_module_mlflow_uris = pytest.fixture(scope="module", autouse=True, name="_module_mlflow_uris")(_mlflow_uris_restored)
+_test_mlflow_uris = pytest.fixture(autouse=True, name="_test_mlflow_uris")(_mlflow_uris_restored)
+
+
 @pytest.fixture
 def write_wav():
     """``write_wav(path, samples, sr) -> Path``: write a numpy array with scipy.io.wavfile.

@@ -96,7 +96,7 @@ def test_a_resumption_compares_with_a_champion_promoted_meanwhile(knn_run, monke
     assert _retraining(cfg)["parent_version"] == parent
     client = mlflow.MlflowClient()
     source = client.get_model_version(name, parent)
-    other = str(client.create_model_version(name, source.source, run_id=source.run_id,
+    other = str(client.create_model_version(name, source.source, run_id=source.run_id, model_id=source.model_id,
                                             tags={"official_score": "0.123456"}).version)
     registry.promote(name, other)  # by someone else, between the attempts
     capsys.readouterr()

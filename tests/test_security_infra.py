@@ -415,7 +415,8 @@ SECRETS = [".ray/auth_token", "auth_token", "mlflow-server/flask_secret_key", "m
            "asd/service-account.json", "pipelines/.venv/lib/site.py", "configs/.kube/config"]
 # the files a job needs: the code, the configs, the declaration of what the nodes install
 NEEDED = ["pyproject.toml", "requirements.txt", "asd/__init__.py", "asd/model.py", "pipelines/__init__.py",
-          "pipelines/__main__.py", "pipelines/operations/run.py", "configs/demo.yaml", "configs/tiny.yaml"]
+          "pipelines/__main__.py", "pipelines/operations/run.py", "pipelines/datasets/dcase_task2.yaml",
+          "configs/demo.yaml", "configs/tiny.yaml"]
 # the project's own files that no job reads
 UNNEEDED = ["README.md", "docs/keys.md", "infra/k8s/rayjob.yaml", "tests/test_x.py", "ray_cluster.yaml"]
 

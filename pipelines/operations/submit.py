@@ -40,7 +40,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipelines/operations/ -> t
 # --config <cfg>` in its working dir, which imports asd/ and pipelines/ and reads the YAML of
 # configs/; pyproject.toml and requirements.txt say what the nodes must have installed. Nothing
 # else, data and run outputs included, is packaged; a config file outside configs/ is added by name.
-PACKAGED_TREES = {"asd": ".py", "pipelines": ".py", "configs": ".yaml"}  # folder -> its files' suffix
+# folder -> the suffixes of its files (pipelines/ holds data files too: the dataset catalogue)
+PACKAGED_TREES = {"asd": (".py",), "pipelines": (".py", ".yaml"), "configs": (".yaml",)}
 PACKAGED_FILES = ("pyproject.toml", "requirements.txt")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 JOBS = ("run", "retrain")  # the CLI subcommands a Ray Job runs
@@ -91,18 +92,18 @@ def on_this_machine(host: str | None) -> bool:
 
 def package_files(root: Path = PROJECT_ROOT, extra: Iterable[str] = ()) -> list[str]:
     """What ``asd submit`` uploads, relative to ``root``: :data:`PACKAGED_FILES` and the files of
-    :data:`PACKAGED_TREES` with their suffix, plus ``extra``. Symlinks (they may lead anywhere)
+    :data:`PACKAGED_TREES` with their suffixes, plus ``extra``. Symlinks (they may lead anywhere)
     and hidden names (a venv or a tool's folder inside a package, never the project's code) are
     left out."""
     def plain(path: Path) -> bool:
         return path.is_file() and not path.is_symlink()
 
     found = {name for name in PACKAGED_FILES if plain(root / name)}
-    for tree, suffix in PACKAGED_TREES.items():
+    for tree, suffixes in PACKAGED_TREES.items():
         for folder, dirs, files in os.walk(root / tree):  # symlinked folders are not entered
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             found.update((Path(folder) / f).relative_to(root).as_posix() for f in files
-                         if f.endswith(suffix) and not f.startswith(".") and plain(Path(folder) / f))
+                         if f.endswith(suffixes) and not f.startswith(".") and plain(Path(folder) / f))
     return sorted(found | set(extra))
 
 
