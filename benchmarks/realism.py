@@ -186,8 +186,11 @@ def section_statistics(train: list[dict], test: list[dict]) -> dict[str, float]:
     between = rms_spread(centres, v_src.mean(axis=0))
     excess = []
     for domain in ("source", "target"):
-        normal = np.stack([mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "normal"])
-        anomal = np.stack([mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "anomaly"])
+        normal = [mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "normal"]
+        anomal = [mean_spectrum(c) for c in test if c["meta"].domain == domain and c["meta"].label == "anomaly"]
+        if not normal or not anomal:
+            continue
+        normal, anomal = np.stack(normal), np.stack(anomal)
         m = normal.mean(axis=0)
         excess.append(rms_spread(anomal, m) - rms_spread(normal, m))
     v_tgt = np.stack([mean_spectrum(c) for c in tgt]) if tgt else v_src
@@ -199,7 +202,7 @@ def section_statistics(train: list[dict], test: list[dict]) -> dict[str, float]:
         p = 10.0 ** (c["logmel"].numpy().astype(np.float64) / 10.0)
         flat.append(float(np.median(np.exp(np.log(p).mean(axis=0)) / p.mean(axis=0))))
     levels = [10 * np.log10(np.mean(10.0 ** (c["logmel"].numpy().astype(np.float64) / 10.0))) for c in everything]
-    return {"within_sq": sum(within) / max(n_within, 1), "between_sq": between, "anomaly_sq": max(0.0, float(np.mean(excess))),
+    return {"within_sq": sum(within) / max(n_within, 1), "between_sq": between, "anomaly_sq": max(0.0, float(np.mean(excess))) if excess else float("nan"),
             "domain_sq": domain, "frame-to-frame dB": float(frame_diff), "flatness": float(np.median(flat)),
             "level spread dB": float(np.std(levels))}
 
@@ -288,7 +291,7 @@ def spectrogram_picture(trees: dict[str, Path], out: Path, machine: str = "ToyCa
                 continue
             ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=top - 70, vmax=top,
                       extent=(0, mel.shape[1] * LOGMEL.hop_length / LOGMEL.sample_rate, 0, LOGMEL.n_mels))
-            ax.set_title(f"{name}\n{meta.domain} {meta.label}: {Path(meta.path).name}", fontsize=8)
+            ax.set_title(f"{name}: {meta.domain} {meta.label}\n{meta.attribute or ''}", fontsize=9)
         row[0].set_ylabel("Mel bin")
     for ax in axes[-1]:
         ax.set_xlabel("s")
