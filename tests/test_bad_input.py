@@ -557,13 +557,12 @@ def _alive(procs: list) -> list:
     return [p for p in procs if running(p)]
 
 
-@pytest.mark.slow
-def test_sigterm_ends_an_extraction_in_one_line_and_the_same_command_resumes(tmp_path, write_wav):
-    root, store = tmp_path / "data", tmp_path / "store"
-    _good_tree(root, write_wav, n_train=30)
+def _extraction_stopped_midway(root: Path, store: Path, stop, stderr=subprocess.DEVNULL):
+    """Start ``asd extract`` one clip per shard, wait until two shards are journalled, call
+    ``stop(proc)``; returns (command, proc, journal, the Ray processes it had started)."""
     command = [sys.executable, "-m", "pipelines", "extract", "--config", "tiny", "--data", str(root), "--store",
                str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_cli_env())
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=_cli_env())
     deadline, journal = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
         journal = next(store.glob(f"v-*/{S.JOURNAL}"), None)
@@ -571,16 +570,29 @@ def test_sigterm_ends_an_extraction_in_one_line_and_the_same_command_resumes(tmp
             break
         time.sleep(0.05)
     ray_procs = _descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    stop(proc)
+    return command, proc, journal, ray_procs
+
+
+def _assert_gone(ray_procs: list, seconds: float) -> None:
+    gone_by = time.time() + seconds
+    while time.time() < gone_by and _alive(ray_procs):
+        time.sleep(0.2)
+    assert not _alive(ray_procs), f"Ray processes outlived the stopped run: {[p.name() for p in _alive(ray_procs)]}"
+
+
+@pytest.mark.slow
+def test_sigterm_ends_an_extraction_in_one_line_and_the_same_command_resumes(tmp_path, write_wav):
+    root, store = tmp_path / "data", tmp_path / "store"
+    _good_tree(root, write_wav, n_train=30)
+    command, proc, journal, ray_procs = _extraction_stopped_midway(
+        root, store, lambda p: p.send_signal(signal.SIGTERM), stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=120)
     assert journal is not None and ray_procs, "the run ended before it could be stopped"
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "asd extract: interrupted by SIGTERM; re-run the same command to resume"
     assert "Traceback" not in err and "SIGTERM received" not in err and "***" not in err, err
-    gone_by = time.time() + 15
-    while time.time() < gone_by and _alive(ray_procs):
-        time.sleep(0.2)
-    assert not _alive(ray_procs), f"Ray processes outlived the stopped run: {[p.name() for p in _alive(ray_procs)]}"
+    _assert_gone(ray_procs, 15)
     done_before = len(list(journal.glob("*.json")))
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_cli_env())
     assert again.returncode == 0, again.stderr
@@ -605,40 +617,20 @@ def test_sigterm_during_training_in_asd_run_is_one_line_too(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "asd run: interrupted by SIGTERM; re-run the same command to resume"
     assert "Traceback" not in err and "SIGTERM received" not in err, err
-    gone_by = time.time() + 15
-    while time.time() < gone_by and _alive(ray_procs):
-        time.sleep(0.2)
-    assert not _alive(ray_procs), f"Ray processes outlived the stopped run: {[p.name() for p in _alive(ray_procs)]}"
+    _assert_gone(ray_procs, 15)
 
 
 @pytest.mark.slow
 def test_a_killed_extraction_resumes_and_leaves_no_ray_processes(tmp_path, write_wav):
-    import psutil
-
     root = tmp_path / "data"
     _good_tree(root, write_wav, n_train=30)
     store = tmp_path / "store"
     # the tiny config's front end is FeatureConfig()'s, which the resuming extract() below uses
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "extract", "--config", "tiny", "--data", str(root),
-                             "--store", str(store), "--set", "extract.batch_size=1", "--set", "ray.num_cpus=1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_cli_env())
-    deadline = time.time() + 240
-    journal = None
-    while time.time() < deadline and proc.poll() is None:
-        journal = next(store.glob(f"v-*/{S.JOURNAL}"), None)
-        if journal is not None and len(list(journal.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    ray_procs = _descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)
+    _, proc, journal, ray_procs = _extraction_stopped_midway(root, store, lambda p: os.kill(p.pid, signal.SIGKILL))
     proc.wait()
     assert journal is not None and ray_procs, "the run ended before it could be killed"
     done_before = len(list(journal.glob("*.json")))
-    gone_by = time.time() + 10
-    while time.time() < gone_by and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs):
-        time.sleep(0.2)
-    alive = [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"Ray processes outlived the killed run: {[p.name() for p in alive]}"
+    _assert_gone(ray_procs, 10)
 
     resumed = extract(root, store, batch_size=1)
     assert resumed.resumed_shards >= done_before and resumed.discovered == resumed.extracted + resumed.quarantined

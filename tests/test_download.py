@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import threading
 import zipfile
@@ -25,8 +26,9 @@ from pipelines import cli
 from pipelines.datasets import download as D
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_TOYCAR = SHARED / "data" / "realtoycar"  # DCASE 2023 ToyCar, FLAC (read in place or copied under tmp)
-REAL_AUDIO = SHARED / "real_audio"  # eight real valve WAVs
+# DCASE 2023 ToyCar, FLAC (read in place or copied under tmp); .ci/run names the folders beside its checkout
+REAL_TOYCAR = Path(os.environ.get("ASD_REAL_TOYCAR_DIR") or SHARED / "data" / "realtoycar")
+REAL_AUDIO = Path(os.environ.get("ASD_REAL_AUDIO_DIR") or SHARED / "real_audio")  # eight real valve WAVs
 
 
 # ----------------------------------------------------------------------------- helpers
