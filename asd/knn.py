@@ -14,7 +14,11 @@ other training clip (:func:`local_radii`, :func:`scaled_nearest`; the local scal
 local outlier factor): ten target clips lie further apart than hundreds of source clips, and
 so do the rare operating conditions, and an unscaled nearest distance ranks all of their normals
 above the anomalies of the dense ones. The coarser alternative, one scale per domain
-(:func:`domain_scales`), was measured beside it.
+(:func:`domain_scales`), was measured beside it. The distance is the cosine distance, or the
+Euclidean distance with every bin in units of its spread over the section's training clips
+(:func:`dimension_spread`, :func:`standardised_euclidean`; the diagonal Mahalanobis distance,
+``knn.distance``): the bins that vary little between normal clips, where an anomaly stands out,
+count as much as the loud, variable ones that dominate a cosine.
 
 Pure functions, tensors in and tensors out, float64 results.
 """
@@ -25,8 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "domain_scales", "local_radii",
-           "log_mean_power", "nearest_cosine_distance", "scaled_nearest", "spectrum_shape"]
+__all__ = ["batch_clip_statistics", "clip_statistics", "cosine_distances", "dimension_spread", "domain_scales",
+           "local_radii", "log_mean_power", "nearest_cosine_distance", "scaled_nearest", "spectrum_shape",
+           "standardised_euclidean"]
 
 
 def clip_statistics(features: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,35 @@ def cosine_distances(queries: torch.Tensor, references: torch.Tensor) -> torch.T
     if q.shape[1] != r.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} dimensions, references {r.shape[1]}")
     return (1.0 - q @ r.T).clamp_(0.0, 2.0)
+
+
+def dimension_spread(references: torch.Tensor) -> torch.Tensor:
+    """Each dimension's standard deviation over the reference rows (``N - 1`` denominator): [N, D] -> [D].
+
+    A dimension that does not vary (or a single reference) gets 1, so that it is compared in its
+    own units rather than divided by zero."""
+    r = torch.as_tensor(references).to(torch.float64)
+    if r.ndim != 2 or r.shape[0] == 0:
+        raise ValueError(f"references must be [N, D] with N >= 1, got shape {tuple(r.shape)}")
+    spread = r.std(dim=0, correction=1) if r.shape[0] > 1 else torch.ones(r.shape[1], dtype=torch.float64)
+    return torch.where(spread > 0, spread, torch.ones_like(spread))
+
+
+def standardised_euclidean(queries: torch.Tensor, references: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances with each dimension divided by its ``spread`` [D]: [M, D] x [N, D] -> [M, N].
+
+    ``sqrt(sum_d ((q_d - r_d) / spread_d) ** 2)``: the Mahalanobis distance under a diagonal
+    covariance (``scipy.spatial.distance.cdist(q, r, "seuclidean", V=spread ** 2)``), float64."""
+    q, r = torch.as_tensor(queries).to(torch.float64), torch.as_tensor(references).to(torch.float64)
+    s = torch.as_tensor(spread).to(torch.float64)
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1] or s.shape != (r.shape[1],):
+        raise ValueError(f"queries [M, D], references [N, D] and spread [D] needed, got {tuple(q.shape)}, "
+                         f"{tuple(r.shape)} and {tuple(s.shape)}")
+    if not (s > 0).all():
+        raise ValueError("spread must be positive")
+    if not (torch.isfinite(q).all() and torch.isfinite(r).all()):
+        raise ValueError("vectors contain non-finite values")
+    return torch.cdist(q / s, r / s)
 
 
 def nearest_cosine_distance(queries: torch.Tensor, references: torch.Tensor, exclude_self: bool = False,

@@ -36,6 +36,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "realtoycar"
 METHODS: dict[str, list[str]] = {
     "spectral kNN": SPECTRAL_KNN,
     "spectral kNN, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5"],
+    "spectral kNN, standardised Euclidean, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5",
+                                                        "knn.distance=standardised_euclidean"],
     "spectral kNN, per-domain scale": [*SPECTRAL_KNN, "knn.normalisation=domain"],
     "spectral kNN, per-domain scale, power 0.5": [*SPECTRAL_KNN, "knn.normalisation=domain", "knn.power=0.5"],
     "spectral kNN, no normalisation": [*SPECTRAL_KNN, "knn.normalisation=none"],

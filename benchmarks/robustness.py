@@ -60,7 +60,7 @@ LOGMEL = ["features.kind=librosa_logmel"]  # the official baseline's log-Mel, fo
 # every kNN setting spelled out, whatever the config's knn section says (docs/method.md)
 KNN_FLOOR = ["method=knn", "knn.representation=statistics", "knn.normalisation=none", *LOGMEL]
 SPECTRAL_KNN = ["method=knn", "features.kind=spectrum", "knn.representation=spectrum_shape", "knn.normalisation=local",
-                "knn.power=1"]
+                "knn.power=1", "knn.distance=cosine"]
 # every variant of the paper's pipeline spelled out, whatever the config's default is
 PROTOTYPE = ["method=prototype", "features.kind=inverted_logmel"]
 PRETRAIN_FINETUNE = [*PROTOTYPE, "pretrain.enabled=true", "finetune.enabled=true", "finetune.from_scratch=false"]
@@ -78,6 +78,9 @@ METHODS: dict[str, list[str]] = {
     # the detector that won on real recordings (benchmarks/real.py)
     "spectral kNN": SPECTRAL_KNN,
     "spectral kNN, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5"],
+    # each bin in units of its spread over the training clips (benchmarks/spectral_variants.py)
+    "spectral kNN, standardised Euclidean, power 0.5": [*SPECTRAL_KNN, "knn.power=0.5",
+                                                        "knn.distance=standardised_euclidean"],
     # the initial, randomly weighted network with the same scoring: what training adds (docs/method.md)
     "untrained network": [*PROTOTYPE, "pretrain.enabled=true", "pretrain.epochs=0", "finetune.enabled=false"],
 }

@@ -289,6 +289,9 @@ class KnnConfig:
     # within the clip's domain
     normalisation: Literal["none", "local", "domain"] = "none"
     power: UnitFraction = 1.0
+    # "cosine", or "standardised_euclidean": each dimension in units of its spread over the
+    # section's training clips (benchmarks/spectral_variants.py)
+    distance: Literal["cosine", "standardised_euclidean"] = "cosine"
 
 
 @dataclass(config=SECTION)

@@ -15,8 +15,9 @@ from scipy import stats
 from sklearn.neighbors import NearestNeighbors
 
 from asd.features import FeatureConfig
-from asd.knn import (batch_clip_statistics, clip_statistics, cosine_distances, domain_scales, local_radii,
-                     log_mean_power, nearest_cosine_distance, scaled_nearest, spectrum_shape)
+from asd.knn import (batch_clip_statistics, clip_statistics, cosine_distances, dimension_spread, domain_scales,
+                     local_radii, log_mean_power, nearest_cosine_distance, scaled_nearest, spectrum_shape,
+                     standardised_euclidean)
 from pipelines.config import ConfigError, PipelineConfig, load_config
 
 
@@ -174,6 +175,48 @@ def test_scaled_nearest_matches_loops(normalisation, power):
         np.testing.assert_allclose(got.numpy(), to_train.min(dim=1).values.numpy(), rtol=1e-12)
 
 
+def test_standardised_euclidean_matches_scipy_and_constant_bins_keep_their_units():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(11)
+    refs = rng.normal(size=(9, 5)) * np.array([0.1, 1.0, 5.0, 2.0, 0.5])
+    queries = rng.normal(size=(4, 5))
+    spread = dimension_spread(torch.from_numpy(refs))
+    np.testing.assert_allclose(spread.numpy(), refs.std(axis=0, ddof=1), rtol=1e-12)
+    got = standardised_euclidean(torch.from_numpy(queries), torch.from_numpy(refs), spread)
+    want = cdist(queries, refs, "seuclidean", V=refs.var(axis=0, ddof=1))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+    refs[:, 2] = 3.0  # a bin that never varies is compared in its own units, not divided by zero
+    np.testing.assert_allclose(dimension_spread(torch.from_numpy(refs)).numpy()[2], 1.0)
+    np.testing.assert_allclose(dimension_spread(torch.ones(1, 3)).numpy(), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        standardised_euclidean(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([1.0, 0.0]))
+
+
+def test_knn_section_state_round_trip_keeps_the_distance():
+    """A saved standardised-Euclidean section scores the same after torch.load(weights_only=True);
+    a section saved before knn.distance existed reads back as cosine."""
+    import io
+
+    from asd.knn_backend import KnnSection, fit_knn_section
+
+    rng = np.random.default_rng(12)
+    refs = torch.from_numpy(rng.normal(size=(12, 6)) * np.linspace(0.1, 3.0, 6))
+    queries = torch.from_numpy(rng.normal(size=(5, 6)))
+    section = fit_knn_section(refs, ["source"] * 12, [""] * 12, "local", 0.5, 0.9, "standardised_euclidean")
+    buffer = io.BytesIO()
+    torch.save(section.state_dict(), buffer)
+    back = KnnSection.from_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    np.testing.assert_allclose(back.score(queries)[0].numpy(), section.score(queries)[0].numpy(), rtol=1e-12)
+    cosine = fit_knn_section(refs, None, [""] * 12, "local", 0.5, 0.9)
+    old = {k: v for k, v in cosine.state_dict().items() if k not in ("distance", "spread")}
+    np.testing.assert_allclose(KnnSection.from_state_dict(old).score(queries)[0].numpy(),
+                               cosine.score(queries)[0].numpy(), rtol=1e-12)
+    assert not np.allclose(section.score(queries)[0].numpy(), cosine.score(queries)[0].numpy())
+    with pytest.raises(ValueError, match="distance must be one of"):
+        fit_knn_section(refs, None, [""] * 12, "local", 0.5, 0.9, "manhattan")
+
+
 def test_scales_of_duplicates_and_single_clip_domains():
     d = torch.tensor([[0.0, 0.2, 0.9], [0.2, 0.0, 0.8], [0.9, 0.8, 0.0]], dtype=torch.float64)
     assert domain_scales(d, ["s", "s", "t"]) == {"s": pytest.approx(0.2), "t": pytest.approx(0.2)}
@@ -303,18 +346,22 @@ def test_knn_scoring_matches_numpy(knn_store, tmp_path):
     assert method_label(cfg) == "kNN baseline"
 
 
-@pytest.mark.parametrize("normalisation", ["local", "domain"])
-def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path, normalisation):
+@pytest.mark.parametrize(("normalisation", "distance"), [("local", "cosine"), ("domain", "cosine"),
+                                                         ("local", "standardised_euclidean")])
+def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path, normalisation, distance):
     """spectrum_shape vectors, scaled nearest distances (power 1), leave-one-out threshold: the
     job against numpy, scipy and the loop references above."""
     import dataclasses
+
+    from scipy.spatial.distance import cdist
 
     from pipelines.config import KnnConfig
     from pipelines.detectors.knn import run_knn_stage
     from pipelines.stages.score import run_scoring
 
     cfg, store, clips = knn_store
-    cfg = dataclasses.replace(cfg, knn=KnnConfig(representation="spectrum_shape", normalisation=normalisation))
+    cfg = dataclasses.replace(cfg, knn=KnnConfig(representation="spectrum_shape", normalisation=normalisation,
+                                                 distance=distance))
     model_dir = run_knn_stage(cfg, store=store, out_dir=tmp_path / "models" / "knn")
     got = run_scoring(cfg, model_dir, store, tmp_path / "scoring").scores.sort_values("path").reset_index(drop=True)
 
@@ -330,10 +377,18 @@ def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path, normalisation):
         train = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "train")]
         test = [c for c in clips if (c["machine"], c["section"], c["split"]) == (machine, section, "test")]
         ref = [shape(c["features"]) for c in train]
-        scales = _loop_scales(np.array([[cos(a, b) for b in ref] for a in ref]), [c["domain"] for c in train],
+        if distance == "cosine":
+            def dist(a, b):
+                return cos(a, b)
+        else:  # scipy's standardised Euclidean, the variance of each bin over the training clips
+            variance = np.var(np.array(ref), axis=0, ddof=1)
+
+            def dist(a, b):
+                return cdist(a[None], b[None], "seuclidean", V=variance)[0, 0]
+        scales = _loop_scales(np.array([[dist(a, b) for b in ref] for a in ref]), [c["domain"] for c in train],
                               normalisation)
         for c in test:
-            q = [cos(shape(c["features"]), r) for r in ref]
+            q = [dist(shape(c["features"]), r) for r in ref]
             j = int(np.argmin(np.array(q) / np.array(scales)))
             want.append({"path": c["path"], "score": _loop_score(q, scales, 1.0),
                          "nearest_attribute": train[j]["attribute_class"]})
@@ -348,7 +403,8 @@ def test_spectral_knn_scoring_matches_numpy(knn_store, tmp_path, normalisation):
         normal, anomalous = sec[sec["decision"] == 0]["score"], sec[sec["decision"] == 1]["score"]
         assert normal.max() < anomalous.min() if len(normal) and len(anomalous) else True
     meta = json.loads((model_dir / "meta.json").read_text())
-    assert (meta["representation"], meta["normalisation"], meta["power"]) == ("spectrum_shape", normalisation, 1.0)
+    assert (meta["representation"], meta["normalisation"], meta["power"], meta["distance"]) == (
+        "spectrum_shape", normalisation, 1.0, distance)
 
 
 def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):

@@ -5,7 +5,8 @@ model directory holding ``meta.json`` (``"detector": "knn"``) and ``knn.pt``, th
 section) matrix of training-clip vectors (``knn.representation``: :func:`asd.knn.clip_statistics`
 or :func:`asd.knn.spectrum_shape`) with each row's path, domain and attribute class, loadable
 with ``torch.load(weights_only=True)``. The scoring job (:func:`score_knn`) scores a test clip
-by its cosine distance to the nearest training clip of the same section, both domains, each
+by its distance (``knn.distance``: cosine, or Euclidean in units of each dimension's spread over
+the section's training clips) to the nearest training clip of the same section, both domains, each
 distance divided by a scale to the power ``knn.power`` (:func:`asd.knn.scaled_nearest`;
 ``knn.normalisation``: ``none``, the floor's plain distance; ``local``, the training clip's own
 distance to its nearest other clip, :func:`asd.knn.local_radii`; ``domain``, one scale per
@@ -48,7 +49,7 @@ def save_knn(directory, sections: dict, cfg: PipelineConfig) -> Path:
         {"detector": "knn", "stage": "knn", "features": asdict(cfg.features), "feature_version": cfg.features.version,
          "representation": cfg.knn.representation, "normalisation": cfg.knn.normalisation,
          "power": cfg.knn.power,
-         "distance": "cosine", "dim": dims.pop() if len(dims) == 1 else sorted(dims),
+         "distance": cfg.knn.distance, "dim": dims.pop() if len(dims) == 1 else sorted(dims),
          "sections": {k: int(s["statistics"].shape[0]) for k, s in sorted(sections.items())},
          "train_config": to_dict(cfg)}, indent=2))
     return directory
@@ -99,7 +100,8 @@ def fit_sections(saved: dict, meta: dict, quantile: float) -> dict[str, KnnSecti
     for key, entry in sorted(saved.items()):
         try:
             sections[key] = fit_knn_section(entry["statistics"], entry.get("domains"), entry["attribute_class"],
-                                            meta.get("normalisation", "none"), meta.get("power", 1.0), quantile)
+                                            meta.get("normalisation", "none"), meta.get("power", 1.0), quantile,
+                                            meta.get("distance", "cosine"))
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from err
     return sections
