@@ -57,7 +57,7 @@ METHODS: dict[str, list[str]] = {
                                           "finetune.epochs=30", "finetune.lr_milestones=[18]", "finetune.min_steps=600"],
 }
 DETERMINISTIC = {m for m, o in METHODS.items() if "method=knn" in o}
-DEFAULT = "spectral kNN, power 0.5"  # configs/demo.yaml
+DEFAULT = "spectral kNN, standardised Euclidean, power 0.5"  # configs/demo.yaml
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
 
 

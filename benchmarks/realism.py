@@ -10,7 +10,8 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
   dense autoencoder, ``asd.baseline_ae``, one per machine type; ``--ae-epochs``), and the
   **untrained network** (random weights, batch norm at its initial statistics, the pipeline's
   scoring: windowed embeddings, minimum Mahalanobis distance to the attribute prototypes);
-* the **spectral kNN**, the pipeline's default detector (``configs/demo.yaml``), for the ranking;
+* the **spectral kNN** with the cosine distance (power 0.5; the pipeline's default until the standardised
+  Euclidean distance replaced it, benchmarks/spectral_variants.py), for the ranking;
 * spreads of ``v`` in dB (root mean square distances): **within** an attribute class (normal
   training clips to their class mean), **between** attribute classes (class means to the
   section's source mean), the **anomaly shift** (the excess spread of the test anomalies about
