@@ -268,6 +268,15 @@ def real_tree(work: Path) -> Path | None:
     return root
 
 
+def dataset_trees(work: Path, synthetic: list[str], real: bool, seed: int) -> dict[str, Path]:
+    """Name -> root of the real folder (when ``real`` and present) and of each synthetic preset/regime."""
+    trees: dict[str, Path] = {}
+    if real and (root := real_tree(work)) is not None:
+        trees["real ToyCar (DCASE 2023 dev, 609 + 100 clips)"] = root
+    trees.update(synthetic_trees(work, synthetic, seed))
+    return trees
+
+
 def spectrogram_picture(trees: dict[str, Path], out: Path, machine: str = "ToyCar") -> Path:
     """One row per tree: a source normal, a source anomaly, a target normal and a target anomaly
     test clip of ``machine`` (the first of each, by name), log-Mel dB on one colour scale per row."""
@@ -330,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     work = a.work or a.out / "work"
     a.out.mkdir(parents=True, exist_ok=True)
-    trees: dict[str, Path] = {}
-    if not a.no_real and (root := real_tree(work)) is not None:
-        trees["real ToyCar (DCASE 2023 dev, 609 + 100 clips)"] = root
-    trees.update(synthetic_trees(work, a.synthetic, a.seed))
+    trees = dataset_trees(work, a.synthetic, not a.no_real, a.seed)
     for i, t in enumerate(a.tree):
         trees[a.name[i] if i < len(a.name) else str(t)] = t
     if a.picture is not None:

@@ -44,7 +44,7 @@ import torch
 
 from asd import metrics as M
 from asd.knn import batch_clip_statistics, cosine_distances, local_radii, scaled_nearest, spectrum_shape
-from realism import load_tree, parts, real_tree, result, sections, synthetic_trees  # benchmarks/ is on sys.path
+from realism import dataset_trees, load_tree, parts, result, sections  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 SEGMENT_FRAMES = 62  # 2 s at hop 512, 16 kHz
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     work = a.work or a.out / "work"
     a.out.mkdir(parents=True, exist_ok=True)
-    trees: dict[str, Path] = {}
-    if not a.no_real and (root := real_tree(work)) is not None:
-        trees["real ToyCar (DCASE 2023 dev)"] = root
-    trees.update(synthetic_trees(work, a.synthetic, 0))
+    trees = dataset_trees(work, a.synthetic, not a.no_real, 0)
     path = a.out / "variants.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     rows = saved.get("rows", {}) if saved.get("resamples") == a.resamples else {}
