@@ -56,6 +56,14 @@ class KnnSection:
     distance: str = "cosine"
     spread: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # a state saved by a newer version must not score as cosine without a word
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if self.distance == "standardised_euclidean" and (
+                self.spread is None or tuple(self.spread.shape) != (self.vectors.shape[1],)):
+            raise ValueError(f"the standardised Euclidean distance needs a spread of {self.vectors.shape[1]} values")
+
     def distances(self, queries: torch.Tensor) -> torch.Tensor:
         """[M, N] distances of the queries to the training clips."""
         if self.distance == "standardised_euclidean":
@@ -95,8 +103,6 @@ def fit_knn_section(vectors: torch.Tensor, domains: Sequence[str] | None, attrib
     vectors = torch.as_tensor(vectors).to(torch.float64)
     if vectors.shape[0] < 2:
         raise ValueError(f"the kNN threshold needs at least 2 training clips, got {vectors.shape[0]}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
     spread = dimension_spread(vectors) if distance == "standardised_euclidean" else None
     section = KnnSection(vectors, torch.ones(vectors.shape[0], dtype=torch.float64), float(power),
                          list(attribute_class), distance=distance, spread=spread)

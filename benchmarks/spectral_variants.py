@@ -1,9 +1,10 @@
 """Every variant tried of the spectral kNN, on the real recordings and the synthetic regimes, with
 bootstrap intervals: are the differences between variants larger than what 100 test clips resolve?
 
-The pipeline's default detector (``configs/demo.yaml``) represents a clip by the shape of its
-time-averaged power spectrum and scores the cosine distance to the nearest training clip, scaled by
-that clip's own neighbourhood radius to the power 0.5 (``asd.knn``). Issue 21 asks for 10 points
+The reference ("default" in the tables: the pipeline's default when this was measured, before the
+standardised Euclidean distance it chose) represents a clip by the shape of its time-averaged power
+spectrum and scores the cosine distance to the nearest training clip, scaled by that clip's own
+neighbourhood radius to the power 0.5 (``asd.knn``). Issue 21 asks for 10 points
 above the kNN floor on the real ToyCar folder; this script measures, in-process and without the
 pipeline (the detectors train nothing, so the pipeline adds nothing but I/O), what other clip
 representations and distances give:
@@ -88,7 +89,7 @@ FLOOR = ("log-Mel mean + std (the floor's)", "cosine, power 0")
 
 
 def euclidean(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(q.double(), r.double())
+    return torch.cdist(q.double(), r.double(), compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def radii(train: torch.Tensor, distance) -> torch.Tensor:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="where trees are unpacked or generated (default <out>/work)")
     p.add_argument("--synthetic", nargs="*", default=["demo", "imbalanced", "unseen", "shift", "few"])
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
-    p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the test clips")
+    p.add_argument("--resamples", type=int, default=100, help="bootstrap resamples of the test clips")
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (the detectors are deterministic)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)

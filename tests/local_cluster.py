@@ -29,10 +29,19 @@ from pathlib import Path
 RAY = Path(sys.executable).parent / "ray"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked, so the OS
+    cannot hand one port out twice (one node's components on one port fail `ray start`)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def cluster_env(**extra: str) -> dict[str, str]:
@@ -47,17 +56,20 @@ class LocalNode:
     dashboard_url: str | None = None  # head only
 
 
-def _agent_ports() -> list[str]:
+AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+
+
+def _agent_ports(ports: list[int]) -> list[str]:
     # every port free and explicit, so that another Ray on the machine cannot take the agent's
-    return [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    return [f"--{name}={port}" for name, port in zip(AGENT_PORTS, ports, strict=True)]
 
 
-def _ray_start(args: list[str], temp: str, env: dict[str, str], what: str) -> None:
+def _ray_start(args: list[str], temp: str, env: dict[str, str], what: str, ports: list[int] | None = None) -> None:
     # worker ports 0: each worker process binds a port the OS picks (as ray.cluster_utils does), not
     # one of the range 10002-19999 that every raylet on the machine hands out by default
-    cmd = [str(RAY), "start", "--node-ip-address=127.0.0.1", *args, *_agent_ports(),
+    cmd = [str(RAY), "start", "--node-ip-address=127.0.0.1", *args,
+           *_agent_ports(ports or free_ports(len(AGENT_PORTS))),
            "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={temp}", "--disable-usage-stats"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
@@ -68,11 +80,11 @@ def _ray_start(args: list[str], temp: str, env: dict[str, str], what: str) -> No
 def start_head(num_cpus: int = 2, env: dict[str, str] | None = None,
                extra_args: tuple[str, ...] = ()) -> LocalNode:
     """`ray start --head` on 127.0.0.1 from this venv, with a dashboard (Ray Jobs need it)."""
-    gcs, dash = free_port(), free_port()
+    gcs, dash, *agents = free_ports(2 + len(AGENT_PORTS))  # distinct: one component per port
     # a short temp dir: Ray's Unix socket paths under it must stay within the 107-byte limit
     temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     _ray_start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                f"--num-cpus={num_cpus}", *extra_args], temp, env or cluster_env(), "ray start --head")
+                f"--num-cpus={num_cpus}", *extra_args], temp, env or cluster_env(), "ray start --head", agents)
     return LocalNode(temp, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}")
 
 

@@ -191,6 +191,14 @@ def test_standardised_euclidean_matches_scipy_and_constant_bins_keep_their_units
     np.testing.assert_allclose(dimension_spread(torch.ones(1, 3)).numpy(), [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="positive"):
         standardised_euclidean(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([1.0, 0.0]))
+    # a duplicate clip among more than 25 (where cdist's matrix-product shortcut would take over) is at
+    # distance exactly 0, so that local_radii gives it the median radius rather than a tiny one
+    many = torch.from_numpy(np.random.default_rng(1).normal(size=(40, 513)))
+    many[39] = many[0]
+    among = standardised_euclidean(many, many, dimension_spread(many))
+    assert among[0, 39] == 0.0 and among[39, 0] == 0.0
+    radii = local_radii(among)
+    assert radii[0] == radii[39] == torch.median(radii[(among + torch.eye(40) * 1e9).min(dim=1).values > 0])
 
 
 def test_knn_section_state_round_trip_keeps_the_distance():
@@ -247,7 +255,8 @@ def test_knn_settings_are_part_of_the_stage_fingerprint():
 
     base = load_config(None, ["method=knn"])
     stage = detectors.get("knn").stages(base)[0]
-    for change in ("knn.normalisation=local", "knn.representation=spectrum_shape", "knn.power=0.5"):
+    for change in ("knn.normalisation=local", "knn.representation=spectrum_shape", "knn.power=0.5",
+                   "knn.distance=standardised_euclidean"):
         assert load_config(None, ["method=knn", change]).digest(*stage.sections) != base.digest(*stage.sections)
 
 
@@ -413,7 +422,7 @@ def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):
     cfg, store, _ = knn_store
     rc = main(["score", "--config", "tiny", "--no-mlflow", "--set", f"run_dir={cfg.run_dir}",
                "--set", "method=knn", "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
-               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none",
+               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine",
                "--store", str(store)])
     assert rc == 0
     run_dir = Path(cfg.run_dir)
@@ -430,7 +439,7 @@ def test_asd_score_keeps_its_results_when_mlflow_is_down(knn_store, dead_trackin
 
     cfg, store, _ = knn_store
     rc = main(["score", "--config", "tiny", "--set", f"run_dir={cfg.run_dir}", "--set", "method=knn",
-               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none",
+               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine",
                "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
                "--set", f"mlflow.tracking_uri={dead_tracking_uri}", "--store", str(store)])
     captured = capsys.readouterr()

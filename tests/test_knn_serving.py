@@ -79,7 +79,8 @@ def knn_scoring(tmp_path_factory):
     root, store = base / "data", base / "store"
     _write_data(root, store)
     cfg = PipelineConfig(name="knn-serving-test", run_dir=str(base / "run"), method="knn", features=FEATURES,
-                         knn=KnnConfig(representation="spectrum_shape", normalisation="local"))
+                         knn=KnnConfig(representation="spectrum_shape", normalisation="local",
+                                       distance="standardised_euclidean"))  # the default detector's
     cfg.data.root = str(root)
     model_dir = run_knn_stage(cfg, store=store, out_dir=base / "models" / "knn")
     result = run_scoring(cfg, model_dir, store, base / "scoring", ground_truth_root=root)

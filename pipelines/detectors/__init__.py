@@ -7,7 +7,8 @@ when a detector is first asked for, so that reading a config imports no training
 - ``prototype``: the paper's method (pre-training with epoch prototypes + MPE, fine-tuning with
   balanced batches + NPE, Mahalanobis scoring per section);
 - ``ae``: the official DCASE 2022 autoencoder baseline;
-- ``knn``: the floor baseline, the cosine distance to the nearest training clip's log-Mel statistics.
+- ``knn``: the nearest training clip: the floor baseline (cosine distance of log-Mel statistics) and
+  the default spectral kNN (standardised Euclidean distance of spectrum shapes).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ exactly one clip column per row:
   column resamples).
 
 Output: one row per input row (same index) with ``score`` (min Mahalanobis distance, or the
-kNN's scaled cosine distance to the nearest training clip),
+kNN's scaled distance (``knn.distance``) to the nearest training clip),
 ``decision`` (1 anomalous, 0 normal), ``nearest_attribute`` and ``error`` (None, or why the row
 could not be scored, e.g. a constant signal such as stereo channels that cancel in the down-mix;
 the other rows are still scored). A failed row's ``score``, ``decision``
