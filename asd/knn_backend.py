@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from asd.backend import fit_gamma_threshold
-from asd.knn import cosine_distances, dimension_spread, domain_scales, local_radii, scaled_nearest, standardised_euclidean
+from asd.knn import (cosine_distances, dimension_spread, domain_scales, local_radii, scaled_nearest,
+                     standardised_euclidean)
 
 NORMALISATIONS = ("none", "local", "domain")
 DISTANCES = ("cosine", "standardised_euclidean")

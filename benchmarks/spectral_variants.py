@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from asd import metrics as M
-from asd.knn import batch_clip_statistics, cosine_distances, local_radii, scaled_nearest, spectrum_shape
+from asd.knn import (batch_clip_statistics, cosine_distances, dimension_spread, local_radii, scaled_nearest,
+                     spectrum_shape)
 from realism import dataset_trees, load_tree, parts, result, sections  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def clip_scores(train: list[dict], test: list[dict], representation: str, distan
     ref = torch.stack([f(c[front]) for c in train])
     q = torch.stack([f(c[front]) for c in test])
     if representation.endswith("per-bin standardised"):
-        mean, std = ref.mean(dim=0), ref.std(dim=0).clamp_min(1e-6)
+        mean, std = ref.mean(dim=0), dimension_spread(ref)  # the library's spread (asd.knn)
         ref, q = (ref - mean) / std, (q - mean) / std
     dist = euclidean if distance.startswith("Euclidean") else cosine_distances
     power = float(distance.rsplit("power ", 1)[1])

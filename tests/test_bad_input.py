@@ -470,8 +470,8 @@ def test_a_full_disk_under_a_file_no_writer_of_ours_names_is_still_one_line(tmp_
     (out / SCORES_FILE).symlink_to("/dev/full")
     rc = main(["score", "--config", "tiny", "--no-mlflow", "--set", f"run_dir={tmp_path / 'run'}", "--set",
                "method=knn", "--set", "features.kind=logmel", "--set", "features.n_mels=8", "--set",
-               "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine", "--store", str(tmp_path / "store"),
-               "--out", str(out)])
+               "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine",
+               "--store", str(tmp_path / "store"), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("asd score: error: no space left on the device (No space left on device): "

@@ -422,7 +422,8 @@ def test_asd_score_builds_the_knn_model_when_missing(knn_store, capsys):
     cfg, store, _ = knn_store
     rc = main(["score", "--config", "tiny", "--no-mlflow", "--set", f"run_dir={cfg.run_dir}",
                "--set", "method=knn", "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
-               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine",
+               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none",
+               "--set", "knn.distance=cosine",
                "--store", str(store)])
     assert rc == 0
     run_dir = Path(cfg.run_dir)
@@ -439,7 +440,8 @@ def test_asd_score_keeps_its_results_when_mlflow_is_down(knn_store, dead_trackin
 
     cfg, store, _ = knn_store
     rc = main(["score", "--config", "tiny", "--set", f"run_dir={cfg.run_dir}", "--set", "method=knn",
-               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none", "--set", "knn.distance=cosine",
+               "--set", "knn.representation=statistics", "--set", "knn.normalisation=none",
+               "--set", "knn.distance=cosine",
                "--set", "features.kind=logmel", "--set", f"features.n_mels={N_MELS}",
                "--set", f"mlflow.tracking_uri={dead_tracking_uri}", "--store", str(store)])
     captured = capsys.readouterr()
