@@ -12,9 +12,11 @@ import os
 import time
 from pathlib import Path
 
+from pipelines.errors import UserError
 
-class LockBusy(RuntimeError):
-    """Another live process holds the lock."""
+
+class LockBusy(UserError):
+    """Another live process holds the lock (a user error: one line, exit 2)."""
 
 
 @contextlib.contextmanager
@@ -38,3 +40,14 @@ def exclusive_lock(path: Path, what: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+RUN_LOCK = "run.lock"  # in a run directory: held by the one command that writes it
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """One command that writes a run directory at a time (``asd run``, ``train``, ``score`` and
+    ``retrain`` train into and score from the same folders); a second one gets ``LockBusy``."""
+    with exclusive_lock(Path(run_dir) / RUN_LOCK, f"run directory {run_dir}"):
+        yield

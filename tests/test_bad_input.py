@@ -419,20 +419,24 @@ def test_the_served_model_refuses_odd_files_under_its_input_root(tmp_path, odd_f
 
 
 # ----------------------------------------------------------------------------- asd run
-def test_a_second_run_of_one_run_dir_stops_at_once_with_one_line(tmp_path):
-    from pipelines.operations.run import RUN_LOCK
+@pytest.mark.parametrize("command", ["run", "train", "score"])
+def test_a_second_command_on_one_run_dir_stops_at_once_with_one_line(tmp_path, command):
+    """`asd run`, `train` and `score` write the same folders of a run directory: one at a time."""
+    from pipelines.locks import RUN_LOCK
 
     run_dir = tmp_path / "run"
     with exclusive_lock(run_dir / RUN_LOCK, "the first run"):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipelines", "run", "--config", "tiny", "--set",
+        proc = subprocess.run([sys.executable, "-m", "pipelines", command, "--config", "tiny", "--set",
                                f"run_dir={run_dir}", "--set", f"data.root={tmp_path / 'data'}"],
                               capture_output=True, text=True, timeout=120, env=_cli_env())
         seconds = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines() == [f"asd run: error: run directory {run_dir} is in use by another command "
-                                        f"(pid {os.getpid()}, lock {run_dir / RUN_LOCK}); wait for it to finish"]
-    assert not (tmp_path / "data").exists() and not (run_dir / "stages").exists()  # nothing started
+    assert proc.stderr.splitlines() == [f"asd {command}: error: run directory {run_dir} is in use by another "
+                                        f"command (pid {os.getpid()}, lock {run_dir / RUN_LOCK}); wait for it "
+                                        "to finish"]
+    # nothing started: the run directory holds the lock and the command's log only
+    assert not (tmp_path / "data").exists() and {p.name for p in run_dir.iterdir()} <= {RUN_LOCK, "logs"}
     assert seconds < 60
 
 

@@ -123,11 +123,15 @@ def test_retrain_on_a_data_drop(tiny_pipeline, monkeypatch):
 
 
 def test_retrain_lock_prevents_overlap(tiny_pipeline):
+    from pipelines.locks import run_dir_lock
     from pipelines.operations.retrain import RetrainLocked, retrain, run_lock
 
     cfg, _ = tiny_pipeline
-    with run_lock(Path(cfg.run_dir) / "retrain.lock"):
+    with run_lock(Path(cfg.run_dir)):
         with pytest.raises(RetrainLocked):
+            retrain(cfg)
+    with run_dir_lock(Path(cfg.run_dir)):  # an `asd run`, `train` or `score` of the run directory
+        with pytest.raises(RetrainLocked, match="in use by another command"):
             retrain(cfg)
 
 

@@ -2,7 +2,8 @@
 
 A stage list over the same runner as ``asd run`` (pipelines.operations.runner):
 
-1. Take a lock (``<run_dir>/retrain.lock``) so two scheduled runs never overlap.
+1. Take the run directory's lock (``<run_dir>/run.lock``) so two scheduled runs never overlap,
+   nor a retraining and an ``asd run``, ``train`` or ``score`` of the same run directory.
 2. Diff the data tree against the feature-store manifest; no new clips (and no unfinished
    retraining to resume) -> "nothing to do", exit 0.
 3. ``extract`` only the new clips (the extraction is incremental).
@@ -47,7 +48,7 @@ from pipelines.serving import registry
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError
 from pipelines.stages.extract import pending_clips
-from pipelines.locks import LockBusy, exclusive_lock
+from pipelines.locks import LockBusy, run_dir_lock
 from pipelines.operations.run import extract_stage, freeze_eval_set, training_stages
 from pipelines.operations.runner import Stage, StageBook, StageContext, run_stages
 from pipelines.stages.score import ScoringResult, labelled_results, run_scoring
@@ -66,13 +67,16 @@ class RetrainLocked(RuntimeError):
 
 
 @contextlib.contextmanager
-def run_lock(path: Path):
-    """One retrain per run directory (released by the kernel when the process ends)."""
-    try:
-        with exclusive_lock(path, "the run directory's retrain lock"):
-            yield
+def run_lock(run_dir: Path):
+    """The run directory's lock, shared with ``asd run``, ``train`` and ``score`` (released by
+    the kernel when the process ends)."""
+    held = contextlib.ExitStack()
+    try:  # only a busy run directory is RetrainLocked, not a busy store met later
+        held.enter_context(run_dir_lock(run_dir))
     except LockBusy as err:
-        raise RetrainLocked(f"another retrain holds {path}; not starting a second one") from err
+        raise RetrainLocked(f"{err}; not starting a retraining") from err
+    with held:
+        yield
 
 
 def new_clips(cfg: PipelineConfig) -> list[str]:
@@ -223,7 +227,7 @@ def retrain_stages(cfg: PipelineConfig, work: Path, store: Path, tracking_uri: s
 
 def retrain(cfg: PipelineConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    with run_lock(run_dir / "retrain.lock"):
+    with run_lock(run_dir):
         work = run_dir / "retrain" / PENDING
         pending = new_clips(cfg)
         if not pending and not work.is_dir():

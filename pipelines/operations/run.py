@@ -6,7 +6,8 @@ parent run with a nested run per stage. Every stage records the digest of its in
 digest is unchanged and whose output exists is skipped, so re-running after a crash resumes
 instead of starting over (an interrupted training stage resumes from its last epoch
 checkpoint, because its Ray Train run name is derived from the same digest). One ``asd run``
-per run directory at a time (``<run_dir>/run.lock``, an ``flock``): a second one stops at once.
+per run directory at a time (``<run_dir>/run.lock``, an ``flock``, shared with ``asd train``,
+``asd score`` and ``asd retrain``): a second one stops at once.
 
 Each stage that runs records its wall time and the peak memory of the driver and every process
 it started (``peak_rss_mib``, :mod:`pipelines.monitor`) in the summary and its MLflow run.
@@ -26,7 +27,7 @@ from pipelines import console, detectors, tracking
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.detectors.base import Detector
 from pipelines.errors import UserError
-from pipelines.locks import LockBusy, exclusive_lock
+from pipelines.locks import run_dir_lock
 from pipelines.stages.extract import extract_from_config
 from pipelines.operations.runner import Stage, StageBook, StageContext, run_stages
 from pipelines.serving.registry import log_scoring
@@ -37,7 +38,6 @@ from pipelines.synth.generate import PRESETS, generate
 log = logging.getLogger(__name__)
 FROZEN_EVAL_SET = "frozen_eval_set.json"
 DATA_DIGEST_TAG = "data_manifest_digest"  # the feature-store manifest a run used (pipelines.store)
-RUN_LOCK = "run.lock"  # held by the one `asd run` of a run directory
 
 
 def ensure_data(cfg: PipelineConfig) -> Path:
@@ -140,11 +140,8 @@ def run_pipeline(cfg: PipelineConfig, *, force: list[str] | None = None) -> dict
         raise UserError(f"--force {', '.join(sorted(unknown))}: no such stage in this pipeline "
                         f"(stages: {', '.join(names)})")
     run_dir = Path(cfg.run_dir)
-    try:
-        with exclusive_lock(run_dir / RUN_LOCK, f"run directory {run_dir}"):
-            return _run_pipeline_locked(cfg, run_dir, force or [])
-    except LockBusy as err:  # two runs would train into and score from the same folders
-        raise UserError(str(err)) from err
+    with run_dir_lock(run_dir):  # two runs would train into and score from the same folders
+        return _run_pipeline_locked(cfg, run_dir, force or [])
 
 
 def _run_pipeline_locked(cfg: PipelineConfig, run_dir: Path, force: list[str]) -> dict:

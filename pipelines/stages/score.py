@@ -27,6 +27,7 @@ from asd.contracts import GROUND_TRUTH_DATA, SCORES_FILE, SCORING_MODEL_DIR, SEC
 from pipelines import detectors
 from pipelines.config import PipelineConfig, add_config_arguments, load_config
 from pipelines.errors import UserError, first_line, require_feature_store
+from pipelines.locks import run_dir_lock
 from pipelines.serving.pyfunc_model import load_scoring_sections, write_settings
 from pipelines.serving.registry import log_scoring
 from pipelines.store import load_split
@@ -173,9 +174,10 @@ def default_model_dir(cfg: PipelineConfig) -> Path:
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cfg.path("scoring")
-    result = ScoringResult.load(out, cfg.data.root) if args.register_only else _score(cfg, args, out)
-    if not args.no_mlflow:
-        _log_to_mlflow(cfg, result, args)
+    with run_dir_lock(cfg.run_dir):  # an `asd run` or `asd train` of the same run directory would race
+        result = ScoringResult.load(out, cfg.data.root) if args.register_only else _score(cfg, args, out)
+        if not args.no_mlflow:
+            _log_to_mlflow(cfg, result, args)
     return 0
 
 

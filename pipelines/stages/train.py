@@ -13,6 +13,7 @@ from pathlib import Path
 from pipelines import detectors
 from pipelines.config import add_config_arguments, load_config
 from pipelines.errors import UserError, require_feature_store
+from pipelines.locks import run_dir_lock
 
 
 def register(subparsers) -> None:
@@ -38,18 +39,19 @@ def main(args) -> int:
         raise UserError(f"--stage {args.stage}: method={cfg.method} has the stages {', '.join(detector.stage_names)}")
     if (args.out or args.init) and args.stage is None:
         raise UserError("--out and --init need --stage: each stage has its own model and starting point")
-    store = args.store or cfg.path(cfg.extract.store)
-    require_feature_store(store, cfg.features.version)
-    follows = {s.name: s.init for s in detector.stages(cfg)}
-    for stage in [args.stage] if args.stage else list(follows):
-        init = args.init
-        if init is None and follows.get(stage):
-            init = detector.model_dir(cfg, follows[stage])
-            if not (init / detector.weights_file).is_file():
-                raise UserError(f"{stage} starts from {init}, which holds no model: run "
-                                f"`asd train --stage {follows[stage]}` first (or change the config)")
-        out = Path(args.out) if args.out else detector.model_dir(cfg, stage)
-        model_dir = detector.fit(cfg, stage, store=store, out_dir=out, init_model=init)
-        print(f"{stage}: model written to {model_dir}")
-        print(json.dumps(detector.load(model_dir)[1].get("epochs")))
+    with run_dir_lock(cfg.run_dir):  # `asd run` or `asd score` of the same run directory would race
+        store = args.store or cfg.path(cfg.extract.store)
+        require_feature_store(store, cfg.features.version)
+        follows = {s.name: s.init for s in detector.stages(cfg)}
+        for stage in [args.stage] if args.stage else list(follows):
+            init = args.init
+            if init is None and follows.get(stage):
+                init = detector.model_dir(cfg, follows[stage])
+                if not (init / detector.weights_file).is_file():
+                    raise UserError(f"{stage} starts from {init}, which holds no model: run "
+                                    f"`asd train --stage {follows[stage]}` first (or change the config)")
+            out = Path(args.out) if args.out else detector.model_dir(cfg, stage)
+            model_dir = detector.fit(cfg, stage, store=store, out_dir=out, init_model=init)
+            print(f"{stage}: model written to {model_dir}")
+            print(json.dumps(detector.load(model_dir)[1].get("epochs")))
     return 0
