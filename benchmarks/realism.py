@@ -11,7 +11,8 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
   **untrained network** (random weights, batch norm at its initial statistics, the pipeline's
   scoring: windowed embeddings, minimum Mahalanobis distance to the attribute prototypes);
 * the **spectral kNN** with the cosine distance (power 0.5; the pipeline's default until the standardised
-  Euclidean distance replaced it, benchmarks/spectral_variants.py), for the ranking;
+  Euclidean distance replaced it, benchmarks/spectral_variants.py), for the ranking, and with the
+  standardised Euclidean distance (**spectral kNN, standardised**: the default since);
 * spreads of ``v`` in dB (root mean square distances): **within** an attribute class (normal
   training clips to their class mean), **between** attribute classes (class means to the
   section's source mean), the **anomaly shift** (the excess spread of the test anomalies about
@@ -25,6 +26,11 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
 
     .venv/bin/python benchmarks/realism.py --out benchmarks/results/realism             # real + every preset
     .venv/bin/python benchmarks/realism.py --tree /data/dcase2023 --name "my data"       # any DCASE tree
+    .venv/bin/python benchmarks/realism.py --data-seeds 2026 1 2 3 4 --synthetic shift   # the draw's spread
+
+``--data-seeds`` generates each synthetic preset/regime once per data seed and measures the floors
+that need no training (kNN floor, both spectral kNNs) and the statistics on each draw, into
+``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw.
 
 Writes ``<out>/realism.json`` and ``<out>/realism.md``; resumable (datasets already measured
 with the same settings are kept unless ``--redo``). The real folder is skipped with a message
@@ -63,7 +69,7 @@ LOGMEL = FeatureConfig(kind="librosa_logmel")
 INVERTED = FeatureConfig(kind="inverted_logmel")
 SPECTRUM = FeatureConfig(kind="spectrum")
 STATS = ["anomaly/within", "anomaly/between", "domain/anomaly", "frame-to-frame dB", "flatness", "level spread dB"]
-FLOORS = ["kNN floor", "AE recipe", "untrained network", "spectral kNN"]
+FLOORS = ["kNN floor", "AE recipe", "untrained network", "spectral kNN", "spectral kNN, standardised"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -115,9 +121,9 @@ def knn_floor(train: list[dict], test: list[dict]) -> np.ndarray:
     return nearest_cosine_distance(q, ref)[0].numpy()
 
 
-def spectral_knn(train: list[dict], test: list[dict]) -> np.ndarray:
+def spectral_knn(train: list[dict], test: list[dict], distance: str = "cosine") -> np.ndarray:
     ref = batch_clip_statistics([c["spectrum"] for c in train], "spectrum_shape")
-    model = fit_knn_section(ref, [c["meta"].domain for c in train], [""] * len(train), "local", 0.5, 0.9)
+    model = fit_knn_section(ref, [c["meta"].domain for c in train], [""] * len(train), "local", 0.5, 0.9, distance)
     return model.score(batch_clip_statistics([c["spectrum"] for c in test], "spectrum_shape"))[0].numpy()
 
 
@@ -219,6 +225,8 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
         train, test = parts(group)
         results["kNN floor"].append(result(machine, section, test, knn_floor(train, test)))
         results["spectral kNN"].append(result(machine, section, test, spectral_knn(train, test)))
+        results["spectral kNN, standardised"].append(
+            result(machine, section, test, spectral_knn(train, test, "standardised_euclidean")))
         if untrained:
             results["untrained network"].append(result(machine, section, test, untrained_network(train, test, seed)))
         if ae is not None:
@@ -243,17 +251,19 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
 # ----------------------------------------------------------------------------- datasets
 
 
-def synthetic_trees(work: Path, names: list[str], seed: int) -> dict[str, Path]:
-    """The ``demo`` preset and the robustness regimes, generated once under ``work``."""
+def synthetic_trees(work: Path, names: list[str], seed: int, data_seed: int | None = None) -> dict[str, Path]:
+    """The ``demo`` preset and the robustness regimes, generated once under ``work``: a preset with
+    ``seed``, a regime with the suite's data seed, both with ``data_seed`` when it is given."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from robustness import DATA_SEED, REGIMES  # noqa: E402  (benchmarks/ is not a package)
 
     from pipelines.synth.generate import PRESETS, generate
     trees = {}
     for name in names:
-        preset, data_seed = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
-        root = work / "synth" / name
-        generate(replace(preset), root, seed=data_seed)
+        preset, drawn = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
+        drawn = drawn if data_seed is None else data_seed
+        root = work / "synth" / (name if data_seed is None else f"{name}-data-seed-{data_seed}")
+        generate(replace(preset), root, seed=drawn)
         trees[f"synthetic {name}"] = root
     return trees
 
@@ -312,6 +322,38 @@ def spectrogram_picture(trees: dict[str, Path], out: Path, machine: str = "ToyCa
     return out
 
 
+SPREAD_COLUMNS = ["kNN floor", "spectral kNN", "spectral kNN, standardised", "anomaly/within", "domain/anomaly"]
+
+
+def over_data_seeds(work: Path, names: list[str], seeds: list[int]) -> dict[str, dict[str, dict]]:
+    """Name -> data seed -> the training-free floors and the statistics of that draw."""
+    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    for data_seed in seeds:
+        for name, root in synthetic_trees(work, names, 0, data_seed).items():
+            print(f"realism: {name}, data seed {data_seed} ...", flush=True)
+            rows[name][str(data_seed)] = measure(root, ae_epochs=0, seed=0, untrained=False)
+    return dict(rows)
+
+
+def spread_table(rows: dict[str, dict[str, dict]]) -> str:
+    """Floors: mean (min .. max) over data seeds; ratios: median (min .. max), as a draw whose
+    anomalies spread no more than its normals has an infinite domain / anomaly; the lead of the
+    standardised spectral kNN over the floor on its worst draw."""
+    lines = ["| dataset | data seeds | " + " | ".join(c if c in FLOORS else f"{c} (median)" for c in SPREAD_COLUMNS)
+             + " | standardised - floor, worst draw |",
+             "|---|---|" + "---|" * (len(SPREAD_COLUMNS) + 1)]
+    for name, by_seed in rows.items():
+        cells = []
+        for col in SPREAD_COLUMNS:
+            v = np.array([r[col] for r in by_seed.values()], dtype=float)
+            fmt = "{:.1f}" if col in FLOORS else "{:.2f}"
+            centre = v.mean() if col in FLOORS else np.median(v)
+            cells.append(f"{fmt.format(centre)} ({fmt.format(v.min())} .. {fmt.format(v.max())})")
+        lead = min(r["spectral kNN, standardised"] - r["kNN floor"] for r in by_seed.values())
+        lines.append(f"| {name} | {', '.join(by_seed)} | " + " | ".join(cells) + f" | {lead:+.1f} |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict]) -> str:
     cols = [*FLOORS, *STATS, "within dB", "between dB", "anomaly dB", "domain dB"]
     lines = ["| dataset | clips | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -319,6 +361,11 @@ def table(rows: dict[str, dict]) -> str:
         cells = [f"{r[c]:.1f}" if c in FLOORS and c in r else (f"{r[c]:.2f}" if c in r else "—") for c in cols]
         lines.append(f"| {name} | {r['clips']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def commit_id() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,12 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100; 0 skips the AE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redo", action="store_true", help="measure datasets already in realism.json again")
+    p.add_argument("--data-seeds", type=int, nargs="+", default=None,
+                   help="measure the training-free floors of each synthetic dataset over these data seeds "
+                        "(writes data_seeds.{json,md}; nothing else is measured)")
     p.add_argument("--picture", type=Path, default=None,
                    help="also draw real and synthetic ToyCar spectrograms side by side into this PNG")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     work = a.work or a.out / "work"
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.data_seeds:
+        spread = over_data_seeds(work, a.synthetic, a.data_seeds)
+        (a.out / "data_seeds.json").write_text(json.dumps({"machine": platform.platform(), "commit": commit_id(),
+                                                           "date": time.strftime("%Y-%m-%d"), "rows": spread}, indent=1))
+        (a.out / "data_seeds.md").write_text(spread_table(spread) + "\n")
+        print(spread_table(spread))
+        return 0
     trees = dataset_trees(work, a.synthetic, not a.no_real, a.seed)
     for i, t in enumerate(a.tree):
         trees[a.name[i] if i < len(a.name) else str(t)] = t
@@ -354,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"realism: {name} ...", flush=True)
         rows[name] = measure(root, a.ae_epochs, a.seed)
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), "commit": commit,
+        path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), "commit": commit_id(),
                                     "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
         print(table({name: rows[name]}), flush=True)
     (a.out / "realism.md").write_text(table(rows) + "\n")

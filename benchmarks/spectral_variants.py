@@ -25,7 +25,9 @@ label; ``--resamples``) of its difference to the default: the 5-95 % interval an
 
     .venv/bin/python benchmarks/spectral_variants.py --out benchmarks/results/spectral-variants
 
-Writes ``<out>/variants.json`` and ``<out>/variants.md``. The real folder is skipped with a message
+Writes ``<out>/variants.json`` and ``<out>/variants.md``, which opens with how well each synthetic
+dataset ranks the variants as the real folder does (Spearman and Kendall rank correlation of their
+official scores; ``--report-only`` rewrites it from the json). The real folder is skipped with a message
 when absent; the synthetic regimes are generated under ``<out>/work`` (or ``--work``).
 """
 
@@ -202,6 +204,35 @@ def table(name: str, m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rank_agreement(rows: dict[str, dict], reference: str) -> str:
+    """Per dataset: rank correlation of the variants' official scores with ``reference``'s, and
+    whether the reference's best variant is among the dataset's five best (and vice versa)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    ref = rows[reference]["variants"]
+    best = max(ref, key=lambda k: ref[k]["Overall"])
+    lines = [f"### Rank agreement with {reference}", "",
+             "| dataset | variants | Spearman | Kendall | its best variant | rank of it on the real folder "
+             "| rank here of the real folder's best |", "|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        if name == reference:
+            continue
+        v = m["variants"]
+        keys = [k for k in ref if k in v]
+        a, b = [ref[k]["Overall"] for k in keys], [v[k]["Overall"] for k in keys]
+        order_ref = sorted(keys, key=lambda k: -ref[k]["Overall"])
+        order_here = sorted(keys, key=lambda k: -v[k]["Overall"])
+        lines.append(f"| {name} | {len(keys)} | {spearmanr(a, b)[0]:.2f} | {kendalltau(a, b)[0]:.2f} | "
+                     f"{order_here[0].replace(' | ', ', ')} | {order_ref.index(order_here[0]) + 1} | {order_here.index(best) + 1} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(rows: dict[str, dict]) -> str:
+    real = [n for n in rows if n.startswith("real ")]
+    return "# Spectral kNN variants (benchmarks/spectral_variants.py)\n\n" + "\n".join(
+        ([rank_agreement(rows, real[0])] if real else []) + [table(n, m) for n, m in rows.items()])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "spectral-variants")
@@ -210,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
     p.add_argument("--resamples", type=int, default=100, help="bootstrap resamples of the test clips")
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (the detectors are deterministic)")
+    p.add_argument("--report-only", action="store_true", help="rewrite variants.md from variants.json")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     work = a.work or a.out / "work"
     a.out.mkdir(parents=True, exist_ok=True)
-    trees = dataset_trees(work, a.synthetic, not a.no_real, 0)
     path = a.out / "variants.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     rows = saved.get("rows", {}) if saved.get("resamples") == a.resamples else {}
+    trees = {} if a.report_only else dataset_trees(work, a.synthetic, not a.no_real, 0)
     for name, root in trees.items():
         if name not in rows:
             print(f"spectral variants: {name} ...", flush=True)
@@ -227,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps({"resamples": a.resamples, "machine": platform.platform(), "commit": commit,
                                         "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
         print(table(name, rows[name]), flush=True)
-    text = "# Spectral kNN variants (benchmarks/spectral_variants.py)\n\n" + "\n".join(
-        table(n, m) for n, m in rows.items())
-    (a.out / "variants.md").write_text(text)
+    (a.out / "variants.md").write_text(report(rows))
     return 0
 
 
