@@ -212,8 +212,8 @@ def rank_agreement(rows: dict[str, dict], reference: str) -> str:
     ref = rows[reference]["variants"]
     best = max(ref, key=lambda k: ref[k]["Overall"])
     lines = [f"### Rank agreement with {reference}", "",
-             "| dataset | variants | Spearman | Kendall | its best variant | rank of it on the real folder "
-             "| rank here of the real folder's best |", "|---|---|---|---|---|---|---|"]
+             "| dataset | variants | Spearman | Kendall | its best variant | rank of it on the reference "
+             "| rank here of the reference's best |", "|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         if name == reference:
             continue
@@ -223,7 +223,8 @@ def rank_agreement(rows: dict[str, dict], reference: str) -> str:
         order_ref = sorted(keys, key=lambda k: -ref[k]["Overall"])
         order_here = sorted(keys, key=lambda k: -v[k]["Overall"])
         lines.append(f"| {name} | {len(keys)} | {spearmanr(a, b)[0]:.2f} | {kendalltau(a, b)[0]:.2f} | "
-                     f"{order_here[0].replace(' | ', ', ')} | {order_ref.index(order_here[0]) + 1} | {order_here.index(best) + 1} |")
+                     f"{order_here[0].replace(' | ', ', ')} | {order_ref.index(order_here[0]) + 1} | "
+                     f"{order_here.index(best) + 1 if best in order_here else '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "variants.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    rows = saved.get("rows", {}) if saved.get("resamples") == a.resamples else {}
+    if a.report_only and not saved:
+        raise SystemExit(f"{path}: no results to report")
+    rows = saved.get("rows", {}) if a.report_only or saved.get("resamples") == a.resamples else {}
     trees = {} if a.report_only else dataset_trees(work, a.synthetic, not a.no_real, 0)
     for name, root in trees.items():
         if name not in rows:

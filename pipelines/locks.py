@@ -1,4 +1,4 @@
-"""Exclusive, non-blocking file locks: one writer per store, one retrain per run directory.
+"""Exclusive, non-blocking file locks: one writer per store, one writing command per run directory.
 
 ``flock`` locks belong to the open file, so the kernel releases them when the holder dies,
 even on ``kill -9``: a crashed command never leaves a stale lock behind.
@@ -49,5 +49,11 @@ RUN_LOCK = "run.lock"  # in a run directory: held by the one command that writes
 def run_dir_lock(run_dir: Path):
     """One command that writes a run directory at a time (``asd run``, ``train``, ``score`` and
     ``retrain`` train into and score from the same folders); a second one gets ``LockBusy``."""
-    with exclusive_lock(Path(run_dir) / RUN_LOCK, f"run directory {run_dir}"):
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(exclusive_lock(Path(run_dir) / RUN_LOCK, f"run directory {run_dir}"))
+    except OSError as err:  # read-only, or a file where the folder should be: one line, not a traceback
+        raise UserError(f"run directory {run_dir}: cannot create its lock ({err.strerror}); "
+                        "set run_dir to a folder you can write") from err
+    with held:
         yield

@@ -440,6 +440,31 @@ def test_a_second_command_on_one_run_dir_stops_at_once_with_one_line(tmp_path, c
     assert seconds < 60
 
 
+def test_a_retrain_beside_another_command_of_its_run_dir_exits_3_with_one_line(tmp_path):
+    """A scheduled retraining that finds the run directory busy skips this round (exit 3)."""
+    from pipelines.locks import RUN_LOCK
+
+    run_dir = tmp_path / "run"
+    with exclusive_lock(run_dir / RUN_LOCK, "an asd run"):
+        proc = subprocess.run([sys.executable, "-m", "pipelines", "retrain", "--config", "tiny", "--set",
+                               f"run_dir={run_dir}", "--set", f"data.root={tmp_path / 'data'}"],
+                              capture_output=True, text=True, timeout=120, env=_cli_env())
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines() == [f"retrain: run directory {run_dir} is in use by another command "
+                                        f"(pid {os.getpid()}, lock {run_dir / RUN_LOCK}); wait for it to finish; "
+                                        "not starting a retraining"]
+
+
+def test_a_run_dir_that_cannot_hold_its_lock_is_one_user_error(tmp_path):
+    from pipelines.errors import UserError
+    from pipelines.locks import run_dir_lock
+
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(UserError, match="cannot create its lock .*set run_dir to a folder you can write"):
+        with run_dir_lock(tmp_path / "a file" / "run"):
+            pass
+
+
 def test_a_stage_record_on_a_full_disk_is_one_error_naming_it_and_the_old_record_stays(tmp_path):
     """The kernel's own ENOSPC: the record's temporary name is a link to /dev/full, whose writes fail so."""
     from pipelines.operations.runner import StageBook

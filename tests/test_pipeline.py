@@ -127,7 +127,7 @@ def test_retrain_lock_prevents_overlap(tiny_pipeline):
     from pipelines.operations.retrain import RetrainLocked, retrain, run_lock
 
     cfg, _ = tiny_pipeline
-    with run_lock(Path(cfg.run_dir)):
+    with run_lock(Path(cfg.run_dir)):  # another retraining
         with pytest.raises(RetrainLocked):
             retrain(cfg)
     with run_dir_lock(Path(cfg.run_dir)):  # an `asd run`, `train` or `score` of the run directory
