@@ -130,7 +130,9 @@ def segment_scores(train: list[dict], test: list[dict], front: str, f) -> np.nda
     among = cosine_distances(ref, ref)
     among[owner[:, None] == owner[None, :]] = float("inf")  # a segment's radius comes from other clips
     r = among.min(dim=1).values
-    r = torch.where(torch.isfinite(r) & (r > 0), r, r[torch.isfinite(r) & (r > 0)].median())
+    valid = torch.isfinite(r) & (r > 0)
+    # one training clip has no other clip to take a radius from: its segments go unscaled
+    r = torch.where(valid, r, r[valid].median() if valid.any() else torch.ones((), dtype=r.dtype))
     out = []
     for c in test:
         q = torch.stack([f(s) for s in segments(c[front])])
