@@ -149,10 +149,18 @@ def best_effort(what: str, call, *args, **kwargs):
         return None
 
 
+def record_outage(what: str, err: BaseException) -> str:
+    """Remember an MLflow failure that the caller reports itself (the first one of this command
+    stands), so that later MLflow calls of the command are skipped in silence; returns it."""
+    if not _outage:
+        _outage.append(f"{what}: {first_line(err)}")
+    return _outage[0]
+
+
 def _failed(what: str, err: BaseException) -> None:
     """Remember the first MLflow failure of this command and say it, in one line."""
     if not _outage:
-        _outage.append(f"{what}: {first_line(err)}")
+        record_outage(what, err)
         log.warning("warning: MLflow failed while %s (%s); going on without MLflow, every result stays on disk",
                     what, first_line(err))
 

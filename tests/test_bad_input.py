@@ -565,6 +565,68 @@ def test_an_mlflow_server_killed_while_asd_run_trains_loses_no_stage_and_no_resu
     assert again["mlflow_outage"] is None
 
 
+@pytest.mark.slow
+def test_an_mlflow_server_killed_while_asd_retrain_trains_keeps_the_retraining_for_the_next_attempt(
+        tmp_path, ray_session, monkeypatch, capsys):
+    """A real ``mlflow server`` killed the moment the retraining's kNN is fitted: the challenger
+    cannot be registered or compared, so ``asd retrain`` stops with one line naming the failure
+    and where the finished stages are kept; with the server back (same state, a new port) the
+    next ``asd retrain`` resumes at the challenger and registers one version."""
+    import mlflow
+    from conftest import serve_mlflow
+    from pipelines import detectors
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from pipelines.operations.retrain import PENDING, retrain
+    from pipelines.operations.run import run_pipeline
+    from pipelines.synth.generate import add_drop
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # recorded, so teardown also undoes what the pipeline sets
+        monkeypatch.delenv(name)
+    run_dir, settings = tmp_path / "run", [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *KNN_RUN,
+                                           "mlflow.experiment=asd-retrain-outage",
+                                           "mlflow.registered_model=asd-retrain-outage"]
+    knn = detectors.get("knn")
+    real_fit = knn.fit
+
+    def then_kill_the_server(*args, **kwargs):
+        out = real_fit(*args, **kwargs)
+        os.killpg(int((tmp_path / "mlflow" / "server.pid").read_text()), signal.SIGKILL)
+        return out
+
+    server = serve_mlflow(tmp_path / "mlflow")
+    try:
+        uri = next(server)
+        run_pipeline(load_config("tiny", [*settings, f"mlflow.tracking_uri={uri}"]))
+        add_drop(tmp_path / "data", "target", count=1, seed=3)
+        monkeypatch.setattr(knn, "fit", then_kill_the_server)
+        capsys.readouterr()
+        rc = main(["retrain", "--config", "tiny", *(x for o in [*settings, f"mlflow.tracking_uri={uri}"]
+                                                    for x in ("--set", o))])
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    pending = run_dir / "retrain" / PENDING
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("asd retrain: error: MLflow failed (")
+    assert f"the retraining's finished stages are kept in {pending}: run `asd retrain` again" in err
+    assert {f.stem for f in (pending / "stages").glob("*.json")} == {"extract", "knn"}
+
+    monkeypatch.setattr(knn, "fit", real_fit)
+    server = serve_mlflow(tmp_path / "mlflow")  # the same backend store, on a new port
+    try:
+        uri = next(server)
+        again = retrain(load_config("tiny", [*settings, f"mlflow.tracking_uri={uri}"]))
+        versions = mlflow.MlflowClient().search_model_versions("name = 'asd-retrain-outage'")
+    finally:
+        server.close()
+    assert again["stages"]["knn"].get("skipped") is True and again["stages"]["extract"]["extracted"] == 0
+    assert again["version"] == "2" and sorted(int(v.version) for v in versions) == [1, 2]
+    assert not pending.exists() and (run_dir / "retrain").is_dir()
+
+
 # ----------------------------------------------------------------------------- killed mid-way
 def _descendants(pid: int) -> list:
     import psutil

@@ -166,6 +166,14 @@ def promotes(challenger_score: float | None, champion_score: float, tolerance: f
     return challenger_score is not None and not champion_score > challenger_score + tolerance
 
 
+def registry_unavailable(work: Path, outage: str) -> tracking.TrackingUnavailable:
+    """The one line for a retraining that cannot reach the registry to decide: what failed, and
+    that the work done stays for the next attempt."""
+    return tracking.TrackingUnavailable(
+        f"MLflow failed ({outage}); the retraining's finished stages are kept in {work}: run `asd retrain` "
+        "again once MLflow answers, it resumes at the challenger")
+
+
 # ----------------------------------------------------------------------------- the stages
 def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work: Path, retraining: dict) -> Stage:
     """Score the new model on the frozen evaluation set, register it (once per retraining), and
@@ -178,6 +186,14 @@ def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work:
         frozen = set(freeze_eval_set(Path(cfg.run_dir), result.scores["path"].tolist()))
         on_frozen = result.scores[result.scores["path"].isin(frozen)]
         frozen_result = ScoringResult(result.scores, result.sections, labelled_results(on_frozen), result.out_dir)
+        if tracking.outage():  # an earlier stage went on without MLflow: the decision needs the registry
+            raise registry_unavailable(work, tracking.outage())
+        try:
+            return decide(frozen_result, on_frozen, data_digest)
+        except tracking.MLFLOW_ERRORS as err:
+            raise registry_unavailable(work, tracking.record_outage("deciding on the challenger", err)) from err
+
+    def decide(frozen_result: ScoringResult, on_frozen, data_digest: str) -> dict:
         challenger_score = frozen_result.official_score
         version, run_id = register_once(cfg, frozen_result, retraining)
         champion = champion_version(name)
@@ -240,13 +256,12 @@ def retrain(cfg: PipelineConfig) -> dict:
         print(f"retrain: {new} new clip(s)" + (" (resuming an interrupted retraining)" if resumed else ""))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         store = cfg.path(cfg.extract.store)
-        with mlflow.start_run(run_name=f"retrain-{stamp}") as parent:
-            mlflow.log_params(tracking.flatten(cfg.to_dict()))
-            mlflow.set_tags({"retrain.id": retraining["id"], "retrain.parent_version": retraining["parent_version"]})
+        with tracking.tolerant_run(f"retrain-{stamp}", params=cfg.to_dict(), tags={
+                "retrain.id": retraining["id"], "retrain.parent_version": retraining["parent_version"]}) as parent_id:
             stages = run_stages(retrain_stages(cfg, work, store, uri, retraining), StageBook(work))
             summary = {**stages["challenger"], "new_clips": new,
                        "extracted": extracted_clips(store, cfg, retraining["clips"]),
-                       "run_id": parent.info.run_id, "stages": stages}
+                       "run_id": parent_id, "stages": stages}
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         work.rename(run_dir / "retrain" / stamp)
         print(f"retrain: version {summary['version']} {summary['status']} "
