@@ -186,8 +186,8 @@ def challenger_stage(cfg: PipelineConfig, model_stage: Stage, store: Path, work:
         frozen = set(freeze_eval_set(Path(cfg.run_dir), result.scores["path"].tolist()))
         on_frozen = result.scores[result.scores["path"].isin(frozen)]
         frozen_result = ScoringResult(result.scores, result.sections, labelled_results(on_frozen), result.out_dir)
-        if tracking.outage():  # an earlier stage went on without MLflow: the decision needs the registry
-            raise registry_unavailable(work, tracking.outage())
+        if (earlier := tracking.outage()) is not None:  # a stage went on without MLflow; the decision needs it
+            raise registry_unavailable(work, earlier)
         try:
             return decide(frozen_result, on_frozen, data_digest)
         except tracking.MLFLOW_ERRORS as err:
