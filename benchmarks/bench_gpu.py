@@ -2,8 +2,8 @@
 model FLOPs utilisation, the paper's full schedule at DCASE 2022 size, and checks that the GPU
 path computes what the CPU path computes.
 
-    python benchmarks/bench_gpu.py --out results.json            # on a machine with a GPU
-    .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick  # the same code on a CPU
+    PYTHONPATH=. python benchmarks/bench_gpu.py --out results.json   # on a machine with a GPU
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick     # the same code on a CPU
 
 Imports torch and ``asd`` only (no Ray, no MLflow), so it runs wherever PyTorch does; the stages
 are the pipeline's own library calls (``asd.training.epoch_prototypes`` and ``train_epoch``, the
@@ -187,7 +187,15 @@ def checks(device: str) -> dict:
     one step's gradients in each mode, and a learnable task trained in bf16 + channels-last."""
     if device == "cpu":
         return {}
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 here
+    try:
+        return _checks(device)
+    finally:  # the throughput cells measure torch's defaults
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _checks(device: str) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, 128, 313, generator=g)
     cpu_model = make_model(16, "cpu", False).eval()
