@@ -33,6 +33,7 @@ from ray.train.torch import TorchTrainer
 from asd.training import Workers
 from pipelines.config import PipelineConfig
 from pipelines.console import EpochProgress
+from pipelines.errors import NO_SPACE
 from pipelines import ray_runtime
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,21 @@ class EpochReporter:
             self.progress = None  # one warning, not one per epoch
 
 
+def no_space_behind(err: BaseException) -> OSError | None:
+    """The full disk (or quota) behind a failed training run, if a worker's error was one: a
+    checkpoint or model written on a full device fails in the worker, and Ray Train reports it
+    wrapped in a ``WorkerGroupError`` with its own traceback."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        seen: set[int] = set()
+        cause: BaseException | None = failure
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+                return cause
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def fit(cfg: PipelineConfig, loop: Callable[[dict], None], loop_cfg: dict, *, stage: str, epochs: int,
         run_name: str, use_gpu: bool = False) -> ray.train.Result:
     """Run ``loop`` on ``train.num_workers`` Ray Train workers with a progress bar; return the
@@ -155,7 +171,13 @@ def fit(cfg: PipelineConfig, loop: Callable[[dict], None], loop_cfg: dict, *, st
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     with progress:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            full = no_space_behind(err)
+            if full is None:
+                raise
+            raise full from None  # the CLI's one line: no space left on the device (pipelines/cli.py)
     if result.checkpoint is None:
         raise RuntimeError(f"{stage} finished without a checkpoint: {result.error}")
     return result

@@ -121,3 +121,37 @@ def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, 
     assert meta["epochs"] == cfg.pretrain.epochs
     uninterrupted = _history(pretrained)["loss"].iloc[:4].tolist()
     assert hist["loss"].tolist() == uninterrupted
+
+
+@dataclass(frozen=True)
+class DiskFullAt:
+    """Epoch callback: rank 0 writes to /dev/full at the start of ``epoch``, the kernel's own
+    ENOSPC raised inside a training worker, as a checkpoint written on a full disk raises it."""
+
+    epoch: int
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if (epoch, rank) == (self.epoch, 0):
+            with open("/dev/full", "wb") as f:
+                f.write(b"checkpoint")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_in_a_training_worker_reaches_the_cli_as_the_full_disk(tiny_store, tmp_path):
+    """Ray Train reports a worker's error as a WorkerGroupError with its traceback; a full disk
+    behind it is raised as the OSError itself, which the CLI turns into its one line (tested in
+    test_bad_input.py)."""
+    import errno
+
+    import ray.train
+
+    from pipelines.detectors.prototype import run_training
+
+    cfg, store = tiny_store
+    cfg.pretrain.epochs, cfg.pretrain.lr_milestones, cfg.train.max_failures = 2, [], 0
+    with pytest.raises(OSError) as info:
+        run_training(cfg, "pretrain", store=store, out_dir=tmp_path / "model", run_name="disk-full",
+                     callbacks=[DiskFullAt(epoch=1)])
+    assert info.value.errno == errno.ENOSPC
+    assert not isinstance(info.value, ray.train.TrainingFailedError)
+    assert not (tmp_path / "model").exists()  # no model from a failed run
