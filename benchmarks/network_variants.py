@@ -108,9 +108,10 @@ def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: s
 
 
 def report(out: Path) -> str:
-    runs = []
+    runs, data = [], set()
     for path in sorted(out.glob("variants-seed*.json")):
         saved = json.loads(path.read_text())
+        data.add(Path(saved["data"]).name)
         for name, res in saved["variants"].items():
             runs.append({"variant": name, "seed": saved["seed"], "classes": res["classes"],
                          "peak": max(p["Overall"] for p in res["curve"][1:]), **res["final"]})
@@ -119,7 +120,7 @@ def report(out: Path) -> str:
                              "classes": res["classes"], "peak": float("nan"),
                              **res["final, whole-clip test embeddings"]})
     df = pd.DataFrame(runs)
-    lines = ["Fine-tuning from scratch on the real ToyCar folder, one change at a time; official score and its parts "
+    lines = [f"Fine-tuning from scratch on {', '.join(sorted(data))}, one change at a time; official score and its parts "
              "after the last epoch in %, mean ± std over the seeds run; \"best epoch\": the highest official score "
              "along the curve (chosen on the test clips: an optimistic bound, not a result).\n",
              "| variant | classes | seeds | Overall | Source AUC | Target AUC | pAUC | best epoch |",
