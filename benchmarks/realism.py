@@ -33,7 +33,8 @@ that need no training (kNN floor, both spectral kNNs) and the statistics on each
 ``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw.
 
 Writes ``<out>/realism.json`` and ``<out>/realism.md``; resumable (datasets already measured
-with the same settings are kept unless ``--redo``). The real folder is skipped with a message
+with the same settings are kept; ``--redo`` measures the datasets named in this call again, and
+rows of other datasets stay); every row records its commit and date. The real folder is skipped with a message
 when absent.
 """
 
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
     p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100; 0 skips the AE")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--redo", action="store_true", help="measure datasets already in realism.json again")
+    p.add_argument("--redo", action="store_true",
+                   help="measure the datasets named now again, even when realism.json has them (others are kept)")
     p.add_argument("--data-seeds", type=int, nargs="+", default=None,
                    help="measure the training-free floors of each synthetic dataset over these data seeds "
                         "(writes data_seeds.{json,md}; nothing else is measured)")
@@ -389,10 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     work = a.work or a.out / "work"
     a.out.mkdir(parents=True, exist_ok=True)
+    stamp = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d")}  # per row: a file mixes runs
     if a.data_seeds:
-        spread = over_data_seeds(work, a.synthetic, a.data_seeds)
-        (a.out / "data_seeds.json").write_text(json.dumps({"machine": platform.platform(), "commit": commit_id(),
-                                                           "date": time.strftime("%Y-%m-%d"), "rows": spread}, indent=1))
+        spread_path = a.out / "data_seeds.json"
+        saved = json.loads(spread_path.read_text()) if spread_path.is_file() else {}
+        spread = saved.get("rows", {})  # datasets not measured now keep their rows
+        for name, by_seed in over_data_seeds(work, a.synthetic, a.data_seeds).items():
+            spread[name] = {seed: {**row, **stamp} for seed, row in by_seed.items()}
+        spread_path.write_text(json.dumps({"machine": platform.platform(), **stamp, "rows": spread}, indent=1))
         (a.out / "data_seeds.md").write_text(spread_table(spread) + "\n")
         print(spread_table(spread))
         return 0
@@ -405,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / "realism.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     settings = {"ae_epochs": a.ae_epochs, "seed": a.seed}
-    rows = {k: v for k, v in saved.get("rows", {}).items() if saved.get("settings") == settings and not a.redo}
+    rows = {k: v for k, v in saved.get("rows", {}).items() if saved.get("settings") == settings}
     for name, root in trees.items():
-        if "spectral kNN, standardised" in rows.get(name, {}):  # rows before that column are measured again
+        if "spectral kNN, standardised" in rows.get(name, {}) and not a.redo:  # older rows lack that column
             continue
         print(f"realism: {name} ...", flush=True)
-        rows[name] = measure(root, a.ae_epochs, a.seed)
-        path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), "commit": commit_id(),
-                                    "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+        rows[name] = {**measure(root, a.ae_epochs, a.seed), **stamp}
+        path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), **stamp, "rows": rows},
+                                   indent=1))
         print(table({name: rows[name]}), flush=True)
     (a.out / "realism.md").write_text(table(rows) + "\n")
     print(table(rows))

@@ -7,7 +7,9 @@ parameters (resonances, speeds, background, microphone path) are drawn from a ha
 
 * ``imbalanced``: the real data's imbalance, 300 source : 10 target training clips per section;
 * ``unseen``: other machine types than the imbalanced regime, fresh physics, 100 : 10;
-* ``shift``: a strong domain shift, the target machine 9 dB further under the factory noise, 100 : 5;
+* ``shift``: a strong domain shift, the target machine 5 dB further under the factory noise, 100 : 5
+  (9 dB until 2026-12-04: with the generator as hard as real sound that put the kNN floor 11.6
+  points under the real folder's, beyond the 10 issue 22 allows; 6 dB still 10.2, 5 dB 8.8);
 * ``few``: very few training clips, 25 source + 5 target per section.
 
 Editing a regime needs a fresh ``--out``: the generator keeps clips that exist.
@@ -51,7 +53,7 @@ REGIMES: dict[str, SynthPreset] = {
                           seconds=SECONDS, source_train=100, target_train=10, test_per_group=25),
     "shift": SynthPreset("shift", machines=("valve", "ToyTrain"), dev_sections=("21", "26"),
                          seconds=SECONDS, source_train=100, target_train=5, test_per_group=25,
-                         target_snr_offset_db=-9.0),
+                         target_snr_offset_db=-5.0),
     "few": SynthPreset("few", machines=("ToyCar", "gearbox", "valve"), dev_sections=("61", "64"),
                        seconds=SECONDS, source_train=25, target_train=5, test_per_group=25),
 }
