@@ -32,12 +32,18 @@ COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
 
 
 def evaluate(model, cfg, train, test) -> dict:
-    """The scoring job's official score and AUCs of ``model`` (an EmbeddingNet) on the store."""
+    """The scoring job's official score and AUCs of ``model`` (an EmbeddingNet) on the store, and
+    with several machine types each type's official score (which machines carry the overall)."""
     model.eval()
     sections = fit_sections(train.meta, embed_table(model, train, cfg, use_ray=False), cfg)
     scored = score_clips(test.meta, embed_table(model, test, cfg, use_ray=False), sections)
-    row = M.paper_row(labelled_results(scored), method="")
-    return {k: float(row[k]) for k in COLUMNS}
+    results = labelled_results(scored)
+    row = M.paper_row(results, method="")
+    out = {k: float(row[k]) for k in COLUMNS}
+    machines = sorted({r.machine for r in results})
+    if len(machines) > 1:
+        out["per machine type"] = {m: M.official_score([r for r in results if r.machine == m]) for m in machines}
+    return out
 
 
 def run_variant(cfg, store: Path, epochs_every: int, finetune: bool) -> dict:

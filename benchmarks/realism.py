@@ -10,6 +10,7 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
   dense autoencoder, ``asd.baseline_ae``, one per machine type; ``--ae-epochs``), and the
   **untrained network** (random weights, batch norm at its initial statistics, the pipeline's
   scoring: windowed embeddings, minimum Mahalanobis distance to the attribute prototypes);
+* with several machine types, each floor's official score per machine type as well;
 * the **spectral kNN** with the cosine distance (power 0.5; the pipeline's default until the standardised
   Euclidean distance replaced it, benchmarks/spectral_variants.py), for the ranking, and with the
   standardised Euclidean distance (**spectral kNN, standardised**: the default since);
@@ -241,11 +242,15 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
            "anomaly/within": anomaly / within, "anomaly/between": anomaly / between,
            "domain/anomaly": domain / anomaly if anomaly > 0 else float("inf"),
            **{k: mean[k] for k in ("frame-to-frame dB", "flatness", "level spread dB")}}
+    machines = sorted({machine for machine, _ in groups})
     for name, res in results.items():
         if res:
             paper = M.paper_row(res, method=name)
             row[name] = 100 * paper["Overall"]
             row[f"{name} (s/t/p)"] = "/".join(f"{100 * paper[k]:.1f}" for k in ("Source AUC", "Target AUC", "pAUC"))
+            if len(machines) > 1:  # which machine types carry the overall score
+                row[f"{name} per machine type"] = {m: 100 * M.official_score([r for r in res if r.machine == m])
+                                                   for m in machines}
     return row
 
 
