@@ -40,9 +40,8 @@ def evaluate(model, cfg, train, test) -> dict:
     results = labelled_results(scored)
     row = M.paper_row(results, method="")
     out = {k: float(row[k]) for k in COLUMNS}
-    machines = sorted({r.machine for r in results})
-    if len(machines) > 1:
-        out["per machine type"] = {m: M.official_score([r for r in results if r.machine == m]) for m in machines}
+    if len({r.machine for r in results}) > 1:
+        out["per machine type"] = M.machine_scores(results)
     return out
 
 

@@ -249,8 +249,8 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
             row[name] = 100 * paper["Overall"]
             row[f"{name} (s/t/p)"] = "/".join(f"{100 * paper[k]:.1f}" for k in ("Source AUC", "Target AUC", "pAUC"))
             if len(machines) > 1:  # which machine types carry the overall score
-                row[f"{name} per machine type"] = {m: 100 * M.official_score([r for r in res if r.machine == m])
-                                                   for m in machines}
+                row[f"{name} per machine type"] = {m: None if v is None else 100 * v
+                                                   for m, v in M.machine_scores(res).items()}
     return row
 
 
