@@ -12,7 +12,8 @@ parameters (resonances, speeds, background, microphone path) are drawn from a ha
   points under the real folder's, beyond the 10 issue 22 allows; 6 dB still 10.2, 5 dB 8.8);
 * ``few``: very few training clips, 25 source + 5 target per section.
 
-Editing a regime needs a fresh ``--out``: the generator keeps clips that exist.
+Editing a regime needs a fresh ``--out`` (the generator keeps clips that exist): a work tree or
+saved rows of another version of a regime stop the run with one line.
 
 Methods, each a full ``run_pipeline`` (Ray Data, Ray Train, scoring, MLflow) from one config
 (default ``demo``) with ``data.root`` swapped: pre-train + fine-tune (the paper's full method),
@@ -98,10 +99,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")
 
 
+def regime_settings(regime: str) -> dict:
+    """What makes a regime's data: its preset and the data seed (as JSON would store them)."""
+    return json.loads(json.dumps({**dataclasses.asdict(REGIMES[regime]), "data_seed": DATA_SEED}))
+
+
 def regime_data(regime: str, base: Path) -> Path:
-    root = base / regime / "data"
+    """The regime's DCASE tree under ``base``, generated once. The generator keeps clips that exist,
+    so a tree made by another version of the regime is refused instead of silently reused (a tree
+    made before ``regime.json`` was written is taken as it is)."""
+    root, record = base / regime / "data", base / regime / "regime.json"
+    if record.is_file() and json.loads(record.read_text()) != regime_settings(regime):
+        raise SystemExit(f"robustness: {root} was generated for another {regime!r} regime "
+                         f"({record} differs from the code); remove {base / regime} or use a fresh --out")
     generate(REGIMES[regime], root, seed=DATA_SEED)
+    record.write_text(json.dumps(regime_settings(regime), indent=1))
     return root
+
+
+def stale_regimes(saved: dict, regimes: list[str]) -> list[str]:
+    """Regimes whose rows in a saved ``robustness.json`` were measured on another version of them."""
+    return [r for r in regimes if r in saved.get("regimes", {}) and r in {row["regime"] for row in saved["runs"]}
+            and {**saved["regimes"][r], "data_seed": saved.get("data_seed")} != regime_settings(r)]
 
 
 def run_method(config: str, work: Path, suite: str, method: str, method_overrides: list[str], seed: int,
@@ -176,7 +195,11 @@ def main() -> None:
     base = out / "work"
     base.mkdir(parents=True, exist_ok=True)
     results = out / "robustness.json"
-    rows = json.loads(results.read_text())["runs"] if results.is_file() else []
+    saved = json.loads(results.read_text()) if results.is_file() else {"runs": []}
+    if not args.report_only and (stale := stale_regimes(saved, args.regimes)):
+        raise SystemExit(f"robustness: {results} has rows of another version of {', '.join(stale)}; "
+                         "move those rows out or use a fresh --out")
+    rows = saved["runs"]
     setting = {"config": args.config, "overrides": args.overrides}
     # a row counts as done only for the same config and overrides (rows before 2026-12-02: demo, none)
     done = {(r["regime"], r["method"], r["seed"]) for r in rows

@@ -1,0 +1,46 @@
+"""benchmarks/robustness.py: a regime edited after its data or rows were made is refused in one line,
+never mixed with the new version (the generator keeps clips that exist)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import robustness  # noqa: E402  (benchmarks/ is not a package)
+from pipelines.synth.generate import SynthPreset  # noqa: E402
+
+SMALL = SynthPreset("small", machines=("fan",), dev_sections=("00",), eval_sections=(), seconds=1.0,
+                    source_train=2, target_train=1, test_per_group=1)
+
+
+def _saved(regimes: dict[str, SynthPreset], regimes_with_rows: list[str]) -> dict:
+    # a robustness.json as main() writes it, built independently of regime_settings
+    return json.loads(json.dumps({"regimes": {k: dataclasses.asdict(v) for k, v in regimes.items()},
+                                  "data_seed": robustness.DATA_SEED,
+                                  "runs": [{"regime": r, "method": "kNN floor", "seed": 0} for r in regimes_with_rows]}))
+
+
+def test_rows_of_an_edited_regime_are_stale_and_others_are_not(monkeypatch):
+    monkeypatch.setattr(robustness, "REGIMES", {"a": SMALL, "b": SMALL})
+    before = {"a": SMALL, "b": dataclasses.replace(SMALL, target_snr_offset_db=-9.0)}
+    assert robustness.stale_regimes(_saved(before, ["a", "b"]), ["a", "b"]) == ["b"]
+    assert robustness.stale_regimes(_saved(before, ["a"]), ["a", "b"]) == []  # no rows of b: nothing mixes
+    assert robustness.stale_regimes(_saved(before, ["a", "b"]), ["a"]) == []  # b not run now
+    other_seed = {**_saved({"a": SMALL}, ["a"]), "data_seed": robustness.DATA_SEED + 1}
+    assert robustness.stale_regimes(other_seed, ["a"]) == ["a"]
+
+
+def test_a_work_tree_of_another_version_of_the_regime_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(robustness, "REGIMES", {"a": SMALL})
+    root = robustness.regime_data("a", tmp_path)
+    wavs = sorted(p.name for p in root.rglob("*.wav"))
+    assert wavs and robustness.regime_data("a", tmp_path) == root  # the same version: reused
+    monkeypatch.setattr(robustness, "REGIMES", {"a": dataclasses.replace(SMALL, target_snr_offset_db=-5.0)})
+    with pytest.raises(SystemExit, match="generated for another 'a' regime"):
+        robustness.regime_data("a", tmp_path)
+    assert sorted(p.name for p in root.rglob("*.wav")) == wavs  # nothing written over
