@@ -49,3 +49,42 @@ def test_rows_of_other_datasets_stay_and_redo_measures_only_the_named_ones(tmp_p
     redone = _measure(out, tree, ["A"], "--redo")
     assert redone["A"]["kNN floor"] == pytest.approx(again["A"]["kNN floor"])  # measured again (deterministic)
     assert redone["B"]["kNN floor"] == -1.0  # B was not named: kept as it was
+
+
+def test_features_of_one_machine_type_at_a_time(tmp_path, monkeypatch):
+    """A DCASE 2022 development set (25k clips) does not fit in memory as float32 features: realism and
+    spectral_variants hold one machine type's at a time, and measure what they measured on the
+    whole tree at once (the per-section detectors and statistics never mix machine types)."""
+    import weakref
+
+    import spectral_variants  # noqa: E402
+
+    tree = tmp_path / "tiny"
+    generate(PRESETS["tiny"], tree, seed=0, workers=1)
+    per_type = {}
+    for path in (tree / "dev_data").rglob("*.wav"):
+        machine = path.relative_to(tree / "dev_data").parts[0]
+        per_type[machine] = per_type.get(machine, 0) + 1
+    assert len(per_type) == 2
+
+    alive, peak = [], [0]
+    make = realism.log_mel
+
+    def tracked(wave, cfg):
+        x = make(wave, cfg)
+        alive.append(weakref.ref(x))
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        return x
+
+    monkeypatch.setattr(realism, "log_mel", tracked)
+    row = realism.measure(tree, ae_epochs=0, seed=0)
+    # two full front ends per clip kept (the spectrum reduced to its shape vector at once), one type at a time
+    assert peak[0] <= 2 * max(per_type.values()) + 1 < 2 * sum(per_type.values())
+    assert row["clips"] == sum(per_type.values()) and row["sections"] == 4
+    alive.clear(), peak.__setitem__(0, 0)
+    variants = spectral_variants.measure(tree, resamples=2, seed=0)
+    assert peak[0] <= 2 * max(per_type.values()) + 1
+    assert variants["clips"] == row["clips"]
+    # the default row of spectral_variants (cosine, power 0.5) is realism's "spectral kNN"
+    default = variants["variants"][" | ".join(spectral_variants.DEFAULT)]["Overall"]
+    assert 100 * default == pytest.approx(row["spectral kNN"], abs=1e-9)
