@@ -100,8 +100,13 @@ def slug(text: str) -> str:
 
 
 def regime_settings(regime: str) -> dict:
-    """What makes a regime's data: its preset and the data seed (as JSON would store them)."""
-    return json.loads(json.dumps({**dataclasses.asdict(REGIMES[regime]), "data_seed": DATA_SEED}))
+    """What makes a regime's data: its preset and the data seed (as JSON would store them); of the
+    per-machine-type settings only those of the regime's own machine types."""
+    preset = REGIMES[regime]
+    d = preset.difficulty
+    own = tuple((m, v) for m, v in d.machine_snr_db if m in preset.machines)
+    preset = dataclasses.replace(preset, difficulty=dataclasses.replace(d, machine_snr_db=own))
+    return json.loads(json.dumps({**dataclasses.asdict(preset), "data_seed": DATA_SEED}))
 
 
 def regime_data(regime: str, base: Path) -> Path:
@@ -218,7 +223,8 @@ def main() -> None:
                              **setting, "commit": commit})
                 results.write_text(json.dumps({
                     "config": args.config, "overrides": args.overrides, "machine": platform.node(),
-                    "regimes": {k: dataclasses.asdict(v) for k, v in REGIMES.items()}, "data_seed": DATA_SEED,
+                    "regimes": {k: {key: v for key, v in regime_settings(k).items() if key != "data_seed"} for k in REGIMES},
+                    "data_seed": DATA_SEED,
                     "runs": rows}, indent=2, default=str))
     text = (f"# Robustness suite: config `{args.config}`"
             + (f" with {' '.join(args.overrides)}" if args.overrides else "") + "\n\n" + report(rows))

@@ -18,9 +18,16 @@ SMALL = SynthPreset("small", machines=("fan",), dev_sections=("00",), eval_secti
                     source_train=2, target_train=1, test_per_group=1)
 
 
+def _record(preset: SynthPreset) -> dict:
+    # as main() records a regime: of the per-machine-type settings, those of its own machine types
+    record = dataclasses.asdict(preset)
+    record["difficulty"]["machine_snr_db"] = [list(p) for p in preset.difficulty.machine_snr_db if p[0] in preset.machines]
+    return record
+
+
 def _saved(regimes: dict[str, SynthPreset], regimes_with_rows: list[str]) -> dict:
     # a robustness.json as main() writes it, built independently of regime_settings
-    return json.loads(json.dumps({"regimes": {k: dataclasses.asdict(v) for k, v in regimes.items()},
+    return json.loads(json.dumps({"regimes": {k: _record(v) for k, v in regimes.items()},
                                   "data_seed": robustness.DATA_SEED,
                                   "runs": [{"regime": r, "method": "kNN floor", "seed": 0} for r in regimes_with_rows]}))
 
@@ -44,3 +51,19 @@ def test_a_work_tree_of_another_version_of_the_regime_is_refused(monkeypatch, tm
     with pytest.raises(SystemExit, match="generated for another 'a' regime"):
         robustness.regime_data("a", tmp_path)
     assert sorted(p.name for p in root.rglob("*.wav")) == wavs  # nothing written over
+
+
+def test_a_regime_records_only_its_own_machine_types_settings(monkeypatch):
+    """A per-machine-type generator setting (the valve's level under its background) versions the
+    regimes that hold that machine type, not the others: their data does not change."""
+    from pipelines.synth.machines import Difficulty
+
+    d = Difficulty(machine_snr_db=(("valve", -12.0),))
+    fan, valve = dataclasses.replace(SMALL, difficulty=d), dataclasses.replace(SMALL, machines=("valve",), difficulty=d)
+    monkeypatch.setattr(robustness, "REGIMES", {"fan": fan, "valve": valve})
+    assert robustness.regime_settings("fan")["difficulty"]["machine_snr_db"] == []
+    assert robustness.regime_settings("valve")["difficulty"]["machine_snr_db"] == [["valve", -12.0]]
+    # rows measured before the setting existed: stale only where the regime holds a valve
+    plain = dataclasses.replace(SMALL, difficulty=Difficulty())
+    before = {"fan": plain, "valve": dataclasses.replace(plain, machines=("valve",))}
+    assert robustness.stale_regimes(_saved(before, ["fan", "valve"]), ["fan", "valve"]) == ["valve"]

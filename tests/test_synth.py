@@ -274,6 +274,14 @@ def test_anomaly_stretches_and_background_events():
     b = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), difficulty=Difficulty(3, 6.0, 2.0, (0.5, 0.5), 1.0), **kw)
     plain = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), **kw)
     assert np.array_equal(a, b) and not np.allclose(a, plain)
+    # a machine type's own offset is that clip's machine-to-background ratio lowered; other types untouched
+    quiet = Difficulty(machine_snr_db=(("valve", -12.0),))
+    low = render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), difficulty=quiet, **kw)
+    assert np.array_equal(low, render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), **{**kw, "snr_db": -6.0}))
+    fan = MACHINES["fan"].spec("01").values("source")[0]
+    fan_kw = {**kw, "anomaly": "stall"}
+    assert np.array_equal(render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), difficulty=quiet, **fan_kw),
+                          render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), **fan_kw))
 
 
 def test_obvious_anomalies_differ_from_normal_clips(tmp_path):

@@ -799,7 +799,9 @@ class Difficulty:
     ``anomaly_duty``: the fraction of the clip an anomaly is present in (one stretch, uniform in
     the range; 1 = the whole clip). ``events_per_s``: intermittent background sources (a voice-like
     harmonic complex, a tool's band of noise, a passing vehicle's swell), 0.2-2 s long, at a
-    machine-to-event ratio uniform in ``event_snr_db``.
+    machine-to-event ratio uniform in ``event_snr_db``. ``machine_snr_db``: (machine type, dB)
+    pairs added to that type's machine-to-background ratio (a machine quieter against its
+    factory than the others, calibrated on real clips of it).
     """
 
     hidden_states: int = 0
@@ -808,6 +810,7 @@ class Difficulty:
     anomaly_duty: tuple[float, float] = (1.0, 1.0)
     events_per_s: float = 0.0
     event_snr_db: tuple[float, float] = (0.0, 10.0)
+    machine_snr_db: tuple[tuple[str, float], ...] = ()
 
 
 def colouring(n: int, rng: np.random.Generator, db: float) -> tuple:
@@ -888,7 +891,7 @@ def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: s
     bg = factory_noise(c, scene.noise)
     if scene.interferer is not None:
         bg = unit_rms(bg + mixed_machine(c, scene.interferer))
-    snr = snr_db + scene.snr_offset_db
+    snr = snr_db + scene.snr_offset_db + dict(d.machine_snr_db).get(machine, 0.0)
     y = apply_path(x, scene.path) + bg * np.float32(np.sqrt(power / 10 ** (snr / 10)))
     if d.events_per_s > 0:
         y += background_events(c, d.events_per_s) * np.float32(np.sqrt(power / 10 ** (c.rng.uniform(*d.event_snr_db) / 10)))
