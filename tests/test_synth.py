@@ -429,3 +429,39 @@ def test_cli(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--drop", "target", "--count", "1", "--workers", "1"]) == 0
     assert (out / "dev_data/valve/train/section_00_target_train_normal_0001_pat_02.wav").is_file()
     assert main(["synth", "--out", str(out), "--machines", "lathe"]) == 2
+
+
+def test_a_tree_generated_with_other_settings_is_refused(tmp_path, caplog):
+    """The generator keeps clips that exist: a tree made with other settings (or by a generator
+    version whose settings differ) would silently mix two datasets, so it is refused."""
+    from pipelines.synth.generate import GENERATION_RECORD, check_generation_record
+
+    root = tmp_path / "d"
+    generate(_small(), root, seed=3, workers=1)
+    before = _hashes(root)
+    assert (root / GENERATION_RECORD).is_file()
+    assert generate(_small(), root, seed=3, workers=1).written == 0  # the same settings: resumed
+    quieter = _small(difficulty=Difficulty(machine_snr_db=(("valve", -12.0),)))
+    for preset, seed in ((quieter, 3), (_small(), 4)):
+        with pytest.raises(ValueError, match="generated with other settings"):
+            generate(preset, root, seed=seed, workers=1)
+    assert _hashes(root) == before  # nothing written over
+    (root / GENERATION_RECORD).unlink()  # a tree from before the record: kept, with a warning
+    with caplog.at_level("WARNING"):
+        check_generation_record(root, quieter, 3)
+    assert "no synth.json" in caplog.text
+
+
+def test_the_pipeline_refuses_a_synthetic_tree_of_other_settings(tmp_path):
+    """`asd run` on a data root the generator filled with another seed (or another generator
+    version's settings) stops with one line instead of scoring the wrong dataset."""
+    from pipelines.config import load_config
+    from pipelines.errors import UserError
+    from pipelines.operations.run import ensure_data
+
+    root = tmp_path / "data"
+    cfg = load_config("tiny", [f"data.root={root}", "data.synth_seed=1"])
+    assert ensure_data(cfg) == root and (root / "synth.json").is_file()  # generated, recorded
+    assert ensure_data(cfg) == root  # the same settings: used as it is
+    with pytest.raises(UserError, match="generated with other settings"):
+        ensure_data(load_config("tiny", [f"data.root={root}", "data.synth_seed=2"]))

@@ -33,7 +33,7 @@ from pipelines.operations.runner import Stage, StageBook, StageContext, run_stag
 from pipelines.serving.registry import log_scoring
 from pipelines.stages.score import register_only_command, results_markdown, run_scoring
 from pipelines.store import manifest_digest
-from pipelines.synth.generate import PRESETS, generate
+from pipelines.synth.generate import PRESETS, check_generation_record, generate
 
 log = logging.getLogger(__name__)
 FROZEN_EVAL_SET = "frozen_eval_set.json"
@@ -43,6 +43,11 @@ DATA_DIGEST_TAG = "data_manifest_digest"  # the feature-store manifest a run use
 def ensure_data(cfg: PipelineConfig) -> Path:
     """The dev_data root; synthesises the configured preset when it does not exist yet."""
     root = Path(cfg.data.root)
+    if (root / DEV_DATA).is_dir() and cfg.data.synth_preset:
+        try:  # a tree the generator made with other settings is not the configured preset
+            check_generation_record(root, PRESETS[cfg.data.synth_preset], cfg.data.synth_seed)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     if not (root / DEV_DATA).is_dir():
         if not cfg.data.synth_preset:
             raise UserError(f"{root}/{DEV_DATA} does not exist; set data.root to the folder holding "

@@ -11,6 +11,7 @@ fills in what is missing. ``add_drop`` writes new clips into an existing dev_dat
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -309,6 +310,24 @@ def _write_tables(plan: Plan) -> list[str]:
     return touched
 
 
+GENERATION_RECORD = "synth.json"
+
+
+def check_generation_record(root: Path, preset: SynthPreset, seed: int) -> dict:
+    """The settings a tree is generated with; a tree generated with others is refused (its clips
+    would be kept and mixed with new ones: the generator skips files that exist)."""
+    settings = json.loads(json.dumps({"preset": asdict(preset), "seed": seed}))
+    record = root / GENERATION_RECORD
+    if record.is_file():
+        if json.loads(record.read_text()) != settings:
+            raise ValueError(f"{root} was generated with other settings or by another version of the generator "
+                             f"({record}); remove {root} or generate into another folder")
+    elif (root / DEV_DATA).is_dir():
+        log.warning("%s holds clips but no %s (an earlier version made it): clips that exist are kept as they are",
+                    root, GENERATION_RECORD)
+    return settings
+
+
 def generate(preset: SynthPreset, root: str | os.PathLike, seed: int = 0, workers: int | None = None,
              eval_data: bool = False) -> SynthSummary:
     """Write the preset's dataset under ``root`` (``root/dev_data/...``); skip files that exist.
@@ -320,9 +339,11 @@ def generate(preset: SynthPreset, root: str | os.PathLike, seed: int = 0, worker
         raise ValueError("seed must be >= 0")
     root = Path(root)
     t0 = time.perf_counter()
+    settings = check_generation_record(root, preset, seed)
     plan = plan_dataset(preset, root, seed, eval_data)
     written = run_jobs(plan.jobs, workers, desc=f"synth {preset.name}")
     tables = _write_tables(plan)
+    (root / GENERATION_RECORD).write_text(json.dumps(settings, indent=1))
     summary = SynthSummary(root=str(root), preset=preset.name, written=written, skipped=plan.skipped,
                            seconds=time.perf_counter() - t0, counts=dict(plan.counts), tables=tables)
     log.info("synth %s: %d clips written, %d existed, %.1f s (%.1f clips/s)", preset.name, summary.written,
