@@ -138,7 +138,7 @@ def run_method(config: str, work: Path, suite: str, method: str, method_override
     from pipelines.stages.score import labelled_results
 
     run_dir = work / "runs" / f"{slug(method)}-seed{seed}"
-    settings = [*overrides, f"data.root={work / 'data'}", f"run_dir={run_dir}", f"train.seed={seed}",
+    settings = [*overrides, f"data.root={work / 'data'}", "data.synth_preset=null", f"run_dir={run_dir}", f"train.seed={seed}",
                 f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"mlflow.experiment=asd-{suite}",
                 f"mlflow.registered_model={suite}-{slug(method)}", *method_overrides]
     kind = load_config(config, settings).features.kind  # one store per front end
