@@ -299,7 +299,10 @@ def synthetic_trees(work: Path, names: list[str], seed: int, data_seed: int | No
         preset, drawn = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
         drawn = drawn if data_seed is None else data_seed
         root = work / "synth" / (name if data_seed is None else f"{name}-data-seed-{data_seed}")
-        generate(replace(preset), root, seed=drawn)
+        try:
+            generate(replace(preset), root, seed=drawn)
+        except ValueError as err:  # a tree of another seed or generator version
+            raise SystemExit(f"realism: {err}") from None
         trees[f"synthetic {name}"] = root
     return trees
 

@@ -30,7 +30,6 @@ Resumable: finished (regime, method, seed) rows in ``<out>/robustness.json`` are
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import re
@@ -43,7 +42,7 @@ import pandas as pd
 
 from asd import metrics as M
 from pipelines.config import load_config
-from pipelines.synth.generate import SynthPreset, generate
+from pipelines.synth.generate import SynthPreset, generate, preset_settings
 from quality import reuse_stages  # benchmarks/ is on sys.path when run as a script
 
 SECONDS = 4.0  # shorter than DCASE's 10 s clips: the suite runs 60 trainings on 2 CPU cores
@@ -100,13 +99,8 @@ def slug(text: str) -> str:
 
 
 def regime_settings(regime: str) -> dict:
-    """What makes a regime's data: its preset and the data seed (as JSON would store them); of the
-    per-machine-type settings only those of the regime's own machine types."""
-    preset = REGIMES[regime]
-    d = preset.difficulty
-    own = tuple((m, v) for m, v in d.machine_snr_db if m in preset.machines)
-    preset = dataclasses.replace(preset, difficulty=dataclasses.replace(d, machine_snr_db=own))
-    return json.loads(json.dumps({**dataclasses.asdict(preset), "data_seed": DATA_SEED}))
+    """What makes a regime's data: its preset's settings and the data seed (as JSON would store them)."""
+    return {**preset_settings(REGIMES[regime]), "data_seed": DATA_SEED}
 
 
 def regime_data(regime: str, base: Path) -> Path:
@@ -117,7 +111,10 @@ def regime_data(regime: str, base: Path) -> Path:
     if record.is_file() and json.loads(record.read_text()) != regime_settings(regime):
         raise SystemExit(f"robustness: {root} was generated for another {regime!r} regime "
                          f"({record} differs from the code); remove {base / regime} or use a fresh --out")
-    generate(REGIMES[regime], root, seed=DATA_SEED)
+    try:
+        generate(REGIMES[regime], root, seed=DATA_SEED)
+    except ValueError as err:
+        raise SystemExit(f"robustness: {err}") from None
     record.write_text(json.dumps(regime_settings(regime), indent=1))
     return root
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import shutil
 from collections import Counter, defaultdict
@@ -16,7 +17,7 @@ import soundfile as sf
 
 from asd.metadata import discover_clips, read_attributes_csv
 from asd.metrics import ground_truth_file_name, read_ground_truth
-from pipelines.synth.generate import DEFAULT_STRENGTH, PRESETS, REAL_SOUND, add_drop, generate, next_value
+from pipelines.synth.generate import DEFAULT_STRENGTH, PRESETS, REAL_SOUND, _clip_attrs, add_drop, generate, next_value
 from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, Ctx, Difficulty, background_events, keyed_rng, render_clip, stretch
 
 TINY = PRESETS["tiny"]
@@ -372,6 +373,31 @@ def test_drop_target(tree, tmp_path):
     assert _hashes(twin / "dev_data", "*.wav") == _hashes(tree / "dev_data", "*.wav")
 
 
+def test_a_drop_sounds_like_the_tree_it_joins(tmp_path):
+    """A tree that records its settings gets drops with its anomaly strength, machine-to-background
+    ratio, target offset and difficulty: each dropped clip is the clip of that job and settings."""
+    from pipelines.synth.generate import ClipJob, write_job
+
+    made = _small(anomaly_strength=(0.6, 0.7), snr_db=(20.0, 25.0), target_snr_offset_db=-8.0,
+                  difficulty=dataclasses.replace(REAL_SOUND, events_per_s=1.0))
+    root = tmp_path / "d"
+    generate(made, root, seed=1, workers=1)
+    added = [Path(p) for p in add_drop(root, "target", count=1, seed=5) if p.endswith(".wav")]
+    assert len(added) == 1
+    clip = [c for c in discover_clips(root / "dev_data").clips if c.path == f"valve/train/{added[0].name}"][0]
+    attrs = _clip_attrs(clip, discover_clips(root / "dev_data").attributes)
+    expected = ClipJob(path=str(tmp_path / "expected.wav"), machine="valve", section="00", attrs=attrs, anomaly=None,
+                       strength=(0.6, 0.7), snr_db=(12.0, 17.0), n=int(made.seconds * SR), seed=5,
+                       key=("dev", "valve", "00", "train", "target", "normal", str(clip.index)),
+                       difficulty=made.difficulty)
+    write_job(expected)
+    assert added[0].read_bytes() == Path(expected.path).read_bytes()
+    defaults = dataclasses.replace(expected, path=str(tmp_path / "defaults.wav"), strength=DEFAULT_STRENGTH,
+                                   snr_db=PRESETS["demo"].snr_db, difficulty=REAL_SOUND)
+    write_job(defaults)
+    assert added[0].read_bytes() != Path(defaults.path).read_bytes()  # what a drop wrote before the record
+
+
 def test_drop_attribute(tree):
     new, found = _drop(tree, "attribute", count=3)
     assert len(new) == 3 * len(TINY.machines) * len(TINY.dev_sections)
@@ -448,8 +474,40 @@ def test_a_tree_generated_with_other_settings_is_refused(tmp_path, caplog):
     assert _hashes(root) == before  # nothing written over
     (root / GENERATION_RECORD).unlink()  # a tree from before the record: kept, with a warning
     with caplog.at_level("WARNING"):
-        check_generation_record(root, quieter, 3)
+        generate(quieter, root, seed=3, workers=1)
     assert "no synth.json" in caplog.text
+    assert not (root / GENERATION_RECORD).exists()  # its old clips are not blessed as the new settings'
+
+
+def test_the_record_is_written_before_the_clips(tmp_path, monkeypatch):
+    """An interrupted first generation leaves a record, so resuming it with other settings is refused."""
+    from pipelines.synth import generate as G
+
+    def interrupted(jobs, workers=None, desc=""):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(G, "run_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(_small(), tmp_path / "d", seed=3, workers=1)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "d" / "synth.json").read_text())["seed"] == 3
+    with pytest.raises(ValueError, match="generated with other settings"):
+        generate(_small(), tmp_path / "d", seed=4, workers=1)
+    assert generate(_small(), tmp_path / "d", seed=3, workers=1).written > 0  # the same settings resume
+
+
+def test_a_record_holds_only_the_datasets_own_machine_types():
+    """A per-machine-type setting of a type the dataset lacks does not change its record, and the
+    record reads back as the preset it was made from."""
+    from pipelines.synth.generate import preset_from_settings, preset_settings
+
+    fan = _small(machines=("fan",))
+    other = dataclasses.replace(fan, difficulty=dataclasses.replace(REAL_SOUND, machine_snr_db=(("valve", -3.0),)))
+    assert preset_settings(fan) == preset_settings(other)
+    assert preset_settings(fan)["difficulty"]["machine_snr_db"] == []
+    valve = _small(difficulty=dataclasses.replace(REAL_SOUND, machine_snr_db=(("fan", 2.0), ("valve", -12.0))))
+    assert preset_settings(valve)["difficulty"]["machine_snr_db"] == [["valve", -12.0]]
+    shifted = _small(target_snr_offset_db=-5.0)
+    assert preset_from_settings(json.loads(json.dumps(preset_settings(shifted)))) == shifted
 
 
 def test_the_pipeline_refuses_a_synthetic_tree_of_other_settings(tmp_path):

@@ -43,18 +43,19 @@ DATA_DIGEST_TAG = "data_manifest_digest"  # the feature-store manifest a run use
 def ensure_data(cfg: PipelineConfig) -> Path:
     """The dev_data root; synthesises the configured preset when it does not exist yet."""
     root = Path(cfg.data.root)
-    if (root / DEV_DATA).is_dir() and cfg.data.synth_preset:
-        try:  # a tree the generator made with other settings is not the configured preset
-            check_generation_record(root, PRESETS[cfg.data.synth_preset], cfg.data.synth_seed)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-    if not (root / DEV_DATA).is_dir():
-        if not cfg.data.synth_preset:
+    if not cfg.data.synth_preset:
+        if not (root / DEV_DATA).is_dir():
             raise UserError(f"{root}/{DEV_DATA} does not exist; set data.root to the folder holding "
                             f"DCASE {DEV_DATA}/ (see README: running on real DCASE 2022 data)")
-        log.info("synthesising preset %r into %s", cfg.data.synth_preset, root)
-        generate(PRESETS[cfg.data.synth_preset], root, seed=cfg.data.synth_seed,
-                 eval_data=cfg.data.synth_eval)
+        return root
+    preset = PRESETS[cfg.data.synth_preset]
+    try:  # a tree the generator made with other settings is not the configured preset
+        check_generation_record(root, preset, cfg.data.synth_seed)
+        if not (root / DEV_DATA).is_dir():
+            log.info("synthesising preset %r into %s", cfg.data.synth_preset, root)
+            generate(preset, root, seed=cfg.data.synth_seed, eval_data=cfg.data.synth_eval)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     return root
 
 

@@ -39,10 +39,10 @@ def register(subparsers) -> None:
     g.add_argument("--test-per-group", type=int, help="test clips per (domain, label) and section")
     g.add_argument("--anomaly-strength", nargs=2, type=float, metavar=("LO", "HI"),
                    help="anomaly strength range, 0 none .. 1 obvious "
-                        f"(default {DEFAULT_STRENGTH[0]:g} {DEFAULT_STRENGTH[1]:g})")
+                        f"(default {DEFAULT_STRENGTH[0]:g} {DEFAULT_STRENGTH[1]:g}; a drop: the tree's own)")
     g.add_argument("--snr", nargs=2, type=float, metavar=("LO", "HI"),
                    help="machine-to-background ratio range in dB "
-                        f"(default {DEFAULT_SNR_DB[0]:g} {DEFAULT_SNR_DB[1]:g})")
+                        f"(default {DEFAULT_SNR_DB[0]:g} {DEFAULT_SNR_DB[1]:g}; a drop: the tree's own)")
     g.add_argument("--easy", action="store_true",
                    help="without the real-sound factors (hidden operating states, time-limited anomalies, background "
                         "events; docs/synthetic-data.md, 'Difficulty'): the generator before it was calibrated")
@@ -61,7 +61,7 @@ def main(args) -> int:
         if args.drop:
             t0 = time.perf_counter()
             out = add_drop(args.out, args.drop, args.count, seed=args.seed, workers=args.workers,
-                           strength=strength or DEFAULT_STRENGTH, snr_db=snr or DEFAULT_SNR_DB)
+                           strength=strength, snr_db=snr)
             seconds = time.perf_counter() - t0
             wavs = [f for f in out if f.endswith(".wav")]
             print(f"drop '{args.drop}': {len(wavs)} clips written in {seconds:.1f} s "

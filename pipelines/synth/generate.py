@@ -19,7 +19,7 @@ import re
 import string
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,13 +260,17 @@ def _labelled(plan: Plan, data: Path, dataset: str, machine: str, section: str, 
         plan.rows[data / machine / f"attributes_{section}.csv"].append((f"{machine}/{split}/{name}", attrs))
 
 
+def domain_settings(common: dict, target_offset_db: float) -> dict[str, dict]:
+    """Clip settings per domain: the target's machine-to-background ratio moved by its offset."""
+    lo, hi = common["snr_db"]
+    return {"source": common, "target": {**common, "snr_db": (lo + target_offset_db, hi + target_offset_db)}}
+
+
 def plan_dataset(preset: SynthPreset, root: Path, seed: int, eval_data: bool) -> Plan:
     plan = Plan()
     common = dict(strength=tuple(preset.anomaly_strength), snr_db=tuple(preset.snr_db),
                   n=int(round(preset.seconds * SR)), seed=seed, difficulty=preset.difficulty)
-    offset = preset.target_snr_offset_db
-    by_domain = {"source": common,
-                 "target": {**common, "snr_db": (preset.snr_db[0] + offset, preset.snr_db[1] + offset)}}
+    by_domain = domain_settings(common, preset.target_snr_offset_db)
     datasets = [("dev", preset.dev_sections)] + ([("eval", preset.eval_sections)] if eval_data else [])
     for dataset, sections in datasets:
         data = root / {"dev": DEV_DATA, "eval": EVAL_DATA}[dataset]
@@ -313,19 +317,52 @@ def _write_tables(plan: Plan) -> list[str]:
 GENERATION_RECORD = "synth.json"
 
 
+def preset_settings(preset: SynthPreset) -> dict:
+    """What makes a preset's clips, as JSON stores it: per-machine-type settings only for the
+    preset's own machine types (a valve setting does not change a valve-free dataset)."""
+    d = preset.difficulty
+    own = tuple((m, v) for m, v in d.machine_snr_db if m in preset.machines)
+    preset = replace(preset, difficulty=replace(d, machine_snr_db=own))
+    return json.loads(json.dumps(asdict(preset)))
+
+
+def preset_from_settings(settings: dict) -> SynthPreset:
+    """The preset a ``preset_settings`` dict describes (JSON lists back to tuples)."""
+    d = settings["difficulty"]
+    difficulty = Difficulty(**{**d, "anomaly_duty": tuple(d["anomaly_duty"]), "event_snr_db": tuple(d["event_snr_db"]),
+                               "machine_snr_db": tuple((m, float(v)) for m, v in d["machine_snr_db"])})
+    return SynthPreset(**{**settings, "difficulty": difficulty,
+                          **{k: tuple(settings[k]) for k in ("machines", "dev_sections", "eval_sections",
+                                                             "anomaly_strength", "snr_db")}})
+
+
+def recorded_preset(root: Path) -> SynthPreset | None:
+    """The preset a tree was generated with (its ``synth.json``), or None for a tree without one."""
+    record = root / GENERATION_RECORD
+    return preset_from_settings(json.loads(record.read_text())["preset"]) if record.is_file() else None
+
+
 def check_generation_record(root: Path, preset: SynthPreset, seed: int) -> dict:
     """The settings a tree is generated with; a tree generated with others is refused (its clips
     would be kept and mixed with new ones: the generator skips files that exist)."""
-    settings = json.loads(json.dumps({"preset": asdict(preset), "seed": seed}))
+    settings = {"preset": preset_settings(preset), "seed": seed}
     record = root / GENERATION_RECORD
     if record.is_file():
         if json.loads(record.read_text()) != settings:
             raise ValueError(f"{root} was generated with other settings or by another version of the generator "
                              f"({record}); remove {root} or generate into another folder")
     elif (root / DEV_DATA).is_dir():
-        log.warning("%s holds clips but no %s (an earlier version made it): clips that exist are kept as they are",
-                    root, GENERATION_RECORD)
+        log.warning("%s holds clips but no %s: an earlier version of the generator made it, and its clips are "
+                    "used as they are; remove the folder to regenerate it with this version", root, GENERATION_RECORD)
     return settings
+
+
+def write_generation_record(root: Path, settings: dict) -> None:
+    """Atomically, before any clip: an interrupted generation resumes only with the same settings."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{GENERATION_RECORD}.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, root / GENERATION_RECORD)
 
 
 def generate(preset: SynthPreset, root: str | os.PathLike, seed: int = 0, workers: int | None = None,
@@ -340,10 +377,11 @@ def generate(preset: SynthPreset, root: str | os.PathLike, seed: int = 0, worker
     root = Path(root)
     t0 = time.perf_counter()
     settings = check_generation_record(root, preset, seed)
+    if not (root / GENERATION_RECORD).is_file() and not (root / DEV_DATA).is_dir():
+        write_generation_record(root, settings)
     plan = plan_dataset(preset, root, seed, eval_data)
     written = run_jobs(plan.jobs, workers, desc=f"synth {preset.name}")
     tables = _write_tables(plan)
-    (root / GENERATION_RECORD).write_text(json.dumps(settings, indent=1))
     summary = SynthSummary(root=str(root), preset=preset.name, written=written, skipped=plan.skipped,
                            seconds=time.perf_counter() - t0, counts=dict(plan.counts), tables=tables)
     log.info("synth %s: %d clips written, %d existed, %.1f s (%.1f clips/s)", preset.name, summary.written,
@@ -398,8 +436,7 @@ def _clip_attrs(meta, attributes: dict) -> tuple[tuple[str, str], ...]:
 
 
 def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, workers: int | None = 1,
-             strength: tuple[float, float] = DEFAULT_STRENGTH,
-             snr_db: tuple[float, float] = DEFAULT_SNR_DB) -> list[str]:
+             strength: tuple[float, float] | None = None, snr_db: tuple[float, float] | None = None) -> list[str]:
     """Write new clips into an existing dev_data tree; existing WAVs are never touched.
 
     ``kind``: "target" = ``count`` more target-domain train clips per (machine, section), with the
@@ -409,12 +446,19 @@ def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, work
     test clips per (domain, label). Machine types, sections and attribute values are read from the
     tree. Rows are appended to (or create) ``attributes_XX.csv``. Returns every WAV written plus
     the csv files touched.
+
+    The clips sound like the tree's: anomaly strength, machine-to-background ratio (with the target
+    domain's offset) and difficulty come from its ``synth.json`` when it has one, else from the
+    defaults; ``strength`` / ``snr_db`` override them.
     """
     if kind not in DROP_KINDS:
         raise ValueError(f"unknown drop kind {kind!r}; one of {DROP_KINDS}")
     if count < 1 or seed < 0:
         raise ValueError("count must be >= 1 and seed >= 0")
     dev = _dev_root(Path(root))
+    made = recorded_preset(dev.parent) or SynthPreset("drop")
+    strength = tuple(strength or made.anomaly_strength)
+    snr_db = tuple(snr_db or made.snr_db)
     found = discover_clips(dev)
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for meta in found.clips:
@@ -429,10 +473,10 @@ def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, work
         info = sf.info(str(dev / sections[min(sections)][0].path))
         if info.samplerate != SR:
             raise ValueError(f"{machine}: clips are {info.samplerate} Hz; the synthesiser writes {SR} Hz")
-        common = dict(strength=tuple(strength), snr_db=tuple(snr_db), n=int(info.frames), seed=seed,
-                      difficulty=REAL_SOUND)
+        by_domain = domain_settings(dict(strength=strength, snr_db=snr_db, n=int(info.frames), seed=seed,
+                                         difficulty=made.difficulty), made.target_snr_offset_db)
         if kind == "section":
-            _drop_section(plan, dev, machine, set(sections), count, common)
+            _drop_section(plan, dev, machine, set(sections), count, by_domain)
             continue
         for section, clips in sorted(sections.items()):
             targets = [c for c in clips if c.domain == "target"]
@@ -446,7 +490,7 @@ def add_drop(root: str | os.PathLike, kind: str, count: int, seed: int = 0, work
             else:
                 combos = [_new_attribute(clips, found.attributes)]
             _labelled(plan, dev, "dev", machine, section, "train", "target", "normal", range(start, start + count),
-                      [dict(c) for c in combos], common)
+                      [dict(c) for c in combos], by_domain["target"])
     run_jobs(plan.jobs, workers, desc=f"drop {kind}")
     tables = [str(p) for p, rows in sorted(plan.rows.items()) if write_attribute_rows(p, rows)]
     return [j.path for j in plan.jobs] + tables
@@ -468,7 +512,8 @@ def _new_attribute(clips, attributes) -> tuple[tuple[str, str], ...]:
     return tuple((q, new if q == p else v) for q, v in template)
 
 
-def _drop_section(plan: Plan, dev: Path, machine: str, dev_sections: set[str], count: int, common: dict) -> None:
+def _drop_section(plan: Plan, dev: Path, machine: str, dev_sections: set[str], count: int,
+                  by_domain: dict[str, dict]) -> None:
     """A new section (next free two-digit id across dev_data and eval_data) for ``machine``."""
     used = set(dev_sections)
     ev = dev.parent / EVAL_DATA / machine
@@ -480,7 +525,7 @@ def _drop_section(plan: Plan, dev: Path, machine: str, dev_sections: set[str], c
     few = -(-count // 10)
     for domain, n_train in zip(DOMAINS, (count, few)):
         _labelled(plan, dev, "dev", machine, section, "train", domain, "normal", range(n_train),
-                  spec.values(domain), common)
+                  spec.values(domain), by_domain[domain])
         for label in LABELS:
             _labelled(plan, dev, "dev", machine, section, "test", domain, label, range(few), spec.values(domain),
-                      common)
+                      by_domain[domain])
