@@ -17,7 +17,9 @@ official score of the scoring job on the test clips every ``--every`` epochs:
 * **input statistics**: the per-bin normalisation fitted on every training clip (the default)
   against the source clips only, and none;
 * **test-time embedding**: the default's final network scored with whole-clip embeddings instead
-  of the mean of 64-frame windows.
+  of the mean of 64-frame windows;
+* **one network per machine type**: on a tree of several machine types, the real folder's protocol
+  (a network sees one machine type) against the default's one network for every type.
 
     .venv/bin/python benchmarks/network_variants.py --seed 0
 
@@ -34,18 +36,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
+from asd import metrics as M
 from asd.training import input_stats
 from pipelines.config import load_config
 from pipelines.detectors.prototype import StageTrainer, class_labels
 from pipelines.store import ClipTable, load_split
-from pretrain_curve import COLUMNS, evaluate  # benchmarks/ is on sys.path when run as a script
+from pretrain_curve import COLUMNS, evaluate, scores_of  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO.parent / "shared" / "data" / "realtoycar"
 DEFAULT = "default (fine-tune from scratch)"
+PER_TYPE = "one network per machine type"
 # name -> (config overrides, class set, input statistics)
 VARIANTS: dict[str, tuple[list[str], str, str]] = {
     DEFAULT: ([], "attributes", "all"),
@@ -62,6 +67,9 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
     "classes: domain only": ([], "domain", "all"),
     "input statistics: source clips only": ([], "attributes", "source"),
     "input statistics: none": ([], "attributes", "none"),
+    # the real folder's protocol on a tree of several machine types: each type's network trained on
+    # that type's clips alone (the default trains one network on every type's classes at once)
+    PER_TYPE: ([], "attributes", "all"),
 }
 
 
@@ -104,6 +112,32 @@ def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: s
     if class_set == "attributes" and stats == "all":
         whole = replace(cfg, score=replace(cfg.score, embedding="whole"))
         out["final, whole-clip test embeddings"] = evaluate(trainer.core, whole, train, test)
+    return out
+
+
+def of_machine(table: ClipTable, machine: str) -> ClipTable:
+    keep = (table.meta["machine"] == machine).to_numpy()
+    return ClipTable(meta=table.meta[keep].reset_index(drop=True),
+                     features=[f for f, k in zip(table.features, keep) if k])
+
+
+def per_machine_type(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: str, every: int) -> dict:
+    """``run_variant`` on each machine type's clips alone; the scores of the networks' sections together
+    at each evaluated epoch (the same official score as one network that scored them all)."""
+    runs = {}
+    for machine in sorted(set(train.meta["machine"])):
+        print(f"  {machine}", flush=True)
+        runs[machine] = run_variant(cfg, of_machine(train, machine), of_machine(test, machine), class_set, stats, every)
+
+    def together(points: list[dict]) -> dict:
+        return scores_of([M.SectionResult(**s) for p in points for s in p["sections"]])
+    curve = [{"epoch": points[0]["epoch"], "loss": float(np.mean([p["loss"] for p in points])), **together(points)}
+             for points in zip(*(r["curve"] for r in runs.values()))]
+    out = {"classes": sum(r["classes"] for r in runs.values()), "curve": curve, "final": curve[-1],
+           "seconds": sum(r["seconds"] for r in runs.values())}
+    whole = [r.get("final, whole-clip test embeddings") for r in runs.values()]
+    if all(whole):
+        out["final, whole-clip test embeddings"] = together(whole)
     return out
 
 
@@ -197,7 +231,8 @@ def main() -> None:
         overrides, class_set, stats = VARIANTS[name]
         print(f"{name} (seed {args.seed})", flush=True)
         cfg = load_config(args.config, base + overrides)
-        saved["variants"][name] = run_variant(cfg, train, test, class_set, stats, args.every)
+        run = per_machine_type if name == PER_TYPE else run_variant
+        saved["variants"][name] = run(cfg, train, test, class_set, stats, args.every)
         saved["date"] = time.strftime("%Y-%m-%d")
         results_file.write_text(json.dumps(saved, indent=1))
     (args.out / "variants.md").write_text(report(args.out))

@@ -37,9 +37,15 @@ def evaluate(model, cfg, train, test) -> dict:
     model.eval()
     sections = fit_sections(train.meta, embed_table(model, train, cfg, use_ray=False), cfg)
     scored = score_clips(test.meta, embed_table(model, test, cfg, use_ray=False), sections)
-    results = labelled_results(scored)
+    return scores_of(labelled_results(scored))
+
+
+def scores_of(results: list[M.SectionResult]) -> dict:
+    """The official score and AUCs of section results, each section's metrics, and with several
+    machine types each type's official score."""
     row = M.paper_row(results, method="")
     out = {k: float(row[k]) for k in COLUMNS}
+    out["sections"] = [r.to_dict() for r in results]
     if len({r.machine for r in results}) > 1:
         out["per machine type"] = M.machine_scores(results)
     return out
