@@ -31,7 +31,9 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
 
 ``--data-seeds`` generates each synthetic preset/regime once per data seed and measures the floors
 that need no training (kNN floor, both spectral kNNs) and the statistics on each draw, into
-``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw.
+``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw. With
+``--ae-epochs`` given, the AE recipe is trained on each draw as well (training seed ``--seed``).
+Trees are generated under ``<work>/synth/<name>-data-seed-<seed>``: one folder per draw, so seeds never mix.
 
 Writes ``<out>/realism.json`` and ``<out>/realism.md``; resumable (datasets already measured
 with the same settings are kept; ``--redo`` measures the datasets named in this call again, and
@@ -298,7 +300,7 @@ def synthetic_trees(work: Path, names: list[str], seed: int, data_seed: int | No
     for name in names:
         preset, drawn = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
         drawn = drawn if data_seed is None else data_seed
-        root = work / "synth" / (name if data_seed is None else f"{name}-data-seed-{data_seed}")
+        root = work / "synth" / f"{name}-data-seed-{drawn}"
         try:
             generate(replace(preset), root, seed=drawn)
         except ValueError as err:  # a tree of another seed or generator version
@@ -364,30 +366,40 @@ def spectrogram_picture(trees: dict[str, Path], out: Path, machine: str = "ToyCa
 SPREAD_COLUMNS = ["kNN floor", "spectral kNN", "spectral kNN, standardised", "anomaly/within", "domain/anomaly"]
 
 
-def over_data_seeds(work: Path, names: list[str], seeds: list[int]) -> dict[str, dict[str, dict]]:
-    """Name -> data seed -> the training-free floors and the statistics of that draw."""
+def over_data_seeds(work: Path, names: list[str], seeds: list[int], ae_epochs: int = 0,
+                    seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Name -> data seed -> the training-free floors (and the AE recipe when ``ae_epochs``, trained
+    with ``seed``) and the statistics of that draw."""
     rows: dict[str, dict[str, dict]] = defaultdict(dict)
     for data_seed in seeds:
         for name, root in synthetic_trees(work, names, 0, data_seed).items():
             print(f"realism: {name}, data seed {data_seed} ...", flush=True)
-            rows[name][str(data_seed)] = measure(root, ae_epochs=0, seed=0, untrained=False)
+            rows[name][str(data_seed)] = measure(root, ae_epochs=ae_epochs, seed=seed, untrained=False)
     return dict(rows)
 
 
 def spread_table(rows: dict[str, dict[str, dict]]) -> str:
     """Floors: mean (min .. max) over data seeds; ratios: median (min .. max), as a draw whose
     anomalies spread no more than its normals has an infinite domain / anomaly; the lead of the
-    standardised spectral kNN over the floor on its worst draw."""
-    lines = ["| dataset | data seeds | " + " | ".join(f"{c} ({'mean' if c in FLOORS else 'median'})" for c in SPREAD_COLUMNS)
+    standardised spectral kNN over the floor on its worst draw; the AE recipe, where some draws
+    have it, over those draws (named in its cell)."""
+    ae = any("AE recipe" in r for by_seed in rows.values() for r in by_seed.values())
+    columns = [*SPREAD_COLUMNS, *(["AE recipe"] if ae else [])]
+    lines = ["| dataset | data seeds | " + " | ".join(f"{c} ({'mean' if c in FLOORS else 'median'})" for c in columns)
              + " | standardised - floor, worst draw |",
-             "|---|---|" + "---|" * (len(SPREAD_COLUMNS) + 1)]
+             "|---|---|" + "---|" * (len(columns) + 1)]
     for name, by_seed in rows.items():
         cells = []
-        for col in SPREAD_COLUMNS:
-            v = np.array([r[col] for r in by_seed.values()], dtype=float)
+        for col in columns:
+            have = {seed: r[col] for seed, r in by_seed.items() if col in r}
+            if not have:
+                cells.append("—")
+                continue
+            v = np.array(list(have.values()), dtype=float)
             fmt = "{:.1f}" if col in FLOORS else "{:.2f}"
             centre = v.mean() if col in FLOORS else np.median(v)
-            cells.append(f"{fmt.format(centre)} ({fmt.format(v.min())} .. {fmt.format(v.max())})")
+            cell = f"{fmt.format(centre)} ({fmt.format(v.min())} .. {fmt.format(v.max())})"
+            cells.append(cell if len(have) == len(by_seed) else f"{cell}, draws {', '.join(have)}")
         lead = min(r["spectral kNN, standardised"] - r["kNN floor"] for r in by_seed.values())
         lines.append(f"| {name} | {', '.join(by_seed)} | " + " | ".join(cells) + f" | {lead:+.1f} |")
     return "\n".join(lines)
@@ -416,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", nargs="*", default=["demo", "imbalanced", "unseen", "shift", "few"],
                    help="synthetic presets / robustness regimes to measure")
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
-    p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100; 0 skips the AE")
+    p.add_argument("--ae-epochs", type=int, default=None,
+                   help="the recipe's 100 (default); 0 skips the AE; with --data-seeds the default is 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redo", action="store_true",
                    help="measure the datasets named now again, even when realism.json has them (others are kept)")
@@ -434,12 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         spread_path = a.out / "data_seeds.json"
         saved = json.loads(spread_path.read_text()) if spread_path.is_file() else {}
         spread = saved.get("rows", {})  # datasets not measured now keep their rows
-        for name, by_seed in over_data_seeds(work, a.synthetic, a.data_seeds).items():
-            spread[name] = {seed: {**row, **stamp} for seed, row in by_seed.items()}
+        for name, by_seed in over_data_seeds(work, a.synthetic, a.data_seeds, a.ae_epochs or 0, a.seed).items():
+            kept = spread.get(name, {})  # draws measured before (the AE's among them) stay unless measured now
+            spread[name] = {**kept, **{seed: {**row, **stamp} for seed, row in by_seed.items()}}
         spread_path.write_text(json.dumps({"machine": platform.platform(), **stamp, "rows": spread}, indent=1))
         (a.out / "data_seeds.md").write_text(spread_table(spread) + "\n")
         print(spread_table(spread))
         return 0
+    a.ae_epochs = 100 if a.ae_epochs is None else a.ae_epochs
     trees = dataset_trees(work, a.synthetic, not a.no_real, a.seed)
     for i, t in enumerate(a.tree):
         trees[a.name[i] if i < len(a.name) else str(t)] = t

@@ -88,3 +88,21 @@ def test_features_of_one_machine_type_at_a_time(tmp_path, monkeypatch):
     # the default row of spectral_variants (cosine, power 0.5) is realism's "spectral kNN"
     default = variants["variants"][" | ".join(spectral_variants.DEFAULT)]["Overall"]
     assert 100 * default == pytest.approx(row["spectral kNN"], abs=1e-9)
+
+
+def test_data_seeds_keep_earlier_draws_and_train_the_ae_when_asked(tmp_path):
+    """``--data-seeds`` adds draws to the ones measured before (each draw in its own tree) and trains
+    the AE recipe only when ``--ae-epochs`` is given; the table averages the AE over the draws that
+    have it and names them."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    base = ["--out", str(out), "--work", str(work), "--synthetic", "tiny"]
+    assert realism.main([*base, "--data-seeds", "0", "--ae-epochs", "1"]) == 0
+    assert realism.main([*base, "--data-seeds", "1"]) == 0
+    rows = json.loads((out / "data_seeds.json").read_text())["rows"]["synthetic tiny"]
+    assert set(rows) == {"0", "1"}
+    assert "AE recipe" in rows["0"] and "AE recipe" not in rows["1"]
+    assert sorted(p.name for p in (work / "synth").iterdir()) == ["tiny-data-seed-0", "tiny-data-seed-1"]
+    line = next(x for x in (out / "data_seeds.md").read_text().splitlines() if x.startswith("| synthetic tiny"))
+    assert f"{rows['0']['AE recipe']:.1f} ({rows['0']['AE recipe']:.1f} .. {rows['0']['AE recipe']:.1f}), draws 0" in line
+    floors = [rows[s]["kNN floor"] for s in ("0", "1")]
+    assert f"{sum(floors) / 2:.1f} ({min(floors):.1f} .. {max(floors):.1f})" in line
