@@ -274,15 +274,14 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
            "anomaly/within": anomaly / within, "anomaly/between": anomaly / between,
            "domain/anomaly": domain / anomaly if anomaly > 0 else float("inf"),
            **{k: mean[k] for k in ("frame-to-frame dB", "flatness", "level spread dB")}}
-    machines = sorted({r.machine for r in results["kNN floor"]})
     for name, res in results.items():
         if res:
             paper = M.paper_row(res, method=name)
             row[name] = 100 * paper["Overall"]
             row[f"{name} (s/t/p)"] = "/".join(f"{100 * paper[k]:.1f}" for k in ("Source AUC", "Target AUC", "pAUC"))
-            if len(machines) > 1:  # which machine types carry the overall score
-                row[f"{name} per machine type"] = {m: None if v is None else 100 * v
-                                                   for m, v in M.machine_scores(res).items()}
+            # which machine types carry the overall score (with one type: its name, for like-for-like tables)
+            row[f"{name} per machine type"] = {m: None if v is None else 100 * v
+                                               for m, v in M.machine_scores(res).items()}
     return row
 
 
@@ -405,6 +404,28 @@ def spread_table(rows: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def per_type_table(rows: dict[str, dict[str, dict]]) -> str:
+    """Each detector's official score per machine type, mean over the draws that measured it, and
+    the detectors ranked by it: a one-type real folder is compared like for like with the same
+    machine type of a synthetic dataset, not with a mean over types it does not hold."""
+    lines = ["| dataset | machine type | draws | " + " | ".join(FLOORS) + " | ranking |",
+             "|---|---|---|" + "---|" * (len(FLOORS) + 1)]
+    for name, by_seed in rows.items():
+        machines = sorted({m for r in by_seed.values() for m in r.get("kNN floor per machine type", {})})
+        for machine in machines:
+            means = {}
+            for det in FLOORS:
+                v = [r[f"{det} per machine type"][machine] for r in by_seed.values()
+                     if r.get(f"{det} per machine type", {}).get(machine) is not None]
+                if v:
+                    means[det] = (float(np.mean(v)), len(v))
+            cells = [f"{means[d][0]:.1f}" + ("" if means[d][1] == len(by_seed) else f" ({means[d][1]})")
+                     if d in means else "—" for d in FLOORS]
+            ranking = " > ".join(d for d, _ in sorted(means.items(), key=lambda kv: -kv[1][0]))
+            lines.append(f"| {name} | {machine} | {len(by_seed)} | " + " | ".join(cells) + f" | {ranking} |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict]) -> str:
     cols = [*FLOORS, *STATS, "within dB", "between dB", "anomaly dB", "domain dB"]
     lines = ["| dataset | clips | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -451,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
             kept = spread.get(name, {})  # draws measured before (the AE's among them) stay unless measured now
             spread[name] = {**kept, **{seed: {**row, **stamp} for seed, row in by_seed.items()}}
         spread_path.write_text(json.dumps({"machine": platform.platform(), **stamp, "rows": spread}, indent=1))
-        (a.out / "data_seeds.md").write_text(spread_table(spread) + "\n")
-        print(spread_table(spread))
+        text = spread_table(spread) + "\n\nPer machine type (mean over draws; a count in brackets: the draws that measured it):\n\n" \
+            + per_type_table(spread) + "\n"
+        (a.out / "data_seeds.md").write_text(text)
+        print(text)
         return 0
     a.ae_epochs = 100 if a.ae_epochs is None else a.ae_epochs
     trees = dataset_trees(work, a.synthetic, not a.no_real, a.seed)

@@ -106,3 +106,12 @@ def test_data_seeds_keep_earlier_draws_and_train_the_ae_when_asked(tmp_path):
     assert f"{rows['0']['AE recipe']:.1f} ({rows['0']['AE recipe']:.1f} .. {rows['0']['AE recipe']:.1f}), draws 0" in line
     floors = [rows[s]["kNN floor"] for s in ("0", "1")]
     assert f"{sum(floors) / 2:.1f} ({min(floors):.1f} .. {max(floors):.1f})" in line
+    # per machine type: each detector's mean over the draws that measured it, ranked
+    for machine in ("fan", "valve"):
+        row = next(x for x in (out / "data_seeds.md").read_text().splitlines()
+                   if x.startswith(f"| synthetic tiny | {machine} |"))
+        means = {d: sum(v) / len(v) for d in realism.FLOORS
+                 if (v := [rows[s][f"{d} per machine type"][machine] for s in rows
+                           if f"{d} per machine type" in rows[s]])}
+        assert f"{means['kNN floor']:.1f}" in row and f"{means['AE recipe']:.1f} (1)" in row
+        assert row.rstrip(" |").endswith(" > ".join(sorted(means, key=means.get, reverse=True)))
