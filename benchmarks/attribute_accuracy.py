@@ -42,9 +42,9 @@ from pipelines.config import load_config
 from pipelines.detectors.prototype import StageTrainer, embed_table
 from pipelines.store import ClipTable, load_split
 from pretrain_curve import evaluate  # benchmarks/ is on sys.path when run as a script
+from real_folder import REAL_TOYCAR as REAL
 
 REPO = Path(__file__).resolve().parent.parent
-REAL = REPO.parent / "shared" / "data" / "realtoycar"
 
 
 def holdout_split(classes: list[str], fraction: float, min_class: int, seed: int) -> tuple[list[int], list[int]]:

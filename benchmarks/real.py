@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from robustness import KNN_FLOOR, LOGMEL, PROTOTYPE, SPECTRAL_KNN, run_method, slug  # benchmarks/ is on sys.path
+from real_folder import REAL_TOYCAR as DEFAULT_DATA  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "realtoycar"
 # every variant spelled out, whatever the config's defaults are
 METHODS: dict[str, list[str]] = {
     "spectral kNN": SPECTRAL_KNN,

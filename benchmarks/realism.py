@@ -66,9 +66,9 @@ from asd.knn_backend import fit_knn_section
 from asd.metadata import discover_clips
 from asd.model import EmbeddingNet, ModelConfig
 from asd.training import embed_clips, input_stats
+from real_folder import REAL_TOYCAR as REAL  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-REAL = REPO.parent / "shared" / "data" / "realtoycar"
 LOGMEL = FeatureConfig(kind="librosa_logmel")
 INVERTED = FeatureConfig(kind="inverted_logmel")
 SPECTRUM = FeatureConfig(kind="spectrum")
