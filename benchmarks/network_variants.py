@@ -46,7 +46,7 @@ from pipelines.config import load_config
 from pipelines.detectors.prototype import StageTrainer, class_labels
 from pipelines.store import ClipTable, load_split
 from pretrain_curve import COLUMNS, evaluate, scores_of  # benchmarks/ is on sys.path when run as a script
-from real_folder import REAL_TOYCAR as REAL
+from common import REAL_TOYCAR as REAL
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = "default (fine-tune from scratch)"

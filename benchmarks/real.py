@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from robustness import KNN_FLOOR, LOGMEL, PROTOTYPE, SPECTRAL_KNN, run_method, slug  # benchmarks/ is on sys.path
-from real_folder import REAL_TOYCAR as DEFAULT_DATA  # benchmarks/ is on sys.path
+from common import REAL_TOYCAR as DEFAULT_DATA, commit_id  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 # every variant spelled out, whatever the config's defaults are
@@ -130,8 +130,7 @@ def main() -> None:
     rows = json.loads(results.read_text())["runs"] if results.is_file() else []
     rows = [r for r in rows if r.get("config") == args.config]
     done = {(r["method"], r["seed"]) for r in rows}
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = commit_id()
     if not args.report_only:
         unpack(args.data, work)
         for seed in args.seeds:  # every method at one seed before the next seed

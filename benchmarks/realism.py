@@ -66,7 +66,7 @@ from asd.knn_backend import fit_knn_section
 from asd.metadata import discover_clips
 from asd.model import EmbeddingNet, ModelConfig
 from asd.training import embed_clips, input_stats
-from real_folder import REAL_TOYCAR as REAL  # benchmarks/ is on sys.path
+from common import REAL_TOYCAR as REAL, commit_id  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 LOGMEL = FeatureConfig(kind="librosa_logmel")
@@ -433,11 +433,6 @@ def table(rows: dict[str, dict]) -> str:
         cells = [f"{r[c]:.1f}" if c in FLOORS and c in r else (f"{r[c]:.2f}" if c in r else "—") for c in cols]
         lines.append(f"| {name} | {r['clips']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def commit_id() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:

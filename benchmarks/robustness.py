@@ -33,7 +33,6 @@ import argparse
 import json
 import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -43,7 +42,8 @@ import pandas as pd
 from asd import metrics as M
 from pipelines.config import load_config
 from pipelines.synth.generate import SynthPreset, generate, preset_settings
-from quality import reuse_stages  # benchmarks/ is on sys.path when run as a script
+from common import commit_id  # benchmarks/ is on sys.path when run as a script
+from quality import reuse_stages
 
 SECONDS = 4.0  # shorter than DCASE's 10 s clips: the suite runs 60 trainings on 2 CPU cores
 REGIMES: dict[str, SynthPreset] = {
@@ -207,7 +207,7 @@ def main() -> None:
     done = {(r["regime"], r["method"], r["seed"]) for r in rows
             if r.get("config", "demo") == args.config and r.get("overrides", []) == args.overrides}
     rows = [r for r in rows if r.get("config", "demo") == args.config and r.get("overrides", []) == args.overrides]
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     for regime in args.regimes if not args.report_only else ():
         regime_data(regime, base)
         for seed in args.seeds:

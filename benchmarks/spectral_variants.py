@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ import torch
 from asd import metrics as M
 from asd.knn import (batch_clip_statistics, cosine_distances, dimension_spread, local_radii, scaled_nearest,
                      spectrum_shape)
+from common import commit_id  # benchmarks/ is on sys.path
 from realism import dataset_trees, labelled_by_machine, load_clips, parts, result, sections  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in rows:
             print(f"spectral variants: {name} ...", flush=True)
             rows[name] = measure(root, a.resamples, a.seed)
-            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
+            commit = commit_id()
             path.write_text(json.dumps({"resamples": a.resamples, "machine": platform.platform(), "commit": commit,
                                         "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
         print(table(name, rows[name]), flush=True)

@@ -1,0 +1,23 @@
+"""What the benchmark scripts share: where the real folder is read from, and which commit a result
+was measured at."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# the real DCASE 2023 ToyCar folder, read in place (never copied): ASD_REAL_TOYCAR_DIR, else
+# ../shared/data/realtoycar beside the repository; scripts skip it when absent
+REAL_TOYCAR = Path(os.environ.get("ASD_REAL_TOYCAR_DIR") or REPO.parent / "shared" / "data" / "realtoycar")
+
+
+def commit_id() -> str:
+    """The short commit, ``-dirty`` when code differs from it; result files a running benchmark
+    rewrites (``benchmarks/results``) do not count, so a long run's later rows keep a clean id."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
+    return f"{head}-dirty" if changed else head
