@@ -31,7 +31,8 @@ n_fft 1024, hop 512) and each clip's time-averaged spectrum ``v`` (dB per bin):
 
 ``--data-seeds`` generates each synthetic preset/regime once per data seed and measures the floors
 that need no training (kNN floor, both spectral kNNs) and the statistics on each draw, into
-``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw. With
+``<out>/data_seeds.{json,md}``: how much of a gap to the real folder is the luck of one draw; the md
+also ranks the detectors per machine type, to compare a one-type real folder like for like. With
 ``--ae-epochs`` given, the AE recipe is trained on each draw as well (training seed ``--seed``).
 Trees are generated under ``<work>/synth/<name>-data-seed-<seed>``: one folder per draw, so seeds never mix.
 
