@@ -427,6 +427,12 @@ def per_type_table(rows: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def spread_report(rows: dict[str, dict[str, dict]]) -> str:
+    """``data_seeds.md``: the spread over draws, then the detectors per machine type."""
+    return (spread_table(rows) + "\n\nPer machine type (mean over draws; a count in brackets: the draws that "
+            "measured it):\n\n" + per_type_table(rows) + "\n")
+
+
 def table(rows: dict[str, dict]) -> str:
     cols = [*FLOORS, *STATS, "within dB", "between dB", "anomaly dB", "domain dB"]
     lines = ["| dataset | clips | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -468,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = spread.get(name, {})  # draws measured before (the AE's among them) stay unless measured now
             spread[name] = {**kept, **{seed: {**row, **stamp} for seed, row in by_seed.items()}}
         spread_path.write_text(json.dumps({"machine": platform.platform(), **stamp, "rows": spread}, indent=1))
-        text = spread_table(spread) + "\n\nPer machine type (mean over draws; a count in brackets: the draws that measured it):\n\n" \
-            + per_type_table(spread) + "\n"
+        text = spread_report(spread)
         (a.out / "data_seeds.md").write_text(text)
         print(text)
         return 0
