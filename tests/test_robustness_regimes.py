@@ -22,6 +22,11 @@ def _record(preset: SynthPreset) -> dict:
     # as main() records a regime: of the per-machine-type settings, those of its own machine types
     record = dataclasses.asdict(preset)
     record["difficulty"]["machine_snr_db"] = [list(p) for p in preset.difficulty.machine_snr_db if p[0] in preset.machines]
+    gains = [list(p) for p in preset.difficulty.machine_anomaly_gain if p[0] in preset.machines]
+    if gains:  # left out when empty, as records made before the setting existed
+        record["difficulty"]["machine_anomaly_gain"] = gains
+    else:
+        del record["difficulty"]["machine_anomaly_gain"]
     return record
 
 

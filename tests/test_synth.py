@@ -283,6 +283,17 @@ def test_anomaly_stretches_and_background_events():
     fan_kw = {**kw, "anomaly": "stall"}
     assert np.array_equal(render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), difficulty=quiet, **fan_kw),
                           render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), **fan_kw))
+    # a machine type's anomaly gain is that type's anomaly strength scaled; normal clips and other types untouched
+    weak = Difficulty(machine_anomaly_gain=(("fan", 0.4),))
+    assert np.array_equal(render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), difficulty=weak, **fan_kw),
+                          render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), **{**fan_kw, "strength": 0.4}))
+    assert not np.allclose(render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), difficulty=weak, **fan_kw),
+                           render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), **fan_kw))
+    normal_kw = {**fan_kw, "anomaly": None}
+    assert np.array_equal(render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), difficulty=weak, **normal_kw),
+                          render_clip("fan", "01", fan, rng=keyed_rng("clip", 2), **normal_kw))
+    assert np.array_equal(render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), difficulty=weak, **kw),
+                          render_clip("valve", "00", attrs, rng=keyed_rng("clip", 1), **kw))
 
 
 def test_obvious_anomalies_differ_from_normal_clips(tmp_path):
@@ -506,8 +517,15 @@ def test_a_record_holds_only_the_datasets_own_machine_types():
     assert preset_settings(fan)["difficulty"]["machine_snr_db"] == []
     valve = _small(difficulty=dataclasses.replace(REAL_SOUND, machine_snr_db=(("fan", 2.0), ("valve", -12.0))))
     assert preset_settings(valve)["difficulty"]["machine_snr_db"] == [["valve", -12.0]]
-    shifted = _small(target_snr_offset_db=-5.0)
-    assert preset_from_settings(json.loads(json.dumps(preset_settings(shifted)))) == shifted
+    # the anomaly gain likewise; a record without one reads as one made before the setting existed
+    gained = dataclasses.replace(REAL_SOUND, machine_anomaly_gain=(("fan", 0.3), ("valve", 0.5)))
+    assert preset_settings(dataclasses.replace(fan, difficulty=gained))["difficulty"]["machine_anomaly_gain"] == [["fan", 0.3]]
+    assert "machine_anomaly_gain" not in preset_settings(_small(difficulty=dataclasses.replace(
+        REAL_SOUND, machine_anomaly_gain=(("fan", 0.3),))))["difficulty"]
+    assert preset_settings(_small(difficulty=gained))["difficulty"]["machine_anomaly_gain"] == [["valve", 0.5]]
+    for gains, offset in (((), -5.0), ((("valve", 0.5),), 0.0)):  # a preset whose settings are all its own types'
+        preset = _small(target_snr_offset_db=offset, difficulty=dataclasses.replace(REAL_SOUND, machine_anomaly_gain=gains))
+        assert preset_from_settings(json.loads(json.dumps(preset_settings(preset)))) == preset
 
 
 def test_the_pipeline_refuses_a_synthetic_tree_of_other_settings(tmp_path):

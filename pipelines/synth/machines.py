@@ -801,7 +801,9 @@ class Difficulty:
     harmonic complex, a tool's band of noise, a passing vehicle's swell), 0.2-2 s long, at a
     machine-to-event ratio uniform in ``event_snr_db``. ``machine_snr_db``: (machine type, dB)
     pairs added to that type's machine-to-background ratio (a machine quieter against its
-    factory than the others, calibrated on real clips of it).
+    factory than the others, calibrated on real clips of it). ``machine_anomaly_gain``: (machine
+    type, factor) pairs scaling that type's anomaly strength (a type whose anomalies the detectors
+    found far easier than real ones, calibrated with ``benchmarks/realism.py``).
     """
 
     hidden_states: int = 0
@@ -811,6 +813,7 @@ class Difficulty:
     events_per_s: float = 0.0
     event_snr_db: tuple[float, float] = (0.0, 10.0)
     machine_snr_db: tuple[tuple[str, float], ...] = ()
+    machine_anomaly_gain: tuple[tuple[str, float], ...] = ()
 
 
 def colouring(n: int, rng: np.random.Generator, db: float) -> tuple:
@@ -875,16 +878,17 @@ def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: s
     if anomaly is not None and anomaly not in model.anomalies:
         raise ValueError(f"{machine}: unknown anomaly {anomaly!r}; known: {model.anomalies}")
     d = difficulty
+    strength = float(strength) * dict(d.machine_anomaly_gain).get(machine, 1.0)
     unit = section_unit(machine, section)
     if anomaly is not None and d.anomaly_duty[0] < 1.0:
         # the anomaly sounds over one stretch: the rest of the clip is the same machine rendered normal
         normal = model.sound(Ctx(n, np.random.default_rng(rng.integers(2**63))), unit, attrs, None, 0.0)
         c = Ctx(n, rng)
         on = stretch(c, d.anomaly_duty)
-        x = normal + on * (model.sound(c, unit, attrs, anomaly, float(strength)) - normal)
+        x = normal + on * (model.sound(c, unit, attrs, anomaly, strength) - normal)
     else:
         c = Ctx(n, rng)
-        x = model.sound(c, unit, attrs, anomaly, float(strength) if anomaly else 0.0)
+        x = model.sound(c, unit, attrs, anomaly, strength if anomaly else 0.0)
     scene = scene_for(machine, section, attrs)
     power = float(np.mean(np.square(x, dtype=np.float64)))
     x = operating_state(c, x, machine, section, d)
