@@ -38,7 +38,8 @@ Trees are generated under ``<work>/synth/<name>-data-seed-<seed>``: one folder p
 
 Writes ``<out>/realism.json`` and ``<out>/realism.md``; resumable (datasets already measured
 with the same settings are kept; ``--redo`` measures the datasets named in this call again, and
-rows of other datasets stay); every row records its commit and date. The real folder is skipped with a message
+rows of other datasets stay); every row records its commit and date, and a synthetic row the
+generator settings of its dataset: rows of another generator version are left out, with a line. The real folder is skipped with a message
 when absent.
 """
 
@@ -289,16 +290,38 @@ def measure(root: Path, ae_epochs: int, seed: int, untrained: bool = True) -> di
 # ----------------------------------------------------------------------------- datasets
 
 
+def synthetic_preset(name: str, seed: int):
+    """A synthetic preset (``demo``) or robustness regime by name, and its data seed: ``seed`` for a
+    preset, the suite's own for a regime."""
+    from robustness import DATA_SEED, REGIMES  # benchmarks/ is on sys.path
+
+    from pipelines.synth.generate import PRESETS
+    return (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
+
+
+def data_record(name: str) -> dict:
+    """What makes a synthetic dataset's clips (the generator's settings, as its tree records them):
+    each of its rows carries it, so rows measured on another version of the generator are told apart."""
+    from pipelines.synth.generate import preset_settings
+    return preset_settings(synthetic_preset(name.removeprefix("synthetic "), 0)[0])
+
+
+def current(name: str, row: dict, where: str) -> bool:
+    """Whether a saved row was measured on the dataset the code makes now (the real folder's always
+    is); a row of another generator version is reported and left out."""
+    if not name.startswith("synthetic ") or row.get("data") == data_record(name):
+        return True
+    print(f"realism: {where}: {name} was measured on another version of the generator; left out (git history keeps it)")
+    return False
+
+
 def synthetic_trees(work: Path, names: list[str], seed: int, data_seed: int | None = None) -> dict[str, Path]:
     """The ``demo`` preset and the robustness regimes, generated once under ``work``: a preset with
     ``seed``, a regime with the suite's data seed, both with ``data_seed`` when it is given."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from robustness import DATA_SEED, REGIMES  # noqa: E402  (benchmarks/ is not a package)
-
-    from pipelines.synth.generate import PRESETS, generate
+    from pipelines.synth.generate import generate
     trees = {}
     for name in names:
-        preset, drawn = (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
+        preset, drawn = synthetic_preset(name, seed)
         drawn = drawn if data_seed is None else data_seed
         root = work / "synth" / f"{name}-data-seed-{drawn}"
         try:
@@ -469,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.data_seeds:
         spread_path = a.out / "data_seeds.json"
         saved = json.loads(spread_path.read_text()) if spread_path.is_file() else {}
-        spread = saved.get("rows", {})  # datasets not measured now keep their rows
+        spread = {name: {seed: row for seed, row in by_seed.items()  # datasets not measured now keep their rows
+                         if current(name, row, f"{spread_path.name}, data seed {seed}")}
+                  for name, by_seed in saved.get("rows", {}).items()}
         for name, by_seed in over_data_seeds(work, a.synthetic, a.data_seeds, a.ae_epochs or 0, a.seed).items():
             kept = spread.get(name, {})  # draws measured before (the AE's among them) stay unless measured now
-            spread[name] = {**kept, **{seed: {**row, **stamp} for seed, row in by_seed.items()}}
+            spread[name] = {**kept, **{seed: {**row, **stamp, "data": data_record(name)} for seed, row in by_seed.items()}}
+        spread = {name: by_seed for name, by_seed in spread.items() if by_seed}
         spread_path.write_text(json.dumps({"machine": platform.platform(), **stamp, "rows": spread}, indent=1))
         text = spread_report(spread)
         (a.out / "data_seeds.md").write_text(text)
@@ -488,12 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / "realism.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     settings = {"ae_epochs": a.ae_epochs, "seed": a.seed}
-    rows = {k: v for k, v in saved.get("rows", {}).items() if saved.get("settings") == settings}
+    rows = {k: v for k, v in saved.get("rows", {}).items()
+            if saved.get("settings") == settings and current(k, v, path.name)}
     for name, root in trees.items():
         if "spectral kNN, standardised" in rows.get(name, {}) and not a.redo:  # older rows lack that column
             continue
         print(f"realism: {name} ...", flush=True)
-        rows[name] = {**measure(root, a.ae_epochs, a.seed), **stamp}
+        rows[name] = {**measure(root, a.ae_epochs, a.seed), **stamp,
+                      **({"data": data_record(name)} if name.startswith("synthetic ") else {})}
         path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), **stamp, "rows": rows},
                                    indent=1))
         print(table({name: rows[name]}), flush=True)

@@ -115,3 +115,20 @@ def test_data_seeds_keep_earlier_draws_and_train_the_ae_when_asked(tmp_path):
                            if f"{d} per machine type" in rows[s]])}
         assert f"{means['kNN floor']:.1f}" in row and f"{means['AE recipe']:.1f} (1)" in row
         assert row.rstrip(" |").endswith(" > ".join(sorted(means, key=means.get, reverse=True)))
+
+
+def test_draws_of_another_generator_version_are_left_out(tmp_path, capsys):
+    """A saved draw whose generator settings differ from the code's (the fan's anomalies were weaker
+    or stronger when it was measured) is left out with a line, never averaged with new draws."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    base = ["--out", str(out), "--work", str(work), "--synthetic", "tiny"]
+    assert realism.main([*base, "--data-seeds", "0", "1"]) == 0
+    path = out / "data_seeds.json"
+    saved = json.loads(path.read_text())
+    assert saved["rows"]["synthetic tiny"]["0"]["data"] == realism.data_record("synthetic tiny")
+    saved["rows"]["synthetic tiny"]["1"]["data"]["difficulty"]["machine_anomaly_gain"] = [["fan", 1.0]]
+    path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert realism.main([*base, "--data-seeds", "2"]) == 0
+    assert set(json.loads(path.read_text())["rows"]["synthetic tiny"]) == {"0", "2"}
+    assert "data seed 1: synthetic tiny was measured on another version of the generator" in capsys.readouterr().out
