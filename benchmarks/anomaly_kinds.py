@@ -1,0 +1,134 @@
+"""How easy is each kind of synthetic anomaly? The kNN floor and the AE recipe, per anomaly kind, for
+one machine type of a synthetic preset or robustness regime, at several anomaly gains.
+
+The generator knows which anomaly each test clip holds (the files do not say), so this script renders
+the clips in memory (``plan_dataset`` + ``render_job``: the same clips a tree of those settings holds)
+and scores them with ``benchmarks/realism.py``'s detectors: the kNN floor (log-Mel mean + std, cosine
+distance to the nearest training clip) and the official AE (``--epochs``; 30 here, the recipe's 100 in
+realism.py). AUC in % of the normal test clips (both domains) against the anomalies of one kind, and
+against all of them, mean over the sections. It calibrates ``Difficulty.machine_anomaly_gain``: the
+synthetic fan's gain was picked with it (docs/synthetic-data.md, "Calibration").
+
+    .venv/bin/python benchmarks/anomaly_kinds.py --machine fan --dataset imbalanced --gains 1 0.5 0.3 0.2
+
+Every gain replaces the machine type's entry of the dataset's own ``machine_anomaly_gain`` (1 = the
+sound models' plain strength). ``--source-train`` / ``--test-per-group`` override the dataset's counts
+(default 100 / 30: enough test anomalies per kind to read an AUC). Writes
+``<out>/anomaly_kinds.{json,md}``; rows of other (dataset, machine, gain, data seed) keys are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import realism  # noqa: E402  (benchmarks/ is on sys.path)
+from common import commit_id  # noqa: E402
+from pipelines.synth.generate import plan_dataset, preset_settings, render_job  # noqa: E402
+
+DETECTORS = ("kNN floor", "AE recipe")
+
+
+def dataset(name: str, machine: str, gain: float, source_train: int, test_per_group: int):
+    """The preset or regime ``name`` cut to ``machine``, with that type's anomaly gain set to ``gain``."""
+    preset, seed = realism.synthetic_preset(name, 0)
+    if machine not in preset.machines:
+        raise SystemExit(f"anomaly_kinds: {name!r} holds {list(preset.machines)}, not {machine!r}")
+    d = preset.difficulty
+    gains = tuple((m, g) for m, g in d.machine_anomaly_gain if m != machine) + ((machine, float(gain)),)
+    return replace(preset, machines=(machine,), source_train=source_train, test_per_group=test_per_group,
+                   difficulty=replace(d, machine_anomaly_gain=gains)), seed
+
+
+def render_sections(preset, seed: int) -> dict[str, list[dict]]:
+    """Section -> its clips, rendered in memory, each with its split, label, anomaly kind and log-Mel."""
+    out: dict[str, list[dict]] = {}
+    for job in plan_dataset(preset, Path("/nonexistent"), seed, eval_data=False).jobs:
+        wave = torch.from_numpy(render_job(job).astype(np.float32) / 32767.0)
+        split, label = job.key[3], job.key[5]
+        meta = SimpleNamespace(machine=job.machine, split=split, path=job.path)
+        out.setdefault(job.section, []).append(
+            dict(meta=meta, label=label, kind=job.anomaly, logmel=realism.log_mel(wave, realism.LOGMEL)))
+    return out
+
+
+def kind_aucs(test: list[dict], scores: np.ndarray) -> dict[str, float]:
+    """AUC (%) of the normal clips against all anomalies ('all') and against each kind's."""
+    y = np.array([c["label"] == "anomaly" for c in test])
+    out = {"all": 100.0 * roc_auc_score(y, scores)}
+    for kind in sorted({c["kind"] for c in test if c["kind"]}):
+        keep = np.array([c["kind"] == kind or c["label"] == "normal" for c in test])
+        out[kind] = 100.0 * roc_auc_score(y[keep], scores[keep])
+    return out
+
+
+def measure(preset, seed: int, epochs: int, train_seed: int = 0) -> dict[str, dict[str, float]]:
+    """Detector -> 'all' or anomaly kind -> AUC (%), mean over the sections of data seed ``seed``."""
+    per_section: dict[str, list[dict[str, float]]] = {d: [] for d in DETECTORS}
+    for clips in render_sections(preset, seed).values():
+        train = [c for c in clips if c["meta"].split == "train"]
+        test = [c for c in clips if c["meta"].split == "test"]
+        per_section["kNN floor"].append(kind_aucs(test, realism.knn_floor(train, test)))
+        ae = realism.ae_scores(train + test, epochs, train_seed)
+        per_section["AE recipe"].append(kind_aucs(test, np.array([ae[c["meta"].path] for c in test])))
+    return {d: {k: float(np.mean([s[k] for s in rows])) for k in rows[0]} for d, rows in per_section.items()}
+
+
+def table(rows: dict[str, dict]) -> str:
+    kinds = sorted({k for r in rows.values() for d in DETECTORS for k in r[d] if k != "all"})
+    head = ["dataset", "machine", "gain", "data seed", "AE epochs"] + [f"{d}: {k}" for d in DETECTORS for k in ["all", *kinds]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows.values(), key=lambda r: (r["dataset"], r["machine"], r["epochs"], -r["gain"], r["data_seed"])):
+        cells = [r["dataset"], r["machine"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"])]
+        cells += [f"{r[d][k]:.1f}" if k in r[d] else "" for d in DETECTORS for k in ["all", *kinds]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--machine", required=True, help="machine type, e.g. fan")
+    p.add_argument("--dataset", default="demo", help="a synthetic preset or robustness regime (default demo)")
+    p.add_argument("--gains", type=float, nargs="+", default=[1.0])
+    p.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: the dataset's own")
+    p.add_argument("--epochs", type=int, default=30, help="AE epochs (the recipe's 100 in realism.py)")
+    p.add_argument("--source-train", type=int, default=100)
+    p.add_argument("--test-per-group", type=int, default=30)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly-kinds")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "anomaly_kinds.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    stamp = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
+    for gain in a.gains:
+        for seed in a.data_seeds or [None]:
+            preset, own_seed = dataset(a.dataset, a.machine, gain, a.source_train, a.test_per_group)
+            seed = own_seed if seed is None else seed
+            key = f"{a.dataset}/{a.machine}/gain {gain:g}/data seed {seed}/epochs {a.epochs}"
+            t0 = time.time()
+            rows[key] = {"dataset": a.dataset, "machine": a.machine, "gain": gain, "data_seed": seed,
+                         "epochs": a.epochs, **measure(preset, seed, a.epochs), "data": preset_settings(preset),
+                         "seconds": round(time.time() - t0, 1), **stamp}
+            print(f"anomaly_kinds: {key}: " + ", ".join(f"{d} {rows[key][d]['all']:.1f}" for d in DETECTORS),
+                  flush=True)
+            path.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
+    (a.out / "anomaly_kinds.md").write_text(table(rows))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
