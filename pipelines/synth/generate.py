@@ -331,7 +331,7 @@ def preset_settings(preset: SynthPreset) -> dict:
     d = preset.difficulty
     own = {k: tuple((m, v) for m, v in getattr(d, k) if m in preset.machines) for k in PER_MACHINE_TYPE}
     settings = json.loads(json.dumps(asdict(replace(preset, difficulty=replace(d, **own)))))
-    if not own["machine_anomaly_gain"]:  # as records made before the setting existed hold it
+    if not own["machine_anomaly_gain"]:  # records made before the setting existed lack the key
         del settings["difficulty"]["machine_anomaly_gain"]
     return settings
 

@@ -803,7 +803,7 @@ class Difficulty:
     pairs added to that type's machine-to-background ratio (a machine quieter against its
     factory than the others, calibrated on real clips of it). ``machine_anomaly_gain``: (machine
     type, factor) pairs scaling that type's anomaly strength (a type whose anomalies the detectors
-    found far easier than real ones, calibrated with ``benchmarks/realism.py``).
+    found far easier than real ones, calibrated with ``benchmarks/anomaly_kinds.py``).
     """
 
     hidden_states: int = 0
