@@ -307,9 +307,15 @@ def data_record(name: str) -> dict:
 
 
 def current(name: str, row: dict, where: str) -> bool:
-    """Whether a saved row was measured on the dataset the code makes now (the real folder's always
-    is); a row of another generator version is reported and left out."""
-    if not name.startswith("synthetic ") or row.get("data") == data_record(name):
+    """Whether a saved row was measured on the dataset the code makes now (the real folder's and a
+    ``--tree``'s always are); a row of another generator version is reported and left out."""
+    if not name.startswith("synthetic "):
+        return True
+    try:
+        now = data_record(name)
+    except KeyError:  # a --tree named so, or a preset that no longer exists: nothing to compare
+        return True
+    if row.get("data") == now:
         return True
     print(f"realism: {where}: {name} was measured on another version of the generator; left out (git history keeps it)")
     return False
@@ -516,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"ae_epochs": a.ae_epochs, "seed": a.seed}
     rows = {k: v for k, v in saved.get("rows", {}).items()
             if saved.get("settings") == settings and current(k, v, path.name)}
+    generated = {f"synthetic {n}" for n in a.synthetic} - set(a.name)
     for name, root in trees.items():
         if "spectral kNN, standardised" in rows.get(name, {}) and not a.redo:  # older rows lack that column
             continue
         print(f"realism: {name} ...", flush=True)
         rows[name] = {**measure(root, a.ae_epochs, a.seed), **stamp,
-                      **({"data": data_record(name)} if name.startswith("synthetic ") else {})}
+                      **({"data": data_record(name)} if name in generated else {})}
         path.write_text(json.dumps({"settings": settings, "machine": platform.platform(), **stamp, "rows": rows},
                                    indent=1))
         print(table({name: rows[name]}), flush=True)

@@ -72,3 +72,10 @@ def test_a_regime_records_only_its_own_machine_types_settings(monkeypatch):
     plain = dataclasses.replace(SMALL, difficulty=Difficulty())
     before = {"fan": plain, "valve": dataclasses.replace(plain, machines=("valve",))}
     assert robustness.stale_regimes(_saved(before, ["fan", "valve"]), ["fan", "valve"]) == ["valve"]
+    # the fan's anomaly gain likewise: rows of a fan regime from before it are stale, a valve regime's are not
+    gained = Difficulty(machine_snr_db=(("valve", -12.0),), machine_anomaly_gain=(("fan", 0.3),))
+    monkeypatch.setattr(robustness, "REGIMES", {"fan": dataclasses.replace(fan, difficulty=gained),
+                                                "valve": dataclasses.replace(valve, difficulty=gained)})
+    assert robustness.regime_settings("fan")["difficulty"]["machine_anomaly_gain"] == [["fan", 0.3]]
+    assert "machine_anomaly_gain" not in robustness.regime_settings("valve")["difficulty"]
+    assert robustness.stale_regimes(_saved({"fan": fan, "valve": valve}, ["fan", "valve"]), ["fan", "valve"]) == ["fan"]
