@@ -44,7 +44,7 @@ DEFAULT_SNR_DB = (3.0, 12.0)
 # (benchmarks/level_range.py; the background's own range bounds it from below).
 # The fan's anomalies at 0.3 of their strength: at full strength the AE recipe scored 85.3 on the
 # imbalanced regime's fan (three draws) against 55.2 on the real toy car, the kNN floor 73.6 against
-# 58.9; at 0.3 both land at 54-61 (docs/synthetic-data.md, "Calibration").
+# 58.9; at 0.3 the regime's AE is 58.8 and its floor 53.7 (docs/synthetic-data.md, "Calibration").
 REAL_SOUND = Difficulty(hidden_states=4, state_db=6.0, clip_db=2.0, anomaly_duty=(0.3, 1.0), events_per_s=0.3,
                         event_snr_db=(0.0, 12.0), machine_snr_db=(("valve", -12.0),),
                         machine_anomaly_gain=(("fan", 0.3),))
