@@ -103,14 +103,19 @@ def current(key: str, row: dict) -> bool:
 
 
 def table(rows: dict[str, dict]) -> str:
-    kinds = sorted({k for r in rows.values() for d in DETECTORS for k in r[d] if k != "all"})
-    head = ["dataset", "machine", "gain", "data seed", "AE epochs"] + [f"{d}: {k}" for d in DETECTORS for k in ["all", *kinds]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows.values(), key=lambda r: (r["dataset"], r["machine"], r["epochs"], -r["gain"], r["data_seed"])):
-        cells = [r["dataset"], r["machine"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"])]
-        cells += [f"{r[d][k]:.1f}" if k in r[d] else "" for d in DETECTORS for k in ["all", *kinds]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """One markdown table per machine type, with that type's anomaly kinds as columns."""
+    parts = []
+    for machine in sorted({r["machine"] for r in rows.values()}):
+        mine = [r for r in rows.values() if r["machine"] == machine]
+        kinds = ["all", *sorted({k for r in mine for d in DETECTORS for k in r[d] if k != "all"})]
+        head = ["dataset", "gain", "data seed", "AE epochs"] + [f"{d}: {k}" for d in DETECTORS for k in kinds]
+        lines = [f"### {machine}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in sorted(mine, key=lambda r: (r["dataset"], r["epochs"], -r["gain"], r["data_seed"])):
+            cells = [r["dataset"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"])]
+            cells += [f"{r[d][k]:.1f}" if k in r[d] else "" for d in DETECTORS for k in kinds]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,3 +50,18 @@ def test_a_run_records_every_kind_and_its_gain(tmp_path):
         assert row["data"]["machines"] == ["fan"]
     with pytest.raises(SystemExit, match="not 'ToyCar'"):
         anomaly_kinds.main([*args, "--machine", "ToyCar"])
+
+
+def test_the_table_has_one_section_per_machine_type_with_its_own_kinds():
+    def row(machine, kinds, gain):
+        scores = {"all": 50.0, **{k: 60.0 + i for i, k in enumerate(kinds)}}
+        return {"dataset": "demo", "machine": machine, "gain": gain, "data_seed": 0, "epochs": 30,
+                **{d: dict(scores) for d in anomaly_kinds.DETECTORS}}
+    rows = {"f1": row("fan", ["stall", "imbalance"], 1.0), "f2": row("fan", ["stall", "imbalance"], 0.3),
+            "s": row("slider", ["rattle"], 1.0)}
+    fan, slider = anomaly_kinds.table(rows).split("### ")[1:]
+    assert fan.startswith("fan") and slider.startswith("slider")
+    assert "stall" in fan and "rattle" not in fan and "rattle" in slider and "stall" not in slider
+    fan_rows = [line for line in fan.splitlines() if line.startswith("| demo")]
+    assert [line.split(" | ")[1] for line in fan_rows] == ["1", "0.3"]  # gains, largest first
+    assert len(slider.splitlines()[2].split(" | ")) == 4 + 2 * len(anomaly_kinds.DETECTORS)
