@@ -21,3 +21,18 @@ def commit_id() -> str:
     changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
                               ":(exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
     return f"{head}-dirty" if changed else head
+
+
+def generate_recorded(preset, root: Path, seed: int) -> Path:
+    """The synthetic tree of ``preset`` under ``root``, generated once. A benchmark measures what the
+    generator makes now: a tree of other settings, or one made before trees recorded their settings
+    (``synth.json``; the generator would keep its clips as they are), stops the run with one line."""
+    from pipelines.synth.generate import GENERATION_RECORD, generate
+    if (root / "dev_data").is_dir() and not (root / GENERATION_RECORD).is_file():
+        raise SystemExit(f"{root} holds clips but no {GENERATION_RECORD} (an earlier generator made them); "
+                         "remove the folder to generate it again")
+    try:
+        generate(preset, root, seed=seed)
+    except ValueError as err:  # a tree of another seed or generator version
+        raise SystemExit(str(err)) from None
+    return root

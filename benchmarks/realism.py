@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ from asd.knn_backend import fit_knn_section
 from asd.metadata import discover_clips
 from asd.model import EmbeddingNet, ModelConfig
 from asd.training import embed_clips, input_stats
-from common import REAL_TOYCAR as REAL, commit_id  # benchmarks/ is on sys.path
+from common import REAL_TOYCAR as REAL, commit_id, generate_recorded  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 LOGMEL = FeatureConfig(kind="librosa_logmel")
@@ -324,17 +323,11 @@ def current(name: str, row: dict, where: str) -> bool:
 def synthetic_trees(work: Path, names: list[str], seed: int, data_seed: int | None = None) -> dict[str, Path]:
     """The ``demo`` preset and the robustness regimes, generated once under ``work``: a preset with
     ``seed``, a regime with the suite's data seed, both with ``data_seed`` when it is given."""
-    from pipelines.synth.generate import generate
     trees = {}
     for name in names:
         preset, drawn = synthetic_preset(name, seed)
         drawn = drawn if data_seed is None else data_seed
-        root = work / "synth" / f"{name}-data-seed-{drawn}"
-        try:
-            generate(replace(preset), root, seed=drawn)
-        except ValueError as err:  # a tree of another seed or generator version
-            raise SystemExit(f"realism: {err}") from None
-        trees[f"synthetic {name}"] = root
+        trees[f"synthetic {name}"] = generate_recorded(preset, work / "synth" / f"{name}-data-seed-{drawn}", drawn)
     return trees
 
 

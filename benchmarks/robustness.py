@@ -43,8 +43,8 @@ import pandas as pd
 
 from asd import metrics as M
 from pipelines.config import load_config
-from pipelines.synth.generate import SynthPreset, generate, preset_settings
-from common import commit_id  # benchmarks/ is on sys.path when run as a script
+from pipelines.synth.generate import SynthPreset, preset_settings
+from common import commit_id, generate_recorded  # benchmarks/ is on sys.path when run as a script
 from quality import reuse_stages
 
 SECONDS = 4.0  # shorter than DCASE's 10 s clips: the suite runs 60 trainings on 2 CPU cores
@@ -107,16 +107,13 @@ def regime_settings(regime: str) -> dict:
 
 def regime_data(regime: str, base: Path) -> Path:
     """The regime's DCASE tree under ``base``, generated once. The generator keeps clips that exist,
-    so a tree made by another version of the regime is refused instead of silently reused (a tree
-    made before ``regime.json`` was written is taken as it is)."""
+    so a tree made by another version of the regime, or by a generator that did not record its
+    settings, is refused instead of silently reused."""
     root, record = base / regime / "data", base / regime / "regime.json"
     if record.is_file() and json.loads(record.read_text()) != regime_settings(regime):
         raise SystemExit(f"robustness: {root} was generated for another {regime!r} regime "
                          f"({record} differs from the code); remove {base / regime} or use a fresh --out")
-    try:
-        generate(REGIMES[regime], root, seed=DATA_SEED)
-    except ValueError as err:
-        raise SystemExit(f"robustness: {err}") from None
+    generate_recorded(REGIMES[regime], root, DATA_SEED)
     record.write_text(json.dumps(regime_settings(regime), indent=1))
     return root
 

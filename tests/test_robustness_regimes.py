@@ -58,6 +58,22 @@ def test_a_work_tree_of_another_version_of_the_regime_is_refused(monkeypatch, tm
     assert sorted(p.name for p in root.rglob("*.wav")) == wavs  # nothing written over
 
 
+def test_a_work_tree_without_a_generation_record_is_refused(monkeypatch, tmp_path):
+    """A tree made before trees recorded their settings: the generator would keep its clips, so a
+    benchmark would measure an older generator's sound under the current name."""
+    monkeypatch.setattr(robustness, "REGIMES", {"a": SMALL})
+    root = robustness.regime_data("a", tmp_path)
+    (root / "synth.json").unlink()
+    (tmp_path / "a" / "regime.json").unlink()
+    wavs = {p: p.read_bytes() for p in root.rglob("*.wav")}
+    with pytest.raises(SystemExit, match="no synth.json"):
+        robustness.regime_data("a", tmp_path)
+    assert {p: p.read_bytes() for p in root.rglob("*.wav")} == wavs  # nothing written over
+    (root / "dev_data").rename(tmp_path / "moved")  # an empty folder: generated afresh, recorded
+    assert robustness.regime_data("a", tmp_path) == root and (root / "synth.json").is_file()
+    assert sorted(p.name for p in root.rglob("*.wav")) == sorted(p.name for p in wavs)
+
+
 def test_a_regime_records_only_its_own_machine_types_settings(monkeypatch):
     """A per-machine-type generator setting (the valve's level under its background) versions the
     regimes that hold that machine type, not the others: their data does not change."""
