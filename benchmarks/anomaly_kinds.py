@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -35,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id  # noqa: E402
+from common import commit_id, publish, write_rows  # noqa: E402
 from pipelines.synth.generate import plan_dataset, preset_settings, render_job  # noqa: E402
 
 DETECTORS = ("kNN floor", "AE recipe")
@@ -147,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": round(time.time() - t0, 1), **stamp}
             print(f"anomaly_kinds: {key}: " + ", ".join(f"{d} {rows[key][d]['all']:.1f}" for d in DETECTORS),
                   flush=True)
-            path.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
-    (a.out / "anomaly_kinds.md").write_text(table(rows))
-    print(table(rows))
+            write_rows(path, rows)
+    publish(a.out / "anomaly_kinds.md", table(rows))
     return 0
 
 

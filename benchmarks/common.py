@@ -3,7 +3,9 @@ was measured at."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -36,3 +38,14 @@ def generate_recorded(preset, root: Path, seed: int) -> Path:
     except ValueError as err:  # a tree of another seed or generator version
         raise SystemExit(str(err)) from None
     return root
+
+
+def write_rows(path: Path, rows: dict) -> None:
+    """A benchmark's rows as JSON, with the machine they were measured on (each row has its commit)."""
+    path.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
+
+
+def publish(path: Path, text: str) -> None:
+    """A benchmark's markdown report: written beside its rows and printed."""
+    path.write_text(text)
+    print(text)

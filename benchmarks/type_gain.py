@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -31,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id, generate_recorded  # noqa: E402
+from common import commit_id, generate_recorded, publish, write_rows  # noqa: E402
 from pipelines.synth.generate import preset_settings  # noqa: E402
 
 # The paper's Table 1, "AutoEncoder [3]": the official AE baseline per machine type on the real DCASE
@@ -107,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                          "data": preset_settings(preset), "seconds": m["seconds"], **stamp}
             print(f"type_gain: {key}: " + "; ".join(f"{d} " + ", ".join(f"{t} {v if v is None else round(v, 1)}" for t, v in rows[key][d].items())
                                                   for d in DETECTORS if d in rows[key]), flush=True)
-            path.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
-    (a.out / "type_gain.md").write_text(table(rows))
-    print(table(rows))
+            write_rows(path, rows)
+    publish(a.out / "type_gain.md", table(rows))
     return 0
 
 
