@@ -42,13 +42,8 @@ DETECTORS = ("kNN floor", "AE recipe")
 
 def dataset(name: str, machine: str, gain: float, source_train: int, test_per_group: int):
     """The preset or regime ``name`` cut to ``machine``, with that type's anomaly gain set to ``gain``."""
-    preset, seed = realism.synthetic_preset(name, 0)
-    if machine not in preset.machines:
-        raise SystemExit(f"anomaly_kinds: {name!r} holds {list(preset.machines)}, not {machine!r}")
-    d = preset.difficulty
-    gains = tuple((m, g) for m, g in d.machine_anomaly_gain if m != machine) + ((machine, float(gain)),)
-    return replace(preset, machines=(machine,), source_train=source_train, test_per_group=test_per_group,
-                   difficulty=replace(d, machine_anomaly_gain=gains)), seed
+    preset, seed = realism.with_gain(name, [machine], gain, "anomaly_kinds")
+    return replace(preset, source_train=source_train, test_per_group=test_per_group), seed
 
 
 def render_sections(preset, seed: int) -> dict[str, list[dict]]:

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,18 @@ def synthetic_preset(name: str, seed: int):
 
     from pipelines.synth.generate import PRESETS
     return (PRESETS[name], seed) if name in PRESETS else (REGIMES[name], DATA_SEED)
+
+
+def with_gain(name: str, machines, gain: float, script: str):
+    """The preset or regime ``name`` cut to ``machines``, each of their anomaly gains set to ``gain``
+    (the other types' gains kept), and its data seed; ``script`` names the caller in the error."""
+    preset, seed = synthetic_preset(name, 0)
+    if missing := sorted(set(machines) - set(preset.machines)):
+        raise SystemExit(f"{script}: {name!r} holds {list(preset.machines)}, not {', '.join(map(repr, missing))}")
+    d = preset.difficulty
+    gains = tuple((m, g) for m, g in d.machine_anomaly_gain if m not in machines) + tuple(
+        (m, float(gain)) for m in machines)
+    return replace(preset, machines=tuple(machines), difficulty=replace(d, machine_anomaly_gain=gains)), seed
 
 
 def data_record(name: str) -> dict:
