@@ -1,0 +1,206 @@
+"""Is a ranking of detectors a property of the data, or the luck of its test clips? A paired,
+stratified bootstrap of the official score of each detector, on the real folder and on draws of a
+synthetic preset, and for every pair of detectors how often the real folder's order holds.
+
+The real folder holds 100 test clips (25 per domain and label) in one section: its official score
+moves by several points with the clips drawn, and so may the order of two detectors a few points
+apart. Issue 22 asks the ``demo`` preset to rank the detectors as the real folder does; this script
+says which of the real folder's pairs its own test clips settle, and whether each synthetic draw
+orders those pairs the same way.
+
+Detectors (in-process, the functions of benchmarks/realism.py, training seed ``--seed``): the
+standardised spectral kNN (the default), the cosine spectral kNN, the kNN floor, the AE recipe and
+the untrained network. The trained networks are not here: their per-clip scores come from the full
+pipeline (benchmarks/network_variants.py), three seeds at 20-40 minutes each on this box.
+
+Each resample draws, in every section, the test clips of each (domain, label) group with
+replacement, as many as the group holds; the same clips for every detector (paired), so a
+difference between two detectors is measured on the same resampled test set. Official score =
+``asd.metrics.official_score`` of ``asd.metrics.section_metrics`` on the resampled clips.
+
+    .venv/bin/python benchmarks/ranking.py --work /tmp/realism-seeds --data-seeds 0 1 2
+
+Writes per-clip scores to ``<out>/scores/<dataset>.json`` (kept: a later call with more draws or
+more resamples reuses them; ``--redo`` scores again) and the report to ``<out>/ranking.{json,md}``.
+The real folder is skipped with a message when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asd import metrics as M
+from common import commit_id, publish, write_rows  # benchmarks/ is on sys.path
+from realism import (ae_scores, data_record, knn_floor, labelled_by_machine, load_clips, parts, real_tree,
+                     sections, spectral_knn, synthetic_trees, untrained_network)
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_NAME = "real ToyCar"
+# the real folder's order (benchmarks/results/realism/realism.json, seed 0): the order every
+# dataset's pairs are read in
+DETECTORS = ["spectral kNN, standardised", "spectral kNN", "kNN floor", "AE recipe", "untrained network"]
+
+
+# ----------------------------------------------------------------------------- per-clip scores
+
+
+def section_scores(root: Path, ae_epochs: int, seed: int) -> list[dict]:
+    """Per (machine type, section): the test clips' labels, domains and every detector's scores."""
+    out = []
+    for metas in labelled_by_machine(root).values():
+        clips = load_clips(root, metas)
+        ae = ae_scores(clips, ae_epochs, seed)
+        for (machine, section), group in sections(clips).items():
+            train, test = parts(group)
+            scores = {"spectral kNN, standardised": spectral_knn(train, test, "standardised_euclidean"),
+                      "spectral kNN": spectral_knn(train, test), "kNN floor": knn_floor(train, test),
+                      "AE recipe": [ae[c["meta"].path] for c in test],
+                      "untrained network": untrained_network(train, test, seed)}
+            out.append({"machine": machine, "section": section,
+                        "anomaly": [int(c["meta"].label == "anomaly") for c in test],
+                        "target": [int(c["meta"].domain == "target") for c in test],
+                        "scores": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in scores.items()}})
+    return out
+
+
+# ----------------------------------------------------------------------------- the bootstrap
+
+
+def stratified_resample(anomaly: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one resample: each (domain, label) group drawn with replacement to its own size."""
+    groups = [np.flatnonzero((anomaly == a) & (target == t)) for t in (0, 1) for a in (0, 1)]
+    return np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
+
+
+def official(sections_: list[dict], detector: str, picks: list[np.ndarray] | None = None) -> float:
+    """Official score in % of ``detector`` on the test clips ``picks`` of each section (all when None)."""
+    results = []
+    for s, idx in zip(sections_, picks or [None] * len(sections_)):
+        y, d, x = (np.asarray(s["anomaly"]), np.asarray(s["target"]), np.asarray(s["scores"][detector]))
+        if idx is not None:
+            y, d, x = y[idx], d[idx], x[idx]
+        results.append(M.section_metrics(y, d, x, machine=s["machine"], section=s["section"]))
+    return 100 * M.official_score(results)
+
+
+def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, len(detectors)]`` official scores, every detector on the same resampled clips."""
+    rng = np.random.default_rng(seed)
+    arrays = [(np.asarray(s["anomaly"]), np.asarray(s["target"])) for s in sections_]
+    out = np.empty((resamples, len(detectors)))
+    for b in range(resamples):
+        picks = [stratified_resample(y, d, rng) for y, d in arrays]
+        out[b] = [official(sections_, k, picks) for k in detectors]
+    return out
+
+
+def pair_rows(point: dict[str, float], boot: np.ndarray, detectors: list[str]) -> dict[str, dict]:
+    """For each pair ``A > B`` in the order of ``detectors``: the difference, its 95 % interval, and
+    the share of resamples in which A scores above B."""
+    rows = {}
+    for i, j in itertools.combinations(range(len(detectors)), 2):
+        diff = boot[:, i] - boot[:, j]
+        rows[f"{detectors[i]} > {detectors[j]}"] = {
+            "difference": point[detectors[i]] - point[detectors[j]],
+            "interval": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+            "share": float(np.mean(diff > 0))}
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(rows: dict[str, dict], settled: float) -> str:
+    names = list(rows)
+    lines = ["Official score in %, 95 % interval over resamples of the test clips:", "",
+             "| detector | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in DETECTORS:
+        cells = [f"{r['score'][k]:.1f} ({r['score interval'][k][0]:.1f} .. {r['score interval'][k][1]:.1f})"
+                 for r in rows.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "Each pair in the real folder's order: the difference of the official scores, and in brackets "
+              "the share of resamples in which the first scores above the second:", "",
+              "| pair | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for pair in next(iter(rows.values()))["pairs"]:
+        cells = [f"{r['pairs'][pair]['difference']:+.1f} ({100 * r['pairs'][pair]['share']:.0f} %)" for r in rows.values()]
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    if REAL_NAME in rows:
+        real = rows[REAL_NAME]["pairs"]
+        firm = [p for p, r in real.items() if r["share"] >= settled or r["share"] <= 1 - settled]
+        lines += ["", f"Pairs the real folder's test clips settle (one order in at least {100 * settled:.0f} % "
+                      f"of resamples): {len(firm)} of {len(real)}."]
+        for name, r in rows.items():
+            if name == REAL_NAME:
+                continue
+            same = [p for p in firm if (r["pairs"][p]["difference"] > 0) == (real[p]["difference"] > 0)]
+            whole = sum((r["pairs"][p]["difference"] > 0) == (real[p]["difference"] > 0) for p in real)
+            lines.append(f"- {name}: {len(same)} of the {len(firm)} settled pairs in the real folder's order "
+                         f"({whole} of all {len(real)} pairs)")
+    return "\n".join(lines) + "\n"
+
+
+def load_or_score(path: Path, root: Path, ae_epochs: int, seed: int, redo: bool, data: dict | None) -> list[dict]:
+    settings = {"ae_epochs": ae_epochs, "seed": seed, "data": data}
+    if path.is_file() and not redo:
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["sections"]
+        print(f"ranking: {path.name} was scored with other settings or data; scoring again")
+    t0 = time.perf_counter()
+    scored = section_scores(root, ae_epochs, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "commit": commit_id(), "date": time.strftime("%Y-%m-%d"),
+                                "seconds": round(time.perf_counter() - t0, 1), "sections": scored}))
+    return scored
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ranking")
+    p.add_argument("--work", type=Path, default=Path("/tmp/realism-seeds"), help="where trees are generated")
+    p.add_argument("--preset", default="demo", help="synthetic preset or robustness regime")
+    p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--no-real", action="store_true", help="skip the real folder")
+    p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100")
+    p.add_argument("--seed", type=int, default=0, help="training seed of the AE and the untrained network")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--settled", type=float, default=0.95,
+                   help="a pair is settled by a dataset's test clips when one order holds in this share of resamples")
+    p.add_argument("--redo", action="store_true", help="score the datasets again, even when their scores are saved")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    trees: dict[str, tuple[Path, dict | None]] = {}
+    if not a.no_real and (root := real_tree(a.work)) is not None:
+        trees[REAL_NAME] = (root, None)
+    for s in a.data_seeds:
+        for name, root in synthetic_trees(a.work, [a.preset], 0, s).items():
+            trees[f"{name}, data seed {s}"] = (root, data_record(name))
+    rows = {}
+    for name, (root, data) in trees.items():
+        print(f"ranking: {name} ...", flush=True)
+        scored = load_or_score(a.out / "scores" / f"{name.replace(' ', '_').replace(',', '')}.json",
+                               root, a.ae_epochs, a.seed, a.redo, data)
+        point = {k: official(scored, k) for k in DETECTORS}
+        boot = bootstrap(scored, DETECTORS, a.resamples, a.seed)
+        rows[name] = {"score": point,
+                      "score interval": {k: [float(np.percentile(boot[:, i], 2.5)), float(np.percentile(boot[:, i], 97.5))]
+                                         for i, k in enumerate(DETECTORS)},
+                      "pairs": pair_rows(point, boot, DETECTORS), "resamples": a.resamples,
+                      "test clips": sum(len(s["anomaly"]) for s in scored), "sections": len(scored),
+                      "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_rows(a.out / "ranking.json", rows)
+    publish(a.out / "ranking.md", report(rows, a.settled))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
