@@ -94,11 +94,13 @@ def official(sections_: list[dict], detector: str, picks: list[np.ndarray] | Non
 def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed: int) -> np.ndarray:
     """``[resamples, len(detectors)]`` official scores, every detector on the same resampled clips."""
     rng = np.random.default_rng(seed)
-    arrays = [(np.asarray(s["anomaly"]), np.asarray(s["target"])) for s in sections_]
+    # the saved lists as arrays once, not once per resample and detector
+    arrays = [{**s, "anomaly": np.asarray(s["anomaly"]), "target": np.asarray(s["target"]),
+               "scores": {k: np.asarray(v) for k, v in s["scores"].items()}} for s in sections_]
     out = np.empty((resamples, len(detectors)))
     for b in range(resamples):
-        picks = [stratified_resample(y, d, rng) for y, d in arrays]
-        out[b] = [official(sections_, k, picks) for k in detectors]
+        picks = [stratified_resample(s["anomaly"], s["target"], rng) for s in arrays]
+        out[b] = [official(arrays, k, picks) for k in detectors]
     return out
 
 
