@@ -73,6 +73,23 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
 }
 
 
+def store_overrides(data: Path, store: Path, seed: int) -> list[str]:
+    """Config overrides that read the DCASE-layout tree ``data`` into the feature store ``store``."""
+    root = data / "dev_data" if (data / "dev_data").is_dir() else data
+    return [f"data.root={root}", f"extract.store={store}", f"train.seed={seed}", "ray.num_cpus=2"]
+
+
+def extracted(cfg) -> tuple[ClipTable, ClipTable]:
+    """The training and test clips of ``cfg``'s store, extracted (by a local Ray) when it is absent."""
+    store = cfg.path(cfg.extract.store)
+    if not (Path(store) / "features.json").exists():
+        from pipelines.stages.extract import extract_from_config  # starts a local Ray: only when extracting
+
+        extract_from_config(cfg, cfg.data.root, store)
+    version = cfg.features.version
+    return load_split(store, "train", feature_version=version), load_split(store, "test", feature_version=version)
+
+
 def coarse_class(attribute_class: str, class_set: str) -> str:
     """``machine/section/domain/attributes`` reduced to a coarser class: ``first`` keeps the first
     key-value pair of the attribute string (``car_A1_spd_28V`` -> ``car_A1``), ``domain`` drops
@@ -90,8 +107,9 @@ def with_classes(table: ClipTable, class_set: str) -> ClipTable:
     return ClipTable(meta=meta, features=table.features)
 
 
-def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: str, every: int) -> dict:
-    train = with_classes(train, class_set)
+def fine_tuner(cfg, train: ClipTable, stats: str = "all") -> StageTrainer:
+    """The pipeline's fine-tuning stage, not yet trained, on ``train``'s classes, with the input
+    statistics of ``stats`` (every training clip, the source clips only, or none)."""
     keys = sorted(set(train.meta["attribute_class"]))
     trainer = StageTrainer(cfg, "finetune", train.features, class_labels(train.meta, keys), len(keys))
     if stats == "source":
@@ -100,6 +118,12 @@ def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: s
     elif stats == "none":
         mean, std = input_stats(train.features)
         trainer.core.set_input_stats(torch.zeros_like(mean), torch.ones_like(std))
+    return trainer
+
+
+def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: str, every: int) -> dict:
+    train = with_classes(train, class_set)
+    trainer = fine_tuner(cfg, train, stats)
     t0 = time.perf_counter()
     curve = [{"epoch": 0, "loss": float("nan"), **evaluate(trainer.core, cfg, train, test)}]
     for epoch in range(cfg.finetune.epochs):
@@ -108,7 +132,7 @@ def run_variant(cfg, train: ClipTable, test: ClipTable, class_set: str, stats: s
             curve.append({"epoch": epoch + 1, "loss": loss, **evaluate(trainer.core, cfg, train, test)})
             print(f"    epoch {epoch + 1}: loss {loss:.3f} " +
                   " ".join(f"{k} {100 * curve[-1][k]:.1f}" for k in COLUMNS), flush=True)
-    out = {"classes": len(keys), "curve": curve, "final": curve[-1], "seconds": time.perf_counter() - t0}
+    out = {"classes": trainer.num_classes, "curve": curve, "final": curve[-1], "seconds": time.perf_counter() - t0}
     if class_set == "attributes" and stats == "all":
         whole = replace(cfg, score=replace(cfg.score, embedding="whole"))
         out["final, whole-clip test embeddings"] = evaluate(trainer.core, whole, train, test)
@@ -211,17 +235,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    root = args.data / "dev_data" if (args.data / "dev_data").is_dir() else args.data
-    base = [f"data.root={root}", f"extract.store={args.out / 'work' / 'features'}", f"train.seed={args.seed}",
-            "ray.num_cpus=2"]
-    cfg0 = load_config(args.config, base)
-    store = cfg0.path(cfg0.extract.store)
-    if not (Path(store) / "features.json").exists():
-        from pipelines.stages.extract import extract_from_config  # starts a local Ray: only when extracting
-
-        extract_from_config(cfg0, cfg0.data.root, store)
-    version = cfg0.features.version
-    train, test = load_split(store, "train", feature_version=version), load_split(store, "test", feature_version=version)
+    base = store_overrides(args.data, args.out / "work" / "features", args.seed)
+    train, test = extracted(load_config(args.config, base))
     results_file = args.out / f"variants-seed{args.seed}.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {
         "data": str(args.data), "config": args.config, "seed": args.seed, "variants": {}}

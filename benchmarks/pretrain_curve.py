@@ -31,13 +31,18 @@ from pipelines.store import load_split
 COLUMNS = ["Overall", "Source AUC", "Target AUC", "pAUC"]
 
 
-def evaluate(model, cfg, train, test) -> dict:
-    """The scoring job's official score and AUCs of ``model`` (an EmbeddingNet) on the store, and
-    with several machine types each type's official score (which machines carry the overall)."""
+def scored_clips(model, cfg, train, test):
+    """The scoring job's per-clip scores of ``model`` (an EmbeddingNet): ``test.meta`` with a
+    ``score`` column, each section's backend fitted on ``train``."""
     model.eval()
     sections = fit_sections(train.meta, embed_table(model, train, cfg, use_ray=False), cfg)
-    scored = score_clips(test.meta, embed_table(model, test, cfg, use_ray=False), sections)
-    return scores_of(labelled_results(scored))
+    return score_clips(test.meta, embed_table(model, test, cfg, use_ray=False), sections)
+
+
+def evaluate(model, cfg, train, test) -> dict:
+    """The scoring job's official score and AUCs of ``model`` on the store, and with several
+    machine types each type's official score (which machines carry the overall)."""
+    return scores_of(labelled_results(scored_clips(model, cfg, train, test)))
 
 
 def scores_of(results: list[M.SectionResult]) -> dict:

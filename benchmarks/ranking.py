@@ -8,10 +8,12 @@ apart. Issue 22 asks the ``demo`` preset to rank the detectors as the real folde
 says which of the real folder's pairs its own test clips settle, and whether each synthetic draw
 orders those pairs the same way.
 
-Detectors (in-process, the functions of benchmarks/realism.py, training seed ``--seed``): the
-standardised spectral kNN (the default), the cosine spectral kNN, the kNN floor, the AE recipe and
-the untrained network. The trained networks are not here: their per-clip scores come from the full
-pipeline (benchmarks/network_variants.py), three seeds at 20-40 minutes each on this box.
+Detectors (in-process, training seed ``--seed``): the standardised spectral kNN (the default), the
+cosine spectral kNN, the kNN floor, the AE recipe and the untrained network (the functions of
+benchmarks/realism.py), and the paper's network: the pipeline's fine-tuning from scratch (config
+``demo-prototype``, its trainer and scoring job, benchmarks/network_variants.py), one network per
+machine type as on the real folder, which holds one; its features come from the pipeline's Ray Data
+extraction into a feature store under ``--work``.
 
 Each resample draws, in every section, the test clips of each (domain, label) group with
 replacement, as many as the group holds; the same clips for every detector (paired), so a
@@ -20,8 +22,9 @@ difference between two detectors is measured on the same resampled test set. Off
 
     .venv/bin/python benchmarks/ranking.py --work /tmp/realism-seeds --data-seeds 0 1 2
 
-Writes per-clip scores to ``<out>/scores/<dataset>.json`` (kept: a later call with more draws or
-more resamples reuses them; ``--redo`` scores again) and the report to ``<out>/ranking.{json,md}``.
+Writes per-clip scores to ``<out>/scores/<dataset>.json`` and the network's to
+``<out>/scores/<dataset>-network.json`` (kept: a later call with more draws or more resamples reuses
+them; ``--redo`` scores again) and the report to ``<out>/ranking.{json,md}``.
 The real folder is skipped with a message when absent.
 """
 
@@ -39,14 +42,19 @@ import torch
 
 from asd import metrics as M
 from common import commit_id, publish, write_rows  # benchmarks/ is on sys.path
+from network_variants import extracted, fine_tuner, of_machine, store_overrides
+from pipelines.config import load_config
+from pretrain_curve import scored_clips
 from realism import (ae_scores, data_record, knn_floor, labelled_by_machine, load_clips, parts, real_tree,
                      sections, spectral_knn, synthetic_trees, untrained_network)
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_NAME = "real ToyCar"
-# the real folder's order (benchmarks/results/realism/realism.json, seed 0): the order every
+NETWORK = "network, one per machine type"
+NETWORK_CONFIG = "demo-prototype"
+# the real folder's order (benchmarks/results/ranking/ranking.json, seed 0): the order every
 # dataset's pairs are read in
-DETECTORS = ["spectral kNN, standardised", "spectral kNN", "kNN floor", "AE recipe", "untrained network"]
+DETECTORS = ["spectral kNN, standardised", "spectral kNN", "kNN floor", "AE recipe", NETWORK, "untrained network"]
 
 
 # ----------------------------------------------------------------------------- per-clip scores
@@ -68,6 +76,51 @@ def section_scores(root: Path, ae_epochs: int, seed: int) -> list[dict]:
                         "anomaly": [int(c["meta"].label == "anomaly") for c in test],
                         "target": [int(c["meta"].domain == "target") for c in test],
                         "scores": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in scores.items()}})
+    return out
+
+
+def clip_key(path: str) -> str:
+    """``<machine>/<split>/<file>``: one clip's name in a tree and in the feature store alike."""
+    return "/".join(Path(path).parts[-3:])
+
+
+def test_keys(root: Path) -> list[list[str]]:
+    """Each section's test clips in the order of :func:`section_scores` (no audio read)."""
+    return [[clip_key(c["meta"].path) for c in parts(group)[1]]
+            for metas in labelled_by_machine(root).values()
+            for group in sections([{"meta": m} for m in metas]).values()]
+
+
+def network_scores(root: Path, store: Path, seed: int) -> dict[str, float]:
+    """Per-clip scores of the pipeline's network (config ``demo-prototype``: fine-tuning from
+    scratch, scored by the scoring job's window embeddings and backend), one network per machine
+    type trained with seed ``seed``; keyed by :func:`clip_key`."""
+    cfg = load_config(NETWORK_CONFIG, store_overrides(root, store, seed))
+    train, test = extracted(cfg)
+    out = {}
+    for machine in sorted(set(train.meta["machine"])):
+        print(f"ranking: network, {machine}", flush=True)
+        train_m, test_m = of_machine(train, machine), of_machine(test, machine)
+        trainer = fine_tuner(cfg, train_m)
+        for epoch in range(cfg.finetune.epochs):
+            trainer.epoch(epoch)
+        scored = scored_clips(trainer.core, cfg, train_m, test_m)
+        out.update(zip(map(clip_key, scored["path"]), scored["score"].astype(float)))
+    return out
+
+
+def with_network(scored: list[dict], keys: list[list[str]], network: dict[str, float]) -> list[dict]:
+    """``scored`` with the network's scores added to each section, in its test clips' order."""
+    if [len(k) for k in keys] != [len(s["anomaly"]) for s in scored]:
+        raise SystemExit("ranking: the saved scores do not hold this tree's test clips; run with --redo")
+    out = []
+    for s, section_keys in zip(scored, keys):
+        if [int("_anomaly_" in k) for k in section_keys] != list(s["anomaly"]):
+            raise SystemExit(f"ranking: {s['machine']} {s['section']}: saved labels differ from the tree's")
+        missing = [k for k in section_keys if k not in network]
+        if missing:
+            raise SystemExit(f"ranking: the network scored no {missing[0]} ({len(missing)} clips missing)")
+        out.append({**s, "scores": {**s["scores"], NETWORK: [network[k] for k in section_keys]}})
     return out
 
 
@@ -149,19 +202,20 @@ def report(rows: dict[str, dict], settled: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_or_score(path: Path, root: Path, ae_epochs: int, seed: int, redo: bool, data: dict | None) -> list[dict]:
-    settings = {"ae_epochs": ae_epochs, "seed": seed, "data": data}
+def cached(path: Path, settings: dict, redo: bool, key: str, compute, *args):
+    """``compute(*args)``, saved under ``key`` in ``path`` with its settings; read back when saved with
+    the same settings (and not ``redo``)."""
     if path.is_file() and not redo:
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings:
-            return saved["sections"]
+            return saved[key]
         print(f"ranking: {path.name} was scored with other settings or data; scoring again")
     t0 = time.perf_counter()
-    scored = section_scores(root, ae_epochs, seed)
+    value = compute(*args)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings, "commit": commit_id(), "date": time.strftime("%Y-%m-%d"),
-                                "seconds": round(time.perf_counter() - t0, 1), "sections": scored}))
-    return scored
+                                "seconds": round(time.perf_counter() - t0, 1), key: value}))
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
     p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100")
-    p.add_argument("--seed", type=int, default=0, help="training seed of the AE and the untrained network")
+    p.add_argument("--seed", type=int, default=0, help="training seed of the AE and the networks")
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--settled", type=float, default=0.95,
                    help="a pair is settled by a dataset's test clips when one order holds in this share of resamples")
@@ -188,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, (root, data) in trees.items():
         print(f"ranking: {name} ...", flush=True)
-        scored = load_or_score(a.out / "scores" / f"{name.replace(' ', '_').replace(',', '')}.json",
-                               root, a.ae_epochs, a.seed, a.redo, data)
+        stem = name.replace(" ", "_").replace(",", "")
+        scored = cached(a.out / "scores" / f"{stem}.json", {"ae_epochs": a.ae_epochs, "seed": a.seed, "data": data},
+                        a.redo, "sections", section_scores, root, a.ae_epochs, a.seed)
+        network = cached(a.out / "scores" / f"{stem}-network.json",
+                         {"config": NETWORK_CONFIG, "seed": a.seed, "data": data}, a.redo, "scores",
+                         network_scores, root, a.work / "features" / stem, a.seed)
+        scored = with_network(scored, test_keys(root), network)
         point = {k: official(scored, k) for k in DETECTORS}
         boot = bootstrap(scored, DETECTORS, a.resamples, a.seed)
         rows[name] = {"score": point,

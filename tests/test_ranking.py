@@ -6,9 +6,11 @@ folder settles and the synthetic draws that agree."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 
@@ -80,3 +82,29 @@ def test_report_counts_settled_pairs_and_agreeing_draws(monkeypatch):
     text = ranking.report({ranking.REAL_NAME: real, "synthetic x": synth}, settled=0.95)
     assert "settle (one order in at least 95 % of resamples): 2 of 3." in text
     assert "- synthetic x: 1 of the 2 settled pairs in the real folder's order (1 of all 3 pairs)" in text
+
+
+def test_network_scores_join_each_sections_test_clips_by_name(tmp_path):
+    from pipelines.synth.generate import PRESETS, generate
+    preset = replace(PRESETS["demo"], machines=("ToyCar", "fan"), dev_sections=("00", "01"), source_train=2,
+                     target_train=1, test_per_group=2, seconds=0.5)
+    generate(preset, tmp_path, seed=0, workers=1)
+    keys = ranking.test_keys(tmp_path)
+    # every test file once, each section's in one list (an independent listing of the tree)
+    files = sorted(f"{m.parent.parent.name}/test/{m.name}" for m in tmp_path.glob("dev_data/*/test/*.wav"))
+    assert sorted(k for section in keys for k in section) == files
+    assert len(keys) == 4 and all(len({(k.split("/")[0], k.split("_")[1]) for k in section}) == 1 for section in keys)
+    labels = [[int("_anomaly_" in k) for k in section] for section in keys]
+    saved = [{"machine": "m", "section": str(i), "anomaly": y, "target": y, "scores": {"a": [0.0] * len(y)}}
+             for i, y in enumerate(labels)]
+    network = {k: float(i) for i, k in enumerate(reversed(files))}
+    joined = ranking.with_network(saved, keys, network)
+    assert [s["scores"][ranking.NETWORK] for s in joined] == [[network[k] for k in section] for section in keys]
+    assert all(s["scores"]["a"] == [0.0] * len(s["anomaly"]) for s in joined)
+    swapped = [{**saved[0], "anomaly": labels[0][::-1]}, *saved[1:]]
+    with pytest.raises(SystemExit, match="saved labels differ"):
+        ranking.with_network(swapped, keys, network)
+    with pytest.raises(SystemExit, match="clips missing"):
+        ranking.with_network(saved, keys, dict(list(network.items())[1:]))
+    with pytest.raises(SystemExit, match="--redo"):
+        ranking.with_network(saved[1:], keys, network)

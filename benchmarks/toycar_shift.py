@@ -1,0 +1,136 @@
+"""Which change to the synthetic toy car gives its target domain the real folder's pattern?
+
+On the real DCASE 2023 ToyCar folder the log-Mel statistics see through the domain shift (kNN floor
+target AUC 53.6) and only the untrained network fails there (33.8); on the synthetic toy car of
+``demo`` the floor fails there too (benchmarks/ranking.py, BENCHMARKS.md "Which pairs the real
+folder settles"). This script generates the ``demo`` toy car alone under a few variants and runs the
+training-free detectors of benchmarks/realism.py on each draw: official score, source and target AUC.
+
+Variants: ``demo`` as it is; DCASE's 10 target training clips per section; 200 source clips as
+well (the real folder has 599); and section 00 laid out as the real folder (source car models B, C
+and D at 31, 34 and 40 V and microphone 1, target car models A and E at 28 and 37 V and microphone 2,
+10 target clips), with and without the microphone change. A variant with its own section layout is
+generated in this process (the worker processes would not see it), under its own folder name.
+
+    .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4
+
+Writes ``<out>/toycar_shift.{json,md}``; the rows are written after every draw, and a draw already
+saved is not measured again (``--redo`` measures it again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import realism  # noqa: E402  (benchmarks/ is on sys.path)
+from asd import metrics as M  # noqa: E402
+from common import commit_id, publish, write_rows  # noqa: E402
+from pipelines.synth.generate import PRESETS, generate  # noqa: E402
+from pipelines.synth.machines import MACHINES, _spec  # noqa: E402
+
+# section 00 as the real folder lays it out (../shared/data/realtoycar: its attribute strings)
+REAL_LAYOUT = _spec("car model and microphone", ("car", "spd", "mic"), [["B1", "C1", "D1"], ["31V", "34V", "40V"], ["1"]],
+                    [["A1", "E1"], ["28V", "37V"], ["2"]])
+REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V", "40V"]], [["A1", "E1"], ["28V", "37V"]])
+# name -> (preset overrides, section 00's layout or None for the generator's own)
+VARIANTS = {
+    "demo as it is": ({}, None),
+    "10 target clips": ({"target_train": 10}, None),
+    "200 source and 10 target clips": ({"source_train": 200, "target_train": 10}, None),
+    "section 00 laid out as the real folder": ({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT),
+    "the same, one microphone": ({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS),
+}
+DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
+             "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
+             "untrained network": lambda tr, te: realism.untrained_network(tr, te, 0)}
+COLUMNS = ("Overall", "Source AUC", "Target AUC")
+
+
+@contextmanager
+def toy_car_section_00(layout):
+    """The toy car's section 00 laid out as ``layout`` while the block runs (None: as it is)."""
+    car = MACHINES["ToyCar"]
+    kept = car.specs
+    if layout is not None:
+        car.specs = (layout, *kept[1:])
+    try:
+        yield
+    finally:
+        car.specs = kept
+
+
+def measure(root: Path) -> dict[str, dict[str, float]]:
+    results = {k: [] for k in DETECTORS}
+    for metas in realism.labelled_by_machine(root).values():
+        clips = realism.load_clips(root, metas)
+        for (machine, section), group in realism.sections(clips).items():
+            train, test = realism.parts(group)
+            for name, detect in DETECTORS.items():
+                results[name].append(realism.result(machine, section, test, detect(train, test)))
+    return {name: {k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS} for name, r in results.items()}
+
+
+def table(rows: dict[str, dict]) -> str:
+    """Per variant: each detector's mean over the draws, official (source / target AUC)."""
+    head = ["variant", "data seeds", *DETECTORS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant in VARIANTS:
+        rs = [r for r in rows.values() if r["variant"] == variant]
+        if not rs:
+            continue
+        cells = [variant, ", ".join(str(r["data_seed"]) for r in rs)]
+        for d in DETECTORS:
+            mean = {k: np.mean([r["scores"][d][k] for r in rs]) for k in COLUMNS}
+            cells.append(f"{mean['Overall']:.1f} ({mean['Source AUC']:.0f} / {mean['Target AUC']:.0f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "toycar-shift")
+    p.add_argument("--work", type=Path, default=Path("/tmp/toycar-shift"), help="where trees are generated")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    p.add_argument("--redo", action="store_true", help="measure the draws of the variants named again, even when saved")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    saved = a.out / "toycar_shift.json"
+    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}
+    a.out.mkdir(parents=True, exist_ok=True)
+    for variant in a.variants:
+        overrides, layout = VARIANTS[variant]
+        preset = replace(PRESETS["demo"], machines=("ToyCar",), **overrides)
+        slug = "-".join(variant.replace(",", "").split())
+        for seed in a.data_seeds:
+            if f"{variant}, data seed {seed}" in rows and not a.redo:
+                continue
+            t0 = time.perf_counter()
+            root = a.work / f"{slug}-data-seed-{seed}"
+            with toy_car_section_00(layout):
+                generate(preset, root, seed=seed, workers=None if layout is None else 1)
+            scores = measure(root)
+            rows[f"{variant}, data seed {seed}"] = {"variant": variant, "data_seed": seed, "scores": scores,
+                                                    "seconds": round(time.perf_counter() - t0, 1),
+                                                    "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
+            print(f"{variant}, data seed {seed}: " + "  ".join(
+                f"{d} {s['Overall']:.1f} ({s['Source AUC']:.0f}/{s['Target AUC']:.0f})" for d, s in scores.items()),
+                flush=True)
+            write_rows(saved, rows)  # after every draw: an interrupted run keeps what it measured
+    publish(a.out / "toycar_shift.md", table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
