@@ -79,10 +79,11 @@ def store_overrides(data: Path, store: Path, seed: int) -> list[str]:
     return [f"data.root={root}", f"extract.store={store}", f"train.seed={seed}", "ray.num_cpus=2"]
 
 
-def extracted(cfg) -> tuple[ClipTable, ClipTable]:
-    """The training and test clips of ``cfg``'s store, extracted (by a local Ray) when it is absent."""
+def extracted(cfg, refresh: bool = False) -> tuple[ClipTable, ClipTable]:
+    """The training and test clips of ``cfg``'s store, extracted (by a local Ray) when it is absent,
+    or with ``refresh`` brought up to date with the tree whenever it is called."""
     store = cfg.path(cfg.extract.store)
-    if not (Path(store) / "features.json").exists():
+    if refresh or not (Path(store) / "features.json").exists():
         from pipelines.stages.extract import extract_from_config  # starts a local Ray: only when extracting
 
         extract_from_config(cfg, cfg.data.root, store)

@@ -94,9 +94,10 @@ def test_keys(root: Path) -> list[list[str]]:
 def network_scores(root: Path, store: Path, seed: int) -> dict[str, float]:
     """Per-clip scores of the pipeline's network (config ``demo-prototype``: fine-tuning from
     scratch, scored by the scoring job's window embeddings and backend), one network per machine
-    type trained with seed ``seed``; keyed by :func:`clip_key`."""
+    type trained with seed ``seed``; keyed by :func:`clip_key`. The feature store is brought up to
+    date with the tree first (a tree generated again replaces its clips' features)."""
     cfg = load_config(NETWORK_CONFIG, store_overrides(root, store, seed))
-    train, test = extracted(cfg)
+    train, test = extracted(cfg, refresh=True)
     out = {}
     for machine in sorted(set(train.meta["machine"])):
         print(f"ranking: network, {machine}", flush=True)
