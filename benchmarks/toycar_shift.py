@@ -70,15 +70,21 @@ def toy_car_section_00(layout):
         car.specs = kept
 
 
-def measure(root: Path) -> dict[str, dict[str, float]]:
+def measure(root: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each detector's official score and AUCs, and per section the source-to-target distance of
+    the mean log-Mel spectra (realism.py's domain shift, dB) and the kNN floor's target AUC."""
     results = {k: [] for k in DETECTORS}
+    per_section = {}
     for metas in realism.labelled_by_machine(root).values():
         clips = realism.load_clips(root, metas)
         for (machine, section), group in realism.sections(clips).items():
             train, test = realism.parts(group)
             for name, detect in DETECTORS.items():
                 results[name].append(realism.result(machine, section, test, detect(train, test)))
-    return {name: {k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS} for name, r in results.items()}
+            per_section[section] = {"domain dB": float(np.sqrt(realism.section_statistics(train, test)["domain_sq"])),
+                                    "kNN floor target AUC": 100 * results["kNN floor"][-1].auc_target}
+    scores = {name: {k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS} for name, r in results.items()}
+    return scores, per_section
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -120,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             root = a.work / f"{slug}-data-seed-{seed}"
             with toy_car_section_00(layout):
                 generate(preset, root, seed=seed, workers=None if layout is None else 1)
-            scores = measure(root)
+            scores, per_section = measure(root)
             rows[f"{variant}, data seed {seed}"] = {"variant": variant, "data_seed": seed, "scores": scores,
+                                                    "sections": per_section,
                                                     "seconds": round(time.perf_counter() - t0, 1),
                                                     "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
             print(f"{variant}, data seed {seed}: " + "  ".join(
