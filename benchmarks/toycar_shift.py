@@ -9,8 +9,11 @@ training-free detectors of benchmarks/realism.py on each draw: official score, s
 Variants: ``demo`` as it is; DCASE's 10 target training clips per section; 200 source clips as
 well (the real folder has 599); and section 00 laid out as the real folder (source car models B, C
 and D at 31, 34 and 40 V and microphone 1, target car models A and E at 28 and 37 V and microphone 2,
-10 target clips), with and without the microphone change. A variant with its own section layout is
-generated in this process (the worker processes would not see it), under its own folder name.
+10 target clips), with and without the microphone change; the car started and stopped within
+each clip as the real folder's clips are (``ToyCar.run``); the hidden operating states of
+``REAL_SOUND`` weaker or off; and the anomalies sounding through the whole clip, not over a stretch
+of it. A variant that changes the toy car's layout or run is generated in this process (the worker
+processes would not see it); every variant under its own folder name.
 
     .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4
 
@@ -36,20 +39,27 @@ sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
 from asd import metrics as M  # noqa: E402
 from common import commit_id, publish, write_rows  # noqa: E402
-from pipelines.synth.generate import PRESETS, generate  # noqa: E402
+from pipelines.synth.generate import PRESETS, REAL_SOUND, generate  # noqa: E402
 from pipelines.synth.machines import MACHINES, _spec  # noqa: E402
 
 # section 00 as the real folder lays it out (../shared/data/realtoycar: its attribute strings)
 REAL_LAYOUT = _spec("car model and microphone", ("car", "spd", "mic"), [["B1", "C1", "D1"], ["31V", "34V", "40V"], ["1"]],
                     [["A1", "E1"], ["28V", "37V"], ["2"]])
 REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V", "40V"]], [["A1", "E1"], ["28V", "37V"]])
-# name -> (preset overrides, section 00's layout or None for the generator's own)
+# the real folder's clips: the car starts 0.5-1.5 s into 12 s, reaches full speed about 3 s later,
+# slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
+REAL_RUN = (0.15, 0.25, 0.72, 0.12)
+# name -> (preset overrides, section 00's layout or None for the generator's own, the car's run)
 VARIANTS = {
-    "demo as it is": ({}, None),
-    "10 target clips": ({"target_train": 10}, None),
-    "200 source and 10 target clips": ({"source_train": 200, "target_train": 10}, None),
-    "section 00 laid out as the real folder": ({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT),
-    "the same, one microphone": ({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS),
+    "demo as it is": ({}, None, None),
+    "10 target clips": ({"target_train": 10}, None, None),
+    "200 source and 10 target clips": ({"source_train": 200, "target_train": 10}, None, None),
+    "section 00 laid out as the real folder": ({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, None),
+    "the same, one microphone": ({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS, None),
+    "started and stopped within the clip": ({}, None, REAL_RUN),
+    "hidden states colouring 3 dB, clips 1 dB": ({"difficulty": replace(REAL_SOUND, state_db=3.0, clip_db=1.0)}, None, None),
+    "no hidden states or clip colouring": ({"difficulty": replace(REAL_SOUND, hidden_states=0, clip_db=0.0)}, None, None),
+    "anomalies through the whole clip": ({"difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}, None, None),
 }
 DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
@@ -58,16 +68,19 @@ COLUMNS = ("Overall", "Source AUC", "Target AUC")
 
 
 @contextmanager
-def toy_car_section_00(layout):
-    """The toy car's section 00 laid out as ``layout`` while the block runs (None: as it is)."""
+def toy_car(layout, run):
+    """The toy car's section 00 laid out as ``layout`` and its run as ``run`` while the block runs
+    (None: as they are)."""
     car = MACHINES["ToyCar"]
-    kept = car.specs
+    kept = car.specs, car.run
     if layout is not None:
-        car.specs = (layout, *kept[1:])
+        car.specs = (layout, *kept[0][1:])
+    if run is not None:
+        car.run = run
     try:
         yield
     finally:
-        car.specs = kept
+        car.specs, car.run = kept
 
 
 def measure(root: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}
     a.out.mkdir(parents=True, exist_ok=True)
     for variant in a.variants:
-        overrides, layout = VARIANTS[variant]
+        overrides, layout, run = VARIANTS[variant]
         preset = replace(PRESETS["demo"], machines=("ToyCar",), **overrides)
         slug = "-".join(variant.replace(",", "").split())
         for seed in a.data_seeds:
@@ -124,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             root = a.work / f"{slug}-data-seed-{seed}"
-            with toy_car_section_00(layout):
-                generate(preset, root, seed=seed, workers=None if layout is None else 1)
+            with toy_car(layout, run):
+                generate(preset, root, seed=seed, workers=None if layout is None and run is None else 1)
             scores, per_section = measure(root)
             rows[f"{variant}, data seed {seed}"] = {"variant": variant, "data_seed": seed, "scores": scores,
                                                     "sections": per_section,
