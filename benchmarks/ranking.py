@@ -20,6 +20,11 @@ replacement, as many as the group holds; the same clips for every detector (pair
 difference between two detectors is measured on the same resampled test set. Official score =
 ``asd.metrics.official_score`` of ``asd.metrics.section_metrics`` on the resampled clips.
 
+A domain's AUC sets that domain's normals against the anomalies of both domains; the report also
+splits it, on the ToyCar sections (the real folder's one type), into the AUC of each pair of test
+groups (``GROUPS``: source normals against source anomalies, target normals against source
+anomalies, ...), which says which of those orders makes a detector fail on a domain.
+
     .venv/bin/python benchmarks/ranking.py --work /tmp/realism-seeds --data-seeds 0 1 2
 
 Writes per-clip scores to ``<out>/scores/<dataset>.json`` and the network's to
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from asd import metrics as M
 from common import commit_id, publish, write_rows  # benchmarks/ is on sys.path
@@ -171,6 +177,32 @@ def pair_rows(point: dict[str, float], boot: np.ndarray, detectors: list[str]) -
     return rows
 
 
+# ----------------------------------------------------------------------------- where a domain's AUC comes from
+
+# (name, lower group, upper group): the AUC of the upper group's scores above the lower's; a domain
+# AUC (that domain's normals against every anomaly) mixes the first two of its domain's rows
+GROUPS = (("source normal < source anomaly", (0, 0), (1, 0)), ("target normal < target anomaly", (0, 1), (1, 1)),
+          ("target normal < source anomaly", (0, 1), (1, 0)), ("source normal < target anomaly", (0, 0), (1, 1)),
+          ("source normal < target normal", (0, 0), (0, 1)))
+
+
+def group_aucs(sections_: list[dict], detector: str, machine: str | None = None) -> dict[str, float]:
+    """AUC in % of each pair of test groups of :data:`GROUPS` ((label, domain) of the clips), mean over
+    the sections (of ``machine`` only, when given)."""
+    out = {}
+    for name, lower, upper in GROUPS:
+        values = []
+        for s in sections_:
+            if machine is not None and s["machine"] != machine:
+                continue
+            y, d, x = (np.asarray(s["anomaly"]), np.asarray(s["target"]), np.asarray(s["scores"][detector]))
+            lo, up = x[(y == lower[0]) & (d == lower[1])], x[(y == upper[0]) & (d == upper[1])]
+            if lo.size and up.size:
+                values.append(100 * roc_auc_score(np.r_[np.zeros(lo.size), np.ones(up.size)], np.r_[lo, up]))
+        out[name] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -188,6 +220,12 @@ def report(rows: dict[str, dict], settled: float) -> str:
     for pair in next(iter(rows.values()))["pairs"]:
         cells = [f"{r['pairs'][pair]['difference']:+.1f} ({100 * r['pairs'][pair]['share']:.0f} %)" for r in rows.values()]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lines += ["", "Where each domain's AUC comes from, the ToyCar sections (the real folder's one machine type): AUC "
+              "in % of each pair of test groups, the second above the first:", "",
+              "| dataset | detector | " + " | ".join(name for name, _, _ in GROUPS) + " |", "|---" * (len(GROUPS) + 2) + "|"]
+    for dataset, r in rows.items():
+        for k in DETECTORS:
+            lines.append(f"| {dataset} | {k} | " + " | ".join(f"{r['groups'][k][g]:.1f}" for g, _, _ in GROUPS) + " |")
     if REAL_NAME in rows:
         real = rows[REAL_NAME]["pairs"]
         firm = [p for p, r in real.items() if r["share"] >= settled or r["share"] <= 1 - settled]
@@ -256,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                       "score interval": {k: [float(np.percentile(boot[:, i], 2.5)), float(np.percentile(boot[:, i], 97.5))]
                                          for i, k in enumerate(DETECTORS)},
                       "pairs": pair_rows(point, boot, DETECTORS), "resamples": a.resamples,
+                      "groups": {k: group_aucs(scored, k, "ToyCar") for k in DETECTORS},
                       "test clips": sum(len(s["anomaly"]) for s in scored), "sections": len(scored),
                       "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     a.out.mkdir(parents=True, exist_ok=True)

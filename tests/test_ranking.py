@@ -76,12 +76,37 @@ def test_report_counts_settled_pairs_and_agreeing_draws(monkeypatch):
     monkeypatch.setattr(ranking, "DETECTORS", ["a", "b", "c"])
     def row(diffs: dict[str, tuple[float, float]]) -> dict:
         return {"score": {"a": 60.0, "b": 55.0, "c": 50.0}, "score interval": {k: [0.0, 1.0] for k in "abc"},
-                "pairs": {p: {"difference": d, "interval": [0, 0], "share": s} for p, (d, s) in diffs.items()}}
+                "pairs": {p: {"difference": d, "interval": [0, 0], "share": s} for p, (d, s) in diffs.items()},
+                "groups": {k: {g: 50.0 + i for i, (g, _, _) in enumerate(ranking.GROUPS)} for k in "abc"}}
     real = row({"a > b": (5.0, 0.99), "a > c": (10.0, 0.97), "b > c": (1.0, 0.6)})
     synth = row({"a > b": (-1.0, 0.3), "a > c": (2.0, 0.8), "b > c": (-3.0, 0.1)})
     text = ranking.report({ranking.REAL_NAME: real, "synthetic x": synth}, settled=0.95)
     assert "settle (one order in at least 95 % of resamples): 2 of 3." in text
     assert "- synthetic x: 1 of the 2 settled pairs in the real folder's order (1 of all 3 pairs)" in text
+    assert "| synthetic x | b | 50.0 | 51.0 | 52.0 | 53.0 | 54.0 |" in text
+
+
+def _pairwise_auc(lower: list[float], upper: list[float]) -> float:
+    """The share of (lower, upper) pairs ordered upper above lower, ties counted half: a loop."""
+    wins = sum(1.0 if u > lo else 0.5 if u == lo else 0.0 for lo in lower for u in upper)
+    return 100 * wins / (len(lower) * len(upper))
+
+
+def test_group_aucs_are_pairwise_orders_of_the_groups_of_one_machine():
+    rng = np.random.default_rng(3)
+    sections = [_section(rng, 6, 1.5), _section(rng, 5, 0.5), {**_section(rng, 4, 9.0), "machine": "other"}]
+    for s in sections:  # the target normals shifted up, and a tie across groups
+        s["scores"]["good"] = [x + 0.7 * (t and not a) for x, t, a in zip(s["scores"]["good"], s["target"], s["anomaly"])]
+        s["scores"]["good"][1] = s["scores"]["good"][0]
+    got = ranking.group_aucs(sections, "good", "m")
+    for name, lower, upper in ranking.GROUPS:
+        per_section = []
+        for s in sections[:2]:
+            pick = lambda label, domain: [x for x, a, t in zip(s["scores"]["good"], s["anomaly"], s["target"])
+                                          if (a, t) == (label, domain)]
+            per_section.append(_pairwise_auc(pick(*lower), pick(*upper)))
+        assert got[name] == pytest.approx(np.mean(per_section)), name
+    assert ranking.group_aucs(sections, "good")["source normal < source anomaly"] != got["source normal < source anomaly"]
 
 
 def test_network_scores_join_each_sections_test_clips_by_name(tmp_path):
