@@ -10,7 +10,8 @@ Variants: ``demo`` as it is; DCASE's 10 target training clips per section; 200 s
 well (the real folder has 599); and section 00 laid out as the real folder (source car models B, C
 and D at 31, 34 and 40 V and microphone 1, target car models A and E at 28 and 37 V and microphone 2,
 10 target clips), with and without the microphone change; the car started and stopped within
-each clip as the real folder's clips are (``ToyCar.run``); the hidden operating states of
+each clip as the real folder's clips are (``ToyCar.run``), also with the target domain 3 dB further
+under the factory noise (the real target clips' level varies less over the clip); the hidden operating states of
 ``REAL_SOUND`` weaker or off; and the anomalies sounding through the whole clip, not over a stretch
 of it. A variant that changes the toy car's layout or run is generated in this process (the worker
 processes would not see it); every variant under its own folder name.
@@ -57,6 +58,7 @@ VARIANTS = {
     "section 00 laid out as the real folder": ({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, None),
     "the same, one microphone": ({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS, None),
     "started and stopped within the clip": ({}, None, REAL_RUN),
+    "the same, the target domain 3 dB further under the noise": ({"target_snr_offset_db": -3.0}, None, REAL_RUN),
     "hidden states colouring 3 dB, clips 1 dB": ({"difficulty": replace(REAL_SOUND, state_db=3.0, clip_db=1.0)}, None, None),
     "no hidden states or clip colouring": ({"difficulty": replace(REAL_SOUND, hidden_states=0, clip_db=0.0)}, None, None),
     "anomalies through the whole clip": ({"difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}, None, None),
