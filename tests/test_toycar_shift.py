@@ -59,7 +59,9 @@ def test_a_car_run_within_the_clip_is_quiet_before_it_starts_and_after_it_stops(
         generate(preset, tmp_path / "run", seed=0, workers=1)
     generate(preset, tmp_path / "through", seed=0, workers=1)
     for kind, dip in (("run", True), ("through", False)):
-        for path in sorted((tmp_path / kind).glob("dev_data/ToyCar/train/*.wav")):
+        paths = sorted((tmp_path / kind).glob("dev_data/ToyCar/train/*.wav"))
+        assert len(paths) == 5, paths  # 4 source and 1 target training clips
+        for path in paths:
             wave, _ = sf.read(path, dtype="float32")
             middle = _level_db(wave, 0.45, 0.6)
             quiet = max(_level_db(wave, 0.0, 0.06), _level_db(wave, 0.88, 1.0))
