@@ -46,6 +46,7 @@ from pipelines.config import load_config
 from pipelines.detectors.prototype import StageTrainer, class_labels
 from pipelines.store import ClipTable, load_split
 from pretrain_curve import COLUMNS, evaluate, scores_of  # benchmarks/ is on sys.path when run as a script
+from realism import tree_base
 from common import REAL_TOYCAR as REAL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,8 +76,7 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
 
 def store_overrides(data: Path, store: Path, seed: int) -> list[str]:
     """Config overrides that read the DCASE-layout tree ``data`` into the feature store ``store``."""
-    root = data / "dev_data" if (data / "dev_data").is_dir() else data
-    return [f"data.root={root}", f"extract.store={store}", f"train.seed={seed}", "ray.num_cpus=2"]
+    return [f"data.root={tree_base(data)}", f"extract.store={store}", f"train.seed={seed}", "ray.num_cpus=2"]
 
 
 def extracted(cfg, refresh: bool = False) -> tuple[ClipTable, ClipTable]:

@@ -21,7 +21,7 @@ difference between two detectors is measured on the same resampled test set. Off
 ``asd.metrics.official_score`` of ``asd.metrics.section_metrics`` on the resampled clips.
 
 A domain's AUC sets that domain's normals against the anomalies of both domains; the report also
-splits it, on the ToyCar sections (the real folder's one type), into the AUC of each pair of test
+splits it, on the sections of the real folder's machine types, into the AUC of each pair of test
 groups (``GROUPS``: source normals against source anomalies, target normals against source
 anomalies, ...), which says which of those orders makes a detector fail on a domain.
 
@@ -179,21 +179,21 @@ def pair_rows(point: dict[str, float], boot: np.ndarray, detectors: list[str]) -
 
 # ----------------------------------------------------------------------------- where a domain's AUC comes from
 
-# (name, lower group, upper group): the AUC of the upper group's scores above the lower's; a domain
-# AUC (that domain's normals against every anomaly) mixes the first two of its domain's rows
+# (name, lower group, upper group) with groups as (label, domain): the AUC of the upper group's
+# scores above the lower's; a domain's AUC mixes the rows of its normals against both domains' anomalies
 GROUPS = (("source normal < source anomaly", (0, 0), (1, 0)), ("target normal < target anomaly", (0, 1), (1, 1)),
           ("target normal < source anomaly", (0, 1), (1, 0)), ("source normal < target anomaly", (0, 0), (1, 1)),
           ("source normal < target normal", (0, 0), (0, 1)))
 
 
-def group_aucs(sections_: list[dict], detector: str, machine: str | None = None) -> dict[str, float]:
-    """AUC in % of each pair of test groups of :data:`GROUPS` ((label, domain) of the clips), mean over
-    the sections (of ``machine`` only, when given)."""
+def group_aucs(sections_: list[dict], detector: str, machines: set[str] | None = None) -> dict[str, float]:
+    """AUC in % of each pair of test groups of :data:`GROUPS`, mean over the sections (of the machine
+    types ``machines`` only, when given)."""
     out = {}
     for name, lower, upper in GROUPS:
         values = []
         for s in sections_:
-            if machine is not None and s["machine"] != machine:
+            if machines is not None and s["machine"] not in machines:
                 continue
             y, d, x = (np.asarray(s["anomaly"]), np.asarray(s["target"]), np.asarray(s["scores"][detector]))
             lo, up = x[(y == lower[0]) & (d == lower[1])], x[(y == upper[0]) & (d == upper[1])]
@@ -220,8 +220,8 @@ def report(rows: dict[str, dict], settled: float) -> str:
     for pair in next(iter(rows.values()))["pairs"]:
         cells = [f"{r['pairs'][pair]['difference']:+.1f} ({100 * r['pairs'][pair]['share']:.0f} %)" for r in rows.values()]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    lines += ["", "Where each domain's AUC comes from, the ToyCar sections (the real folder's one machine type): AUC "
-              "in % of each pair of test groups, the second above the first:", "",
+    lines += ["", "Where each domain's AUC comes from, on the sections of the real folder's machine types (every "
+              "section without it): AUC in % of each pair of test groups, the second above the first:", "",
               "| dataset | detector | " + " | ".join(name for name, _, _ in GROUPS) + " |", "|---" * (len(GROUPS) + 2) + "|"]
     for dataset, r in rows.items():
         for k in DETECTORS:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.data_seeds:
         for name, root in synthetic_trees(a.work, [a.preset], 0, s).items():
             trees[f"{name}, data seed {s}"] = (root, data_record(name))
-    rows = {}
+    rows, compared = {}, None  # the real folder's machine types, once it is scored (it comes first)
     for name, (root, data) in trees.items():
         print(f"ranking: {name} ...", flush=True)
         stem = name.replace(" ", "_").replace(",", "")
@@ -288,13 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                          {"config": NETWORK_CONFIG, "seed": a.seed, "data": data}, a.redo, "scores",
                          network_scores, root, a.work / "features" / stem, a.seed)
         scored = with_network(scored, test_keys(root), network)
+        if name == REAL_NAME:
+            compared = {s["machine"] for s in scored}
         point = {k: official(scored, k) for k in DETECTORS}
         boot = bootstrap(scored, DETECTORS, a.resamples, a.seed)
         rows[name] = {"score": point,
                       "score interval": {k: [float(np.percentile(boot[:, i], 2.5)), float(np.percentile(boot[:, i], 97.5))]
                                          for i, k in enumerate(DETECTORS)},
                       "pairs": pair_rows(point, boot, DETECTORS), "resamples": a.resamples,
-                      "groups": {k: group_aucs(scored, k, "ToyCar") for k in DETECTORS},
+                      "groups": {k: group_aucs(scored, k, compared) for k in DETECTORS},
                       "test clips": sum(len(s["anomaly"]) for s in scored), "sections": len(scored),
                       "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     a.out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def test_group_aucs_are_pairwise_orders_of_the_groups_of_one_machine():
     for s in sections:  # the target normals shifted up, and a tie across groups
         s["scores"]["good"] = [x + 0.7 * (t and not a) for x, t, a in zip(s["scores"]["good"], s["target"], s["anomaly"])]
         s["scores"]["good"][1] = s["scores"]["good"][0]
-    got = ranking.group_aucs(sections, "good", "m")
+    got = ranking.group_aucs(sections, "good", {"m"})
     for name, lower, upper in ranking.GROUPS:
         per_section = []
         for s in sections[:2]:
