@@ -12,9 +12,12 @@ and D at 31, 34 and 40 V and microphone 1, target car models A and E at 28 and 3
 10 target clips), with and without the microphone change; the car started and stopped within
 each clip as the real folder's clips are (``ToyCar.run``), also with the target domain 3 dB further
 under the factory noise (the real target clips' level varies less over the clip); the hidden operating states of
-``REAL_SOUND`` weaker or off; and the anomalies sounding through the whole clip, not over a stretch
-of it. A variant that changes the toy car's layout or run is generated in this process (the worker
-processes would not see it); every variant under its own folder name.
+``REAL_SOUND`` weaker or off; the anomalies sounding through the whole clip, not over a stretch
+of it; and a worn gear's steady tone line (``ToyCar``'s ``worn-gear``) as the only anomaly, as a
+tone line marks the real folder's source anomaly in docs/realism_spectrograms.png, also with the
+car started and stopped within the clip. A variant that changes the toy car's layout, run or
+anomalies is generated in this process (the worker processes would not see it); every variant
+under its own folder name.
 
     .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4
 
@@ -31,6 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,18 +54,39 @@ REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V
 # the real folder's clips: the car starts 0.5-1.5 s into 12 s, reaches full speed about 3 s later,
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
 REAL_RUN = (0.15, 0.25, 0.72, 0.12)
-# name -> (preset overrides, section 00's layout or None for the generator's own, the car's run)
+
+
+class Variant(NamedTuple):
+    """Preset overrides, and the toy car's section 00 layout, run and anomaly kinds (None: the
+    generator's own)."""
+
+    overrides: dict
+    layout: tuple | None = None
+    run: tuple[float, float, float, float] | None = None
+    anomalies: tuple[str, ...] | None = None
+
+
 VARIANTS = {
-    "demo as it is": ({}, None, None),
-    "10 target clips": ({"target_train": 10}, None, None),
-    "200 source and 10 target clips": ({"source_train": 200, "target_train": 10}, None, None),
-    "section 00 laid out as the real folder": ({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, None),
-    "the same, one microphone": ({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS, None),
-    "started and stopped within the clip": ({}, None, REAL_RUN),
-    "the same, the target domain 3 dB further under the noise": ({"target_snr_offset_db": -3.0}, None, REAL_RUN),
-    "hidden states colouring 3 dB, clips 1 dB": ({"difficulty": replace(REAL_SOUND, state_db=3.0, clip_db=1.0)}, None, None),
-    "no hidden states or clip colouring": ({"difficulty": replace(REAL_SOUND, hidden_states=0, clip_db=0.0)}, None, None),
-    "anomalies through the whole clip": ({"difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}, None, None),
+    "demo as it is": Variant({}),
+    "10 target clips": Variant({"target_train": 10}),
+    "200 source and 10 target clips": Variant({"source_train": 200, "target_train": 10}),
+    "section 00 laid out as the real folder": Variant({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT),
+    "the same, one microphone": Variant({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS),
+    "started and stopped within the clip": Variant({}, run=REAL_RUN),
+    "the same, the target domain 3 dB further under the noise": Variant({"target_snr_offset_db": -3.0}, run=REAL_RUN),
+    "hidden states colouring 3 dB, clips 1 dB": Variant({"difficulty": replace(REAL_SOUND, state_db=3.0, clip_db=1.0)}),
+    "no hidden states or clip colouring": Variant({"difficulty": replace(REAL_SOUND, hidden_states=0, clip_db=0.0)}),
+    "anomalies through the whole clip": Variant({"difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}),
+    "anomalies of strength 0 (a control)": Variant({"anomaly_strength": (0.0, 0.0)}),
+    "the same, through the whole clip": Variant({"anomaly_strength": (0.0, 0.0),
+                                                "difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}),
+    "a worn gear's tone line the only anomaly": Variant({}, anomalies=("worn-gear",)),
+    "the same, started and stopped within the clip": Variant({}, run=REAL_RUN, anomalies=("worn-gear",)),
+    "a worn gear's tone line 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, anomalies=("worn-gear",)),
+    "the loud worn gear, section 00 laid out as the real folder": Variant(
+        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, anomalies=("worn-gear",)),
+    "the same, started and stopped within the clip as well": Variant(
+        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, REAL_RUN, ("worn-gear",)),
 }
 DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
@@ -70,19 +95,21 @@ COLUMNS = ("Overall", "Source AUC", "Target AUC")
 
 
 @contextmanager
-def toy_car(layout, run):
-    """The toy car's section 00 laid out as ``layout`` and its run as ``run`` while the block runs
-    (None: as they are)."""
+def toy_car(v: Variant):
+    """The toy car's section 00 laid out, its run and its anomaly kinds as ``v`` says while the
+    block runs (None: as they are)."""
     car = MACHINES["ToyCar"]
-    kept = car.specs, car.run
-    if layout is not None:
-        car.specs = (layout, *kept[0][1:])
-    if run is not None:
-        car.run = run
+    kept = car.specs, car.run, car.anomalies
+    if v.layout is not None:
+        car.specs = (v.layout, *kept[0][1:])
+    if v.run is not None:
+        car.run = v.run
+    if v.anomalies is not None:
+        car.anomalies = v.anomalies
     try:
         yield
     finally:
-        car.specs, car.run = kept
+        car.specs, car.run, car.anomalies = kept
 
 
 def measure(root: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -131,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}
     a.out.mkdir(parents=True, exist_ok=True)
     for variant in a.variants:
-        overrides, layout, run = VARIANTS[variant]
-        preset = replace(PRESETS["demo"], machines=("ToyCar",), **overrides)
+        v = VARIANTS[variant]
+        preset = replace(PRESETS["demo"], machines=("ToyCar",), **v.overrides)
         slug = "-".join(variant.replace(",", "").split())
         for seed in a.data_seeds:
             if f"{variant}, data seed {seed}" in rows and not a.redo:
                 continue
             t0 = time.perf_counter()
             root = a.work / f"{slug}-data-seed-{seed}"
-            with toy_car(layout, run):
-                generate(preset, root, seed=seed, workers=None if layout is None and run is None else 1)
+            in_process = v.layout is not None or v.run is not None or v.anomalies is not None
+            with toy_car(v):
+                generate(preset, root, seed=seed, workers=1 if in_process else None)
             scores, per_section = measure(root)
             rows[f"{variant}, data seed {seed}"] = {"variant": variant, "data_seed": seed, "scores": scores,
                                                     "sections": per_section,

@@ -680,6 +680,11 @@ class ToyCar(Machine):
     clips do (started about 1.5 s into a 12 s clip, stopped about 10 s in): the motor's pitch and
     the sound's amplitude follow the speed. Measured, not adopted (BENCHMARKS.md, "The synthetic
     toy car's target domain").
+
+    ``worn-gear`` (not among ``anomalies``, which the generator draws from): a worn gear squeals, a
+    steady tone line at 2-4 kHz (per car model) that follows the motor's speed, as the real
+    folder's source anomaly in docs/realism_spectrograms.png shows one; measured as the only kind
+    in the same section of BENCHMARKS.md, not adopted.
     """
 
     name = "ToyCar"
@@ -728,6 +733,9 @@ class ToyCar(Machine):
         elif anomaly == "brush-spark":  # arcing brushes crackle
             t = c.poisson_times(60.0)
             x = x + 3.0 * s * resonate(c.impulses(t, c.rng.exponential(0.5, len(t))), u["spark"])
+        elif anomaly == "worn-gear":  # a squeal at a fixed, non-harmonic multiple of the motor's rate
+            squeal = keyed_rng("worn-gear", self.name, a.get("car", u["car"])).uniform(2000, 4000) / fm0
+            x = x + 0.2 * s * periodic(c, cyc * squeal, [1.0], squeal * fm0 * 1.05)
         return x * speed
 
 
