@@ -13,9 +13,11 @@ and D at 31, 34 and 40 V and microphone 1, target car models A and E at 28 and 3
 each clip as the real folder's clips are (``ToyCar.run``), also with the target domain 3 dB further
 under the factory noise (the real target clips' level varies less over the clip); the hidden operating states of
 ``REAL_SOUND`` weaker or off; the anomalies sounding through the whole clip, not over a stretch
-of it; and a worn gear's steady tone line (``ToyCar``'s ``worn-gear``) as the only anomaly, as a
-tone line marks the real folder's source anomaly in docs/realism_spectrograms.png, also with the
-car started and stopped within the clip. A variant that changes the toy car's layout, run or
+of it; anomalies of strength 0, a control (the test clips labelled anomalous carry no anomaly:
+what the metric gives under the domain shift alone); and a worn gear's steady tone line
+(``ToyCar``'s ``worn-gear``) as the only anomaly, as a tone line marks the real folder's source
+anomaly in docs/realism_spectrograms.png, at ``demo``'s strengths and 10 dB louder, with the car
+started and stopped within the clip and with section 00 laid out as the real folder. A variant that changes the toy car's layout, run or
 anomalies is generated in this process (the worker processes would not see it); every variant
 under its own folder name.
 
