@@ -17,9 +17,12 @@ of it; anomalies of strength 0, a control (the test clips labelled anomalous car
 what the metric gives under the domain shift alone); and a worn gear's steady tone line
 (``ToyCar``'s ``worn-gear``) as the only anomaly, as a tone line marks the real folder's source
 anomaly in docs/realism_spectrograms.png, at ``demo``'s strengths and 10 dB louder, with the car
-started and stopped within the clip and with section 00 laid out as the real folder. A variant that changes the toy car's layout, run or
-anomalies is generated in this process (the worker processes would not see it); every variant
-under its own folder name.
+started and stopped within the clip and with section 00 laid out as the real folder; each of the
+four kinds the generator draws as the only one; and section 00 alone at the real folder's size
+(600 source and 10 target training clips, 25 test clips per group), with ``demo``'s layout, with
+the real folder's 18 source and 8 target attribute classes, and with those and the loud worn gear.
+A variant that changes the toy car's layout, run or anomalies is generated in this process (the
+worker processes would not see it); every variant under its own folder name.
 
     .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4
 
@@ -52,6 +55,13 @@ from pipelines.synth.machines import MACHINES, _spec  # noqa: E402
 # section 00 as the real folder lays it out (../shared/data/realtoycar: its attribute strings)
 REAL_LAYOUT = _spec("car model and microphone", ("car", "spd", "mic"), [["B1", "C1", "D1"], ["31V", "34V", "40V"], ["1"]],
                     [["A1", "E1"], ["28V", "37V"], ["2"]])
+# the same with each car model's two variants (B1 and B2, ...): the real folder's 18 source and 8
+# target attribute classes
+REAL_CLASSES = _spec("car model and microphone", ("car", "spd", "mic"),
+                     [["B1", "B2", "C1", "C2", "D1", "D2"], ["31V", "34V", "40V"], ["1"]],
+                     [["A1", "A2", "E1", "E2"], ["28V", "37V"], ["2"]])
+# section 00 alone at the real folder's size: 600 source and 10 target training clips, 25 test clips per group
+REAL_SIZE = {"source_train": 600, "target_train": 10, "test_per_group": 25, "dev_sections": ("00",)}
 REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V", "40V"]], [["A1", "E1"], ["28V", "37V"]])
 # the real folder's clips: the car starts 0.5-1.5 s into 12 s, reaches full speed about 3 s later,
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
@@ -89,6 +99,12 @@ VARIANTS = {
         {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, anomalies=("worn-gear",)),
     "the same, started and stopped within the clip as well": Variant(
         {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, REAL_RUN, ("worn-gear",)),
+    **{f"{kind} the only anomaly": Variant({}, anomalies=(kind,))
+       for kind in ("flat-tire", "gear-chip", "bent-shaft", "brush-spark")},
+    "section 00 at the real folder's size": Variant(REAL_SIZE),
+    "section 00 laid out as the real folder, its 26 attribute classes and its size": Variant(REAL_SIZE, REAL_CLASSES),
+    "the same, with the loud worn gear": Variant({**REAL_SIZE, "anomaly_strength": (0.79, 3.16)}, REAL_CLASSES,
+                                                anomalies=("worn-gear",)),
 }
 DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
