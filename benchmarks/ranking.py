@@ -27,6 +27,10 @@ anomalies, ...), which says which of those orders makes a detector fail on a dom
 
     .venv/bin/python benchmarks/ranking.py --work /tmp/realism-seeds --data-seeds 0 1 2
 
+``--tree NAME=PATH`` ranks another tree as well (its scores cached by NAME, not checked against a
+generator version): e.g. the synthetic toy car's section 00 at the real folder's size from
+benchmarks/toycar_shift.py, with ``--data-seeds`` (none) and ``--out`` elsewhere.
+
 Writes per-clip scores to ``<out>/scores/<dataset>.json`` and the network's to
 ``<out>/scores/<dataset>-network.json`` (kept: a later call with more draws or more resamples reuses
 them; ``--redo`` scores again) and the report to ``<out>/ranking.{json,md}``.
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="demo", help="synthetic preset or robustness regime")
     p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--no-real", action="store_true", help="skip the real folder")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                   help="one more DCASE-layout tree to rank, reported as NAME (e.g. one of toycar_shift.py's); repeatable")
     p.add_argument("--ae-epochs", type=int, default=100, help="the recipe's 100")
     p.add_argument("--seed", type=int, default=0, help="training seed of the AE and the networks")
     p.add_argument("--resamples", type=int, default=1000)
@@ -278,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.data_seeds:
         for name, root in synthetic_trees(a.work, [a.preset], 0, s).items():
             trees[f"{name}, data seed {s}"] = (root, data_record(name))
+    for named in a.tree:
+        name, sep, path = named.partition("=")
+        if not sep or not Path(path, "dev_data").is_dir():
+            p.error(f"--tree {named!r}: expected NAME=PATH of a tree holding dev_data/")
+        trees[name] = (Path(path), None)
     rows, compared = {}, None  # the real folder's machine types, once it is scored (it comes first)
     for name, (root, data) in trees.items():
         print(f"ranking: {name} ...", flush=True)

@@ -133,3 +133,12 @@ def test_network_scores_join_each_sections_test_clips_by_name(tmp_path):
         ranking.with_network(saved, keys, dict(list(network.items())[1:]))
     with pytest.raises(SystemExit, match="--redo"):
         ranking.with_network(saved[1:], keys, network)
+
+
+@pytest.mark.parametrize("tree", ["no-equals-sign", "a name=/nonexistent/tree"])
+def test_a_tree_that_is_not_name_equals_a_dcase_tree_stops_with_one_line(tree, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ranking.main(["--no-real", "--data-seeds", "--out", str(tmp_path / "out"), "--tree", tree])
+    assert stop.value.code == 2
+    assert f"--tree {tree!r}: expected NAME=PATH" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
