@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a pair is settled by a dataset's test clips when one order holds in this share of resamples")
     p.add_argument("--redo", action="store_true", help="score the datasets again, even when their scores are saved")
     a = p.parse_args(argv)
+    extra = {}  # checked before any tree is unpacked or generated
+    for named in a.tree:
+        name, sep, path = named.partition("=")
+        if not sep or not Path(path, "dev_data").is_dir():
+            p.error(f"--tree {named!r}: expected NAME=PATH of a tree holding dev_data/")
+        extra[name] = (Path(path), None)
     torch.set_num_threads(2)
     trees: dict[str, tuple[Path, dict | None]] = {}
     if not a.no_real and (root := real_tree(a.work)) is not None:
@@ -284,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.data_seeds:
         for name, root in synthetic_trees(a.work, [a.preset], 0, s).items():
             trees[f"{name}, data seed {s}"] = (root, data_record(name))
-    for named in a.tree:
-        name, sep, path = named.partition("=")
-        if not sep or not Path(path, "dev_data").is_dir():
-            p.error(f"--tree {named!r}: expected NAME=PATH of a tree holding dev_data/")
-        trees[name] = (Path(path), None)
+    trees.update(extra)
     rows, compared = {}, None  # the real folder's machine types, once it is scored (it comes first)
     for name, (root, data) in trees.items():
         print(f"ranking: {name} ...", flush=True)

@@ -138,7 +138,9 @@ def test_network_scores_join_each_sections_test_clips_by_name(tmp_path):
 @pytest.mark.parametrize("tree", ["no-equals-sign", "a name=/nonexistent/tree"])
 def test_a_tree_that_is_not_name_equals_a_dcase_tree_stops_with_one_line(tree, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        ranking.main(["--no-real", "--data-seeds", "--out", str(tmp_path / "out"), "--tree", tree])
+        # with the real folder and a draw asked for too: the bad tree stops the run before either is made
+        ranking.main(["--work", str(tmp_path / "work"), "--data-seeds", "0", "--out", str(tmp_path / "out"),
+                      "--tree", tree])
     assert stop.value.code == 2
     assert f"--tree {tree!r}: expected NAME=PATH" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
