@@ -242,6 +242,18 @@ def section_statistics(train: list[dict], test: list[dict]) -> dict[str, float]:
             "level spread dB": float(np.std(levels))}
 
 
+def attribute_accuracy(train: list[dict]) -> float:
+    """How far the attributes move the kNN floor's representation against the clip-to-clip spread:
+    the share of source training clips whose nearest other source training clip (cosine of the
+    log-Mel statistics, leave-one-out) has the same attribute string. NaN with under 2 clips."""
+    src = [c for c in train if c["meta"].domain == "source"]
+    if len(src) < 2:
+        return float("nan")
+    stats = batch_clip_statistics([c["logmel"] for c in src])
+    nearest = nearest_cosine_distance(stats, stats, exclude_self=True)[1].tolist()
+    return float(np.mean([src[i]["meta"].attribute == src[j]["meta"].attribute for i, j in enumerate(nearest)]))
+
+
 def measure_machine(clips: list[dict], ae_epochs: int, seed: int, untrained: bool, results: dict[str, list],
                     stats: list[dict]) -> None:
     """Append each floor's section results and each section's statistics for one machine type."""

@@ -20,11 +20,17 @@ anomaly in docs/realism_spectrograms.png, at ``demo``'s strengths and 10 dB loud
 started and stopped within the clip and with section 00 laid out as the real folder; each of the
 four kinds the generator draws as the only one; and section 00 alone at the real folder's size
 (600 source and 10 target training clips, 25 test clips per group), with ``demo``'s layout, with
-the real folder's 18 source and 8 target attribute classes, and with those and the loud worn gear.
-A variant that changes the toy car's layout, run or anomalies is generated in this process (the
-worker processes would not see it); every variant under its own folder name.
+the real folder's 18 source and 8 target attribute classes, and with those and the loud worn gear;
+the car models and voltages moving the sound less (``ToyCar.attribute_effect``), and the tone
+lines 10 dB lower (``ToyCar.line_db``), at ``demo``'s size and the real folder's. A variant that
+changes the toy car's layout or settings is generated in this process (the worker processes would
+not see it); every variant under its own folder name. Besides the detectors, each section's
+attribute accuracy (``realism.attribute_accuracy``: how far the attributes move the floor's log-Mel
+statistics against the clip-to-clip spread). ``--real`` measures the real folder the same way, as
+the reference rows: as it is, and with ``demo``'s number of training clips (50 source and 5
+target) drawn from it once per data seed, the real sound at the synthetic preset's size.
 
-    .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/toycar_shift.py --data-seeds 0 1 2 3 4 --real
 
 Writes ``<out>/toycar_shift.{json,md}``; the rows are written after every draw, and a draw already
 saved is not measured again (``--redo`` measures it again).
@@ -66,16 +72,17 @@ REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V
 # the real folder's clips: the car starts 0.5-1.5 s into 12 s, reaches full speed about 3 s later,
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
 REAL_RUN = (0.15, 0.25, 0.72, 0.12)
+WORN_GEAR = {"anomalies": ("worn-gear",)}  # the worn gear's tone line the only anomaly
 
 
 class Variant(NamedTuple):
-    """Preset overrides, and the toy car's section 00 layout, run and anomaly kinds (None: the
-    generator's own)."""
+    """Preset overrides, the toy car's section 00 layout (None: the generator's own) and the toy
+    car's own settings (``ToyCar``'s class attributes: ``run``, ``anomalies``, ``attribute_effect``,
+    ``line_db``)."""
 
     overrides: dict
     layout: tuple | None = None
-    run: tuple[float, float, float, float] | None = None
-    anomalies: tuple[str, ...] | None = None
+    car: dict | None = None
 
 
 VARIANTS = {
@@ -84,83 +91,122 @@ VARIANTS = {
     "200 source and 10 target clips": Variant({"source_train": 200, "target_train": 10}),
     "section 00 laid out as the real folder": Variant({"target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT),
     "the same, one microphone": Variant({"target_train": 10, "dev_sections": ("00",)}, REAL_CARS),
-    "started and stopped within the clip": Variant({}, run=REAL_RUN),
-    "the same, the target domain 3 dB further under the noise": Variant({"target_snr_offset_db": -3.0}, run=REAL_RUN),
+    "started and stopped within the clip": Variant({}, car={"run": REAL_RUN}),
+    "the same, the target domain 3 dB further under the noise": Variant({"target_snr_offset_db": -3.0}, car={"run": REAL_RUN}),
     "hidden states colouring 3 dB, clips 1 dB": Variant({"difficulty": replace(REAL_SOUND, state_db=3.0, clip_db=1.0)}),
     "no hidden states or clip colouring": Variant({"difficulty": replace(REAL_SOUND, hidden_states=0, clip_db=0.0)}),
     "anomalies through the whole clip": Variant({"difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}),
     "anomalies of strength 0 (a control)": Variant({"anomaly_strength": (0.0, 0.0)}),
     "the same, through the whole clip": Variant({"anomaly_strength": (0.0, 0.0),
                                                 "difficulty": replace(REAL_SOUND, anomaly_duty=(1.0, 1.0))}),
-    "a worn gear's tone line the only anomaly": Variant({}, anomalies=("worn-gear",)),
-    "the same, started and stopped within the clip": Variant({}, run=REAL_RUN, anomalies=("worn-gear",)),
-    "a worn gear's tone line 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, anomalies=("worn-gear",)),
+    "a worn gear's tone line the only anomaly": Variant({}, car=WORN_GEAR),
+    "the same, started and stopped within the clip": Variant({}, car={"run": REAL_RUN, **WORN_GEAR}),
+    "a worn gear's tone line 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car=WORN_GEAR),
     "the loud worn gear, section 00 laid out as the real folder": Variant(
-        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, anomalies=("worn-gear",)),
+        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, WORN_GEAR),
     "the same, started and stopped within the clip as well": Variant(
-        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT, REAL_RUN, ("worn-gear",)),
-    **{f"{kind} the only anomaly": Variant({}, anomalies=(kind,))
+        {"anomaly_strength": (0.79, 3.16), "target_train": 10, "dev_sections": ("00",)}, REAL_LAYOUT,
+        {"run": REAL_RUN, **WORN_GEAR}),
+    **{f"{kind} the only anomaly": Variant({}, car={"anomalies": (kind,)})
        for kind in ("flat-tire", "gear-chip", "bent-shaft", "brush-spark")},
     "section 00 at the real folder's size": Variant(REAL_SIZE),
     "section 00 laid out as the real folder, its 26 attribute classes and its size": Variant(REAL_SIZE, REAL_CLASSES),
-    "the same, with the loud worn gear": Variant({**REAL_SIZE, "anomaly_strength": (0.79, 3.16)}, REAL_CLASSES,
-                                                anomalies=("worn-gear",)),
+    "the same, with the loud worn gear": Variant({**REAL_SIZE, "anomaly_strength": (0.79, 3.16)}, REAL_CLASSES, WORN_GEAR),
+    "car models and voltages at 0.3 of their effect": Variant({}, car={"attribute_effect": 0.3}),
+    "the tone lines 10 dB lower": Variant({}, car={"line_db": -10.0}),
+    "section 00 laid out as the real folder, its 26 attribute classes and its size, the tone lines 10 dB lower":
+        Variant(REAL_SIZE, REAL_CLASSES, {"line_db": -10.0}),
 }
 DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
              "untrained network": lambda tr, te: realism.untrained_network(tr, te, 0)}
 COLUMNS = ("Overall", "Source AUC", "Target AUC")
+REAL_ROW = "real ToyCar (the real folder, for reference)"
+# the real folder with demo's training clips per section (50 source, 5 target), drawn per data seed
+REAL_AT_DEMO_SIZE = "real ToyCar, demo's number of training clips drawn from it"
 
 
 @contextmanager
 def toy_car(v: Variant):
-    """The toy car's section 00 laid out, its run and its anomaly kinds as ``v`` says while the
-    block runs (None: as they are)."""
+    """The toy car's section 00 laid out and its settings as ``v`` says while the block runs."""
     car = MACHINES["ToyCar"]
-    kept = car.specs, car.run, car.anomalies
-    if v.layout is not None:
-        car.specs = (v.layout, *kept[0][1:])
-    if v.run is not None:
-        car.run = v.run
-    if v.anomalies is not None:
-        car.anomalies = v.anomalies
+    settings = {"specs": (v.layout, *car.specs[1:])} if v.layout is not None else {}
+    settings.update(v.car or {})
+    kept = {name: getattr(car, name) for name in settings}
+    for name, value in settings.items():
+        setattr(car, name, value)
     try:
         yield
     finally:
-        car.specs, car.run, car.anomalies = kept
+        for name, value in kept.items():
+            setattr(car, name, value)
 
 
-def measure(root: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+def training_draw(metas: list, source: int, target: int, seed: int) -> list:
+    """``metas`` with, in every section, ``source`` source and ``target`` target training clips
+    drawn without replacement (seeded); every test clip kept."""
+    rng = np.random.default_rng(seed)
+    kept = [m for m in metas if m.split == "test"]
+    for section in sorted({m.section for m in metas}):
+        for domain, n in (("source", source), ("target", target)):
+            pool = [m for m in metas if m.split == "train" and m.section == section and m.domain == domain]
+            if len(pool) < n:
+                raise SystemExit(f"section {section}: {len(pool)} {domain} training clips, fewer than the {n} drawn")
+            kept += [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
+    return kept
+
+
+def measure(root: Path, draw: tuple[int, int, int] | None = None
+            ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Each detector's official score and AUCs, and per section the source-to-target distance of
-    the mean log-Mel spectra (realism.py's domain shift, dB) and the kNN floor's target AUC."""
+    the mean log-Mel spectra (realism.py's domain shift, dB), the kNN floor's target AUC and the
+    attribute accuracy. ``draw`` = (source, target, seed): only that many training clips
+    (``training_draw``)."""
     results = {k: [] for k in DETECTORS}
     per_section = {}
     for metas in realism.labelled_by_machine(root).values():
-        clips = realism.load_clips(root, metas)
+        clips = realism.load_clips(root, metas if draw is None else training_draw(metas, *draw))
         for (machine, section), group in realism.sections(clips).items():
             train, test = realism.parts(group)
             for name, detect in DETECTORS.items():
                 results[name].append(realism.result(machine, section, test, detect(train, test)))
             per_section[section] = {"domain dB": float(np.sqrt(realism.section_statistics(train, test)["domain_sq"])),
-                                    "kNN floor target AUC": 100 * results["kNN floor"][-1].auc_target}
+                                    "kNN floor target AUC": 100 * results["kNN floor"][-1].auc_target,
+                                    "attribute accuracy": 100 * realism.attribute_accuracy(train)}
     scores = {name: {k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS} for name, r in results.items()}
     return scores, per_section
 
 
 def table(rows: dict[str, dict]) -> str:
-    """Per variant: each detector's mean over the draws, official (source / target AUC)."""
-    head = ["variant", "data seeds", *DETECTORS]
+    """Per variant: each detector's mean over the draws, official (source / target AUC), and the
+    attribute accuracy of the sections' source clips (``realism.attribute_accuracy``; "—" for
+    rows measured before it was)."""
+    head = ["variant", "data seeds", *DETECTORS, "attribute accuracy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant in VARIANTS:
+    for variant in [*VARIANTS, REAL_ROW, REAL_AT_DEMO_SIZE]:
         rs = [r for r in rows.values() if r["variant"] == variant]
         if not rs:
             continue
-        cells = [variant, ", ".join(str(r["data_seed"]) for r in rs)]
+        cells = [variant, ", ".join(str(r["data_seed"]) for r in rs if r["data_seed"] is not None)]
         for d in DETECTORS:
             mean = {k: np.mean([r["scores"][d][k] for r in rs]) for k in COLUMNS}
             cells.append(f"{mean['Overall']:.1f} ({mean['Source AUC']:.0f} / {mean['Target AUC']:.0f})")
+        accuracy = [s["attribute accuracy"] for r in rs for s in r.get("sections", {}).values()
+                    if "attribute accuracy" in s]
+        cells.append(f"{np.mean(accuracy):.0f} %" if accuracy else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def record(rows: dict, key: str, variant: str, seed: int | None, root: Path, t0: float,
+           draw: tuple[int, int, int] | None = None) -> dict[str, dict]:
+    """Measure ``root`` (``draw``: as ``measure``) into ``rows[key]`` and print its scores."""
+    scores, per_section = measure(root, draw)
+    rows[key] = {"variant": variant, "data_seed": seed, "scores": scores, "sections": per_section,
+                 "seconds": round(time.perf_counter() - t0, 1), "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
+    print(f"{key}: " + "  ".join(f"{d} {s['Overall']:.1f} ({s['Source AUC']:.0f}/{s['Target AUC']:.0f})"
+                                 for d, s in scores.items()), flush=True)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     p.add_argument("--redo", action="store_true", help="measure the draws of the variants named again, even when saved")
+    p.add_argument("--real", action="store_true",
+                   help="measure the real folder as well (the reference rows: as it is, and with demo's number of "
+                        "training clips drawn from it once per data seed; skipped when the folder is absent)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     saved = a.out / "toycar_shift.json"
@@ -184,18 +233,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             root = a.work / f"{slug}-data-seed-{seed}"
-            in_process = v.layout is not None or v.run is not None or v.anomalies is not None
+            in_process = v.layout is not None or bool(v.car)
             with toy_car(v):
                 generate(preset, root, seed=seed, workers=1 if in_process else None)
-            scores, per_section = measure(root)
-            rows[f"{variant}, data seed {seed}"] = {"variant": variant, "data_seed": seed, "scores": scores,
-                                                    "sections": per_section,
-                                                    "seconds": round(time.perf_counter() - t0, 1),
-                                                    "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
-            print(f"{variant}, data seed {seed}: " + "  ".join(
-                f"{d} {s['Overall']:.1f} ({s['Source AUC']:.0f}/{s['Target AUC']:.0f})" for d, s in scores.items()),
-                flush=True)
+            record(rows, f"{variant}, data seed {seed}", variant, seed, root, t0)
             write_rows(saved, rows)  # after every draw: an interrupted run keeps what it measured
+    root = realism.real_tree(a.work) if a.real else None
+    if root is not None and (REAL_ROW not in rows or a.redo):
+        record(rows, REAL_ROW, REAL_ROW, None, root, time.perf_counter())
+        write_rows(saved, rows)
+    demo = PRESETS["demo"]
+    for seed in a.data_seeds if root is not None else []:
+        key = f"{REAL_AT_DEMO_SIZE}, data seed {seed}"
+        if key not in rows or a.redo:
+            record(rows, key, REAL_AT_DEMO_SIZE, seed, root, time.perf_counter(),
+                   (demo.source_train, demo.target_train, seed))
+            write_rows(saved, rows)
     publish(a.out / "toycar_shift.md", table(rows))
     return 0
 

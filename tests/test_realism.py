@@ -132,3 +132,30 @@ def test_draws_of_another_generator_version_are_left_out(tmp_path, capsys):
     assert realism.main([*base, "--data-seeds", "2"]) == 0
     assert set(json.loads(path.read_text())["rows"]["synthetic tiny"]) == {"0", "2"}
     assert "data seed 1: synthetic tiny was measured on another version of the generator" in capsys.readouterr().out
+
+
+def test_attribute_accuracy_is_the_leave_one_out_nearest_clip_by_a_loop():
+    """The share of source training clips whose nearest other source clip (cosine of per-bin mean
+    and std over time) shares its attribute, against a numpy loop; target clips are left out."""
+    import numpy as np
+    import torch
+
+    from asd.metadata import ClipMeta
+
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(14):
+        domain = "target" if i >= 12 else "source"
+        attribute = f"car_{'AB'[i % 2]}"
+        logmel = torch.from_numpy(rng.normal(0.4 * (i % 2), 1.0, (8, 20)).astype(np.float32) + 5.0)
+        clips.append({"meta": ClipMeta(f"ToyCar/train/{i}.wav", "ToyCar", "00", "train", domain, "normal", i, attribute),
+                      "logmel": logmel})
+    src = [c for c in clips if c["meta"].domain == "source"]
+    vec = [np.concatenate([c["logmel"].numpy().mean(1), c["logmel"].numpy().std(1)]).astype(np.float64) for c in src]
+    hits = 0
+    for i, v in enumerate(vec):
+        sims = [v @ w / np.linalg.norm(v) / np.linalg.norm(w) if j != i else -np.inf for j, w in enumerate(vec)]
+        hits += src[int(np.argmax(sims))]["meta"].attribute == src[i]["meta"].attribute
+    assert 0 < hits < len(src)  # the classes overlap: neither all nor none of the nearest clips agree
+    assert realism.attribute_accuracy(clips) == pytest.approx(hits / len(src))
+    assert np.isnan(realism.attribute_accuracy(clips[12:]))

@@ -16,7 +16,8 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import toycar_shift  # noqa: E402  (benchmarks/ is not a package)
 from pipelines.synth.generate import PRESETS, generate  # noqa: E402
-from pipelines.synth.machines import MACHINES, SR, Ctx, render_clip, section_unit  # noqa: E402
+from pipelines.synth.machines import (  # noqa: E402
+    MACHINES, SR, Ctx, blend_model, render_clip, section_unit, toy_car_model)
 
 
 def _values(root: Path, domain: str, key: str) -> set[str]:
@@ -36,12 +37,13 @@ def test_real_layout_reaches_the_clip_names_and_is_undone(tmp_path):
     assert _values(tmp_path, "target", "car") == {"A1", "E1"} and _values(tmp_path, "target", "mic") == {"2"}
     assert _values(tmp_path, "target", "spd") == {"28V", "37V"}
     with pytest.raises(RuntimeError), toycar_shift.toy_car(
-            toycar_shift.Variant({}, toycar_shift.REAL_CARS, toycar_shift.REAL_RUN, ("worn-gear",))):
+            toycar_shift.Variant({}, toycar_shift.REAL_CARS, {"run": toycar_shift.REAL_RUN, "anomalies": ("worn-gear",),
+                                                            "line_db": -10.0})):
         assert MACHINES["ToyCar"].specs[0] is toycar_shift.REAL_CARS
         assert MACHINES["ToyCar"].run == toycar_shift.REAL_RUN
-        assert MACHINES["ToyCar"].anomalies == ("worn-gear",)
+        assert MACHINES["ToyCar"].anomalies == ("worn-gear",) and MACHINES["ToyCar"].line_db == -10.0
         raise RuntimeError
-    assert MACHINES["ToyCar"].specs == kept and MACHINES["ToyCar"].run is None
+    assert MACHINES["ToyCar"].specs == kept and MACHINES["ToyCar"].run is None and MACHINES["ToyCar"].line_db == 0.0
     assert "worn-gear" not in MACHINES["ToyCar"].anomalies
 
 
@@ -58,7 +60,7 @@ def test_a_car_run_within_the_clip_is_quiet_before_it_starts_and_after_it_stops(
     preset = replace(PRESETS["demo"], machines=("ToyCar",), dev_sections=("00",), source_train=4, target_train=1,
                      test_per_group=1, seconds=2.0, snr_db=(20.0, 20.0),
                      difficulty=replace(PRESETS["demo"].difficulty, events_per_s=0.0))
-    with toycar_shift.toy_car(toycar_shift.Variant({}, run=toycar_shift.REAL_RUN)):
+    with toycar_shift.toy_car(toycar_shift.Variant({}, car={"run": toycar_shift.REAL_RUN})):
         generate(preset, tmp_path / "run", seed=0, workers=1)
     generate(preset, tmp_path / "through", seed=0, workers=1)
     for kind, dip in (("run", True), ("through", False)):
@@ -90,3 +92,49 @@ def test_a_worn_gear_adds_one_steady_tone_line_and_is_not_drawn_by_default():
     with pytest.raises(ValueError, match="worn-gear"):
         render_clip("ToyCar", "00", attrs, anomaly="worn-gear", strength=strength, snr_db=6.0,
                     rng=np.random.default_rng(0), n=n)
+
+
+def test_attribute_effect_moves_car_models_and_voltages_toward_the_sections_own_car():
+    """At effect 0 two clips of different car models at different voltages render the same sound
+    as the section's own car at its own speed, with the same random draws; at 1 (the default) they
+    differ. ``blend_model`` at 0.5 is the midpoint of every parameter of the two models, by a loop."""
+    car, n = MACHINES["ToyCar"], SR // 2
+    unit = section_unit("ToyCar", "00")
+    a, e = {"car": "A1", "spd": "28V"}, {"car": "E1", "spd": "40V"}
+
+    def sound(attrs):
+        return car.sound(Ctx(n, np.random.default_rng(3)), unit, attrs, None, 0.0)
+
+    assert car.attribute_effect == 1.0
+    assert not np.allclose(sound(a), sound(e))
+    with toycar_shift.toy_car(toycar_shift.Variant({}, car={"attribute_effect": 0.0})):
+        same_a, same_e, own = sound(a), sound(e), sound({})
+    assert car.attribute_effect == 1.0
+    np.testing.assert_allclose(same_a, own, atol=1e-6)
+    np.testing.assert_allclose(same_e, own, atol=1e-6)
+    ref, model = toy_car_model("ToyCar", "A1"), toy_car_model("ToyCar", "E1")
+    mid = blend_model(ref, model, 0.5)
+    for key in ("k", "comm", "ratio", "teeth", "roll_fc"):
+        assert mid[key] == pytest.approx((ref[key] + model[key]) / 2)
+    for key in ("comm_amps", "motor_amps"):
+        for i in range(len(ref[key])):
+            assert mid[key][i] == pytest.approx((ref[key][i] + model[key][i]) / 2)
+    for r_row, m_row, got in zip(ref["body"], model["body"], mid["body"]):
+        assert got == pytest.approx(tuple((x + y) / 2 for x, y in zip(r_row, m_row)))
+
+
+def test_line_db_scales_the_tone_lines_alone():
+    """With the same random draws, the toy car with its tone lines 10 dB lower is the car without
+    them (lines 300 dB lower) plus 10^(-10/20) of what the lines add at 0 dB."""
+    car, n = MACHINES["ToyCar"], SR // 2
+    unit, attrs = section_unit("ToyCar", "00"), {"car": "A1", "spd": "31V"}
+
+    def sound(db):
+        with toycar_shift.toy_car(toycar_shift.Variant({}, car={"line_db": db})):
+            return car.sound(Ctx(n, np.random.default_rng(5)), unit, attrs, None, 0.0).astype(np.float64)
+
+    full, lower, none = sound(0.0), sound(-10.0), sound(-300.0)
+    lines = full - none
+    assert np.sqrt(np.mean(lines ** 2)) > 0.3 * np.sqrt(np.mean(none ** 2))  # the lines are a large part at 0 dB
+    np.testing.assert_allclose(lower, none + 10 ** (-0.5) * lines, atol=1e-5)
+    assert car.line_db == 0.0

@@ -658,6 +658,22 @@ def toy_car_model(machine: str, model: str) -> dict:
                 motor_amps=r.uniform(0.3, 1.0, 6) / np.arange(1, 7))
 
 
+def blend_model(reference: dict, model: dict, effect: float) -> dict:
+    """``model``'s parameters moved ``effect`` of the way from ``reference``'s (0: the reference,
+    1: the model); counts (commutator segments, gear teeth) become the frequency ratios between
+    them. A parameter whose shape differs between the two keeps the model's value."""
+    out = {}
+    for key, value in model.items():
+        ref, val = np.asarray(reference[key], dtype=np.float64), np.asarray(value, dtype=np.float64)
+        if ref.shape != val.shape:
+            out[key] = value
+        elif key == "body":
+            out[key] = [tuple(row) for row in ref + effect * (val - ref)]
+        else:
+            out[key] = ref + effect * (val - ref) if val.ndim else float(ref + effect * (val - ref))
+    return out
+
+
 def run_speed(c: Ctx, run: tuple[float, float, float, float]) -> np.ndarray:
     """A 0..1 speed curve of a machine started and stopped within the clip: ``run`` = (latest
     start, rise, earliest stop, fall) as fractions of the clip; it starts at 0.5-1 x the latest
@@ -681,6 +697,18 @@ class ToyCar(Machine):
     the sound's amplitude follow the speed. Measured, not adopted (BENCHMARKS.md, "The synthetic
     toy car's target domain").
 
+    ``attribute_effect``: how far the car model and the motor voltage move the sound from the
+    section's own car at its own speed; 1 (the default) as drawn, 0 every model and voltage alike.
+    The real folder's car models and voltages move the log-Mel statistics far less against the
+    clip-to-clip spread than the drawn ones do (``realism.py``'s attribute/within); measured, not
+    adopted (BENCHMARKS.md, "The synthetic toy car's target domain").
+
+    ``line_db``: the level of the motor's, the commutator's and the gear's tone lines against the
+    rolling noise, dB (0, the default: as drawn). A line moves by more than a Mel bin between
+    the voltages of a section, so the drawn car models and voltages move the log-Mel statistics
+    far more than the real folder's do; lower lines make them move less. Measured, not adopted
+    (the same section).
+
     ``worn-gear`` (not among ``anomalies``, which the generator draws from): a worn gear squeals, a
     steady tone line at 2-4 kHz (per car model) that follows the motor's speed, as the real
     folder's source anomaly in docs/realism_spectrograms.png shows one; measured as the only kind
@@ -689,6 +717,8 @@ class ToyCar(Machine):
 
     name = "ToyCar"
     run: tuple[float, float, float, float] | None = None
+    attribute_effect: float = 1.0
+    line_db: float = 0.0
     anomalies = ("flat-tire", "gear-chip", "bent-shaft", "brush-spark")
     specs = (
         _spec("motor voltage (speed)", ("car", "spd"), [["A1", "A2"], ["28V", "31V"]], [["A1", "A2"], ["37V", "40V"]]),
@@ -703,7 +733,11 @@ class ToyCar(Machine):
 
     def sound(self, c, u, a, anomaly, s):
         m = toy_car_model(self.name, a.get("car", u["car"]))
-        fm0 = m["k"] * self.default(a, u, "spd") / 10
+        spd = self.default(a, u, "spd")
+        if self.attribute_effect != 1.0:
+            m = blend_model(toy_car_model(self.name, u["car"]), m, self.attribute_effect)
+            spd = u["spd"] + self.attribute_effect * (spd - u["spd"])
+        fm0 = m["k"] * spd / 10
         speed = run_speed(c, self.run) if self.run else np.float32(1.0)
         jitter = 0.01 * c.smooth(2.0)
         fw0 = fm0 / m["ratio"]
@@ -723,7 +757,8 @@ class ToyCar(Machine):
         roll = c.noise(("peak", m["roll_fc"], 0.7, 10), ("band", 80, 6000), *(("peak", *b) for b in m["body"]))
         roll *= 1 + depth * wheel
         brush = c.noise(("band", 3000, 7500))
-        x = 0.5 * unit_rms(whine) + 0.3 * unit_rms(motor) + 0.25 * gear + 0.6 * roll + 0.15 * brush
+        lines = np.float32(10 ** (self.line_db / 20))
+        x = lines * (0.5 * unit_rms(whine) + 0.3 * unit_rms(motor) + 0.25 * gear) + 0.6 * roll + 0.15 * brush
         if anomaly == "flat-tire":  # a thump every wheel revolution
             t = crossings(cyc_w, c.rng.random())
             x = x + 2.0 * s * resonate(c.impulses(t, c.rng.uniform(0.8, 1.0, len(t))), u["thump"])
