@@ -52,7 +52,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import realism  # noqa: E402  (benchmarks/ is on sys.path)
+import ranking  # noqa: E402  (benchmarks/ is on sys.path)
+import realism  # noqa: E402
 from asd import metrics as M  # noqa: E402
 from common import commit_id, publish, write_rows  # noqa: E402
 from pipelines.synth.generate import PRESETS, REAL_SOUND, generate  # noqa: E402
@@ -121,6 +122,9 @@ DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_kn
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
              "untrained network": lambda tr, te: realism.untrained_network(tr, te, 0)}
 COLUMNS = ("Overall", "Source AUC", "Target AUC")
+# each domain's normals against its own anomalies (ranking.py's group AUCs): what a domain's AUC
+# holds besides the domain shift
+WITHIN = ("source normal < source anomaly", "target normal < target anomaly")
 REAL_ROW = "real ToyCar (the real folder, for reference)"
 # the real folder with demo's training clips per section (50 source, 5 target), drawn per data seed
 REAL_AT_DEMO_SIZE = "real ToyCar, demo's number of training clips drawn from it"
@@ -163,26 +167,33 @@ def measure(root: Path, draw: tuple[int, int, int] | None = None
     attribute accuracy. ``draw`` = (source, target, seed): only that many training clips
     (``training_draw``)."""
     results = {k: [] for k in DETECTORS}
-    per_section = {}
+    per_section, scored = {}, []
     for metas in realism.labelled_by_machine(root).values():
         clips = realism.load_clips(root, metas if draw is None else training_draw(metas, *draw))
         for (machine, section), group in realism.sections(clips).items():
             train, test = realism.parts(group)
+            scored.append({"machine": machine, "section": section, "scores": {},
+                           "anomaly": [int(c["meta"].label == "anomaly") for c in test],
+                           "target": [int(c["meta"].domain == "target") for c in test]})
             for name, detect in DETECTORS.items():
-                results[name].append(realism.result(machine, section, test, detect(train, test)))
+                scored[-1]["scores"][name] = np.asarray(detect(train, test), dtype=np.float64)
+                results[name].append(realism.result(machine, section, test, scored[-1]["scores"][name]))
             per_section[section] = {"domain dB": float(np.sqrt(realism.section_statistics(train, test)["domain_sq"])),
                                     "kNN floor target AUC": 100 * results["kNN floor"][-1].auc_target,
                                     "attribute accuracy": 100 * realism.attribute_accuracy(train)}
-    scores = {name: {k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS} for name, r in results.items()}
+    scores = {name: {**{k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS},
+                     **{g: v for g, v in ranking.group_aucs(scored, name).items() if g in WITHIN}}
+              for name, r in results.items()}
     return scores, per_section
 
 
 def table(rows: dict[str, dict]) -> str:
     """Per variant: each detector's mean over the draws, official (source / target AUC), and the
     attribute accuracy of the sections' source clips (``realism.attribute_accuracy``; "—" for
-    rows measured before it was)."""
+    rows measured before it was); then each detector's AUCs within a domain (rows that have them)."""
     head = ["variant", "data seeds", *DETECTORS, "attribute accuracy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    inner = ["| " + " | ".join(["variant", *DETECTORS]) + " |", "|" + "---|" * (len(DETECTORS) + 1)]
     for variant in [*VARIANTS, REAL_ROW, REAL_AT_DEMO_SIZE]:
         rs = [r for r in rows.values() if r["variant"] == variant]
         if not rs:
@@ -195,7 +206,12 @@ def table(rows: dict[str, dict]) -> str:
                     if "attribute accuracy" in s]
         cells.append(f"{np.mean(accuracy):.0f} %" if accuracy else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        within = [r for r in rs if WITHIN[0] in r["scores"][next(iter(DETECTORS))]]
+        if within:
+            inner.append("| " + " | ".join([variant, *(" / ".join(
+                f"{np.mean([r['scores'][d][g] for r in within]):.0f}" for g in WITHIN) for d in DETECTORS)]) + " |")
+    return "\n".join(lines) + "\n\nEach domain's normal test clips against its own anomalies (AUC in %, mean over " \
+        "the sections and draws; source / target):\n\n" + "\n".join(inner) + "\n"
 
 
 def record(rows: dict, key: str, variant: str, seed: int | None, root: Path, t0: float,

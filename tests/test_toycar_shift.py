@@ -138,3 +138,21 @@ def test_line_db_scales_the_tone_lines_alone():
     assert np.sqrt(np.mean(lines ** 2)) > 0.3 * np.sqrt(np.mean(none ** 2))  # the lines are a large part at 0 dB
     np.testing.assert_allclose(lower, none + 10 ** (-0.5) * lines, atol=1e-5)
     assert car.line_db == 0.0
+
+
+def test_training_draw_keeps_every_test_clip_and_draws_the_training_clips_per_section_and_domain():
+    from asd.metadata import ClipMeta
+
+    metas = [ClipMeta(f"ToyCar/{split}/{sec}_{dom}_{i}.wav", "ToyCar", sec, split, dom, "normal", i, "car_A")
+             for sec in ("00", "01") for split, n in (("train", 9), ("test", 3)) for dom in ("source", "target")
+             for i in range(n if split == "test" or dom == "source" else 4)]
+    drawn = toycar_shift.training_draw(metas, 5, 2, seed=1)
+    assert [m for m in drawn if m.split == "test"] == [m for m in metas if m.split == "test"]
+    for sec in ("00", "01"):
+        for dom, n in (("source", 5), ("target", 2)):
+            picked = [m.path for m in drawn if m.split == "train" and m.section == sec and m.domain == dom]
+            assert len(picked) == len(set(picked)) == n
+    assert drawn == toycar_shift.training_draw(metas, 5, 2, seed=1)
+    assert drawn != toycar_shift.training_draw(metas, 5, 2, seed=2)
+    with pytest.raises(SystemExit, match="4 target training clips, fewer than the 5"):
+        toycar_shift.training_draw(metas, 5, 5, seed=0)
