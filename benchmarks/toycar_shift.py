@@ -74,6 +74,8 @@ REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
 REAL_RUN = (0.15, 0.25, 0.72, 0.12)
 WORN_GEAR = {"anomalies": ("worn-gear",)}  # the worn gear's tone line the only anomaly
+# an eccentric gear's swelling tone lines and a worn gear's tone line at 1-2 kHz, the two kinds
+GEAR_WEAR = {"anomalies": ("eccentric-gear", "worn-gear"), "worn_gear_hz": (1000.0, 2000.0)}
 
 
 class Variant(NamedTuple):
@@ -117,6 +119,16 @@ VARIANTS = {
     "the tone lines 10 dB lower": Variant({}, car={"line_db": -10.0}),
     "section 00 laid out as the real folder, its 26 attribute classes and its size, the tone lines 10 dB lower":
         Variant(REAL_SIZE, REAL_CLASSES, {"line_db": -10.0}),
+    "a worn gear's tone line at 300-800 Hz the only anomaly": Variant({}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
+    "the same, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
+    "a worn gear's tone line at 1-2 kHz, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)},
+                                                                car={**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}),
+    "the same, 20 dB louder": Variant({"anomaly_strength": (2.5, 10.0)}, car={**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}),
+    "an eccentric gear's sidebands the only anomaly": Variant({}, car={"anomalies": ("eccentric-gear",)}),
+    "the eccentric gear at full depth": Variant({"anomaly_strength": (2.0, 2.0)}, car={"anomalies": ("eccentric-gear",)}),
+    "the eccentric gear and the 1-2 kHz tone line, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car=GEAR_WEAR),
+    "the same, section 00 laid out as the real folder, its 26 attribute classes and its size": Variant(
+        {**REAL_SIZE, "anomaly_strength": (0.79, 3.16)}, REAL_CLASSES, GEAR_WEAR),
 }
 DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_knn,
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),

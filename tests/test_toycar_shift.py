@@ -1,7 +1,8 @@
 """benchmarks/toycar_shift.py: the real folder's layout of section 00 reaches the generated clips'
 names (the real folder's attribute values, each in its own domain), a car run within the clip
-reaches its sound, a worn gear adds one steady tone line, and the generator's own layout, run and
-anomaly kinds are back after the block, even when the block fails."""
+reaches its sound, a worn gear adds one steady tone line, an eccentric gear swells the tone lines,
+the car models and voltages and the tone lines' level move as set, training clips are drawn per
+section and domain, and the generator's own settings are back after the block, even when it fails."""
 
 from __future__ import annotations
 
@@ -156,3 +157,31 @@ def test_training_draw_keeps_every_test_clip_and_draws_the_training_clips_per_se
     assert drawn != toycar_shift.training_draw(metas, 5, 2, seed=2)
     with pytest.raises(SystemExit, match="4 target training clips, fewer than the 5"):
         toycar_shift.training_draw(metas, 5, 5, seed=0)
+
+
+def test_an_eccentric_gear_swells_the_tone_lines_once_per_gear_revolution_and_is_not_drawn_by_default():
+    """With the same random draws, a clip with an eccentric gear differs from the normal one only in
+    its tone lines (the lines' part found by rendering without them, 300 dB lower): their ratio is
+    a cosine of depth 0.5 x strength that changes sign twice per revolution of the intermediate
+    gear (the motor's rate over the root of the gear ratio, within the 1 % speed jitter)."""
+    car, n, strength = MACHINES["ToyCar"], SR * 2, 1.2
+    unit, attrs = section_unit("ToyCar", "00"), {"car": "A1", "spd": "28V"}
+
+    def sound(anomaly, db=0.0):
+        with toycar_shift.toy_car(toycar_shift.Variant({}, car={"line_db": db, "anomalies": ("eccentric-gear",)})):
+            return car.sound(Ctx(n, np.random.default_rng(9)), unit, attrs, anomaly, strength).astype(np.float64)
+
+    normal, eccentric = sound(None), sound("eccentric-gear")
+    lines = normal - sound(None, -300.0)
+    np.testing.assert_allclose(sound("eccentric-gear", -300.0), sound(None, -300.0), atol=1e-5)
+    strong = np.abs(lines) > 0.2 * np.abs(lines).max()
+    ratio = (eccentric - normal)[strong] / lines[strong]
+    assert ratio.max() == pytest.approx(0.5 * strength, abs=0.02)
+    assert ratio.min() == pytest.approx(-0.5 * strength, abs=0.02)
+    model = toy_car_model("ToyCar", "A1")
+    gear_hz = model["k"] * 28 / 10 / np.sqrt(model["ratio"])
+    swell = np.where(strong, (eccentric - normal) / np.where(strong, lines, 1.0), 0.0)
+    smooth = np.convolve(swell, np.ones(8) / 8, "same")
+    crossings = np.count_nonzero(np.diff(np.sign(smooth[strong])) != 0) / (n / SR)
+    assert crossings == pytest.approx(2 * gear_hz, rel=0.05)
+    assert "eccentric-gear" not in car.anomalies

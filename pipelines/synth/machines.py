@@ -700,25 +700,28 @@ class ToyCar(Machine):
     ``attribute_effect``: how far the car model and the motor voltage move the sound from the
     section's own car at its own speed; 1 (the default) as drawn, 0 every model and voltage alike.
     The real folder's car models and voltages move the log-Mel statistics far less against the
-    clip-to-clip spread than the drawn ones do (``realism.py``'s attribute/within); measured, not
+    clip-to-clip spread than the drawn ones do (``realism.attribute_accuracy``); measured, not
     adopted (BENCHMARKS.md, "The synthetic toy car's target domain").
 
     ``line_db``: the level of the motor's, the commutator's and the gear's tone lines against the
     rolling noise, dB (0, the default: as drawn). A line moves by more than a Mel bin between
-    the voltages of a section, so the drawn car models and voltages move the log-Mel statistics
-    far more than the real folder's do; lower lines make them move less. Measured, not adopted
-    (the same section).
+    the voltages of a section, so a smaller ``attribute_effect`` hardly brings them closer; lower
+    lines do. Measured, not adopted (the same section).
 
-    ``worn-gear`` (not among ``anomalies``, which the generator draws from): a worn gear squeals, a
-    steady tone line at 2-4 kHz (per car model) that follows the motor's speed, as the real
-    folder's source anomaly in docs/realism_spectrograms.png shows one; measured as the only kind
-    in the same section of BENCHMARKS.md, not adopted.
+    Two kinds are not among ``anomalies`` (which the generator draws from); the same section
+    measures them as the only ones, not adopted. ``worn-gear``: a worn gear squeals, a steady tone
+    line in ``worn_gear_hz`` (2-4 kHz by default, per car model) that follows the motor's speed,
+    as the real folder's source anomaly in docs/realism_spectrograms.png shows one.
+    ``eccentric-gear``: the load, and with it every tone line, swells and fades once per
+    revolution of the intermediate gear (depth 0.5 x strength, at most 1): sidebands around the
+    lines, the classic sign of a damaged gear.
     """
 
     name = "ToyCar"
     run: tuple[float, float, float, float] | None = None
     attribute_effect: float = 1.0
     line_db: float = 0.0
+    worn_gear_hz: tuple[float, float] = (2000.0, 4000.0)
     anomalies = ("flat-tire", "gear-chip", "bent-shaft", "brush-spark")
     specs = (
         _spec("motor voltage (speed)", ("car", "spd"), [["A1", "A2"], ["28V", "31V"]], [["A1", "A2"], ["37V", "40V"]]),
@@ -758,7 +761,10 @@ class ToyCar(Machine):
         roll *= 1 + depth * wheel
         brush = c.noise(("band", 3000, 7500))
         lines = np.float32(10 ** (self.line_db / 20))
-        x = lines * (0.5 * unit_rms(whine) + 0.3 * unit_rms(motor) + 0.25 * gear) + 0.6 * roll + 0.15 * brush
+        drive = 0.5 * unit_rms(whine) + 0.3 * unit_rms(motor) + 0.25 * gear
+        if anomaly == "eccentric-gear":  # the load, and with it every tone line, swells once per gear revolution
+            drive = drive * (1 + min(1.0, 0.5 * s) * np.cos(2 * np.pi * cyc / np.sqrt(m["ratio"]))).astype(np.float32)
+        x = lines * drive + 0.6 * roll + 0.15 * brush
         if anomaly == "flat-tire":  # a thump every wheel revolution
             t = crossings(cyc_w, c.rng.random())
             x = x + 2.0 * s * resonate(c.impulses(t, c.rng.uniform(0.8, 1.0, len(t))), u["thump"])
@@ -769,7 +775,7 @@ class ToyCar(Machine):
             t = c.poisson_times(60.0)
             x = x + 3.0 * s * resonate(c.impulses(t, c.rng.exponential(0.5, len(t))), u["spark"])
         elif anomaly == "worn-gear":  # a squeal at a fixed, non-harmonic multiple of the motor's rate
-            squeal = keyed_rng("worn-gear", self.name, a.get("car", u["car"])).uniform(2000, 4000) / fm0
+            squeal = keyed_rng("worn-gear", self.name, a.get("car", u["car"])).uniform(*self.worn_gear_hz) / fm0
             x = x + 0.2 * s * periodic(c, cyc * squeal, [1.0], squeal * fm0 * 1.05)
         return x * speed
 
