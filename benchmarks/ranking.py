@@ -22,7 +22,7 @@ difference between two detectors is measured on the same resampled test set. Off
 
 A domain's AUC sets that domain's normals against the anomalies of both domains; the report also
 splits it, on the sections of the real folder's machine types, into the AUC of each pair of test
-groups (``GROUPS``: source normals against source anomalies, target normals against source
+groups (``realism.GROUPS``: source normals against source anomalies, target normals against source
 anomalies, ...), which says which of those orders makes a detector fail on a domain.
 
     .venv/bin/python benchmarks/ranking.py --work /tmp/realism-seeds --data-seeds 0 1 2
@@ -48,15 +48,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from asd import metrics as M
 from common import commit_id, publish, write_rows  # benchmarks/ is on sys.path
 from network_variants import extracted, fine_tuner, of_machine, store_overrides
 from pipelines.config import load_config
 from pretrain_curve import scored_clips
-from realism import (ae_scores, data_record, knn_floor, labelled_by_machine, load_clips, parts, real_tree,
-                     sections, spectral_knn, synthetic_trees, untrained_network)
+from realism import (GROUPS, ae_scores, data_record, group_aucs, knn_floor, labelled_by_machine, load_clips, parts,
+                     real_tree, sections, spectral_knn, synthetic_trees, untrained_network)
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_NAME = "real ToyCar"
@@ -182,30 +181,6 @@ def pair_rows(point: dict[str, float], boot: np.ndarray, detectors: list[str]) -
 
 
 # ----------------------------------------------------------------------------- where a domain's AUC comes from
-
-# (name, lower group, upper group) with groups as (label, domain): the AUC of the upper group's
-# scores above the lower's; a domain's AUC mixes the rows of its normals against both domains' anomalies
-GROUPS = (("source normal < source anomaly", (0, 0), (1, 0)), ("target normal < target anomaly", (0, 1), (1, 1)),
-          ("target normal < source anomaly", (0, 1), (1, 0)), ("source normal < target anomaly", (0, 0), (1, 1)),
-          ("source normal < target normal", (0, 0), (0, 1)))
-
-
-def group_aucs(sections_: list[dict], detector: str, machines: set[str] | None = None) -> dict[str, float]:
-    """AUC in % of each pair of test groups of :data:`GROUPS`, mean over the sections (of the machine
-    types ``machines`` only, when given)."""
-    out = {}
-    for name, lower, upper in GROUPS:
-        values = []
-        for s in sections_:
-            if machines is not None and s["machine"] not in machines:
-                continue
-            y, d, x = (np.asarray(s["anomaly"]), np.asarray(s["target"]), np.asarray(s["scores"][detector]))
-            lo, up = x[(y == lower[0]) & (d == lower[1])], x[(y == upper[0]) & (d == upper[1])]
-            if lo.size and up.size:
-                values.append(100 * roc_auc_score(np.r_[np.zeros(lo.size), np.ones(up.size)], np.r_[lo, up]))
-        out[name] = float(np.mean(values)) if values else float("nan")
-    return out
-
 
 # ----------------------------------------------------------------------------- report
 

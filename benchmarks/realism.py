@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from sklearn.metrics import roc_auc_score
 
 from asd import metrics as M
 from asd.backend import fit_section, score_section
@@ -252,6 +253,30 @@ def attribute_accuracy(train: list[dict]) -> float:
     stats = batch_clip_statistics([c["logmel"] for c in src])
     nearest = nearest_cosine_distance(stats, stats, exclude_self=True)[1].tolist()
     return float(np.mean([src[i]["meta"].attribute == src[j]["meta"].attribute for i, j in enumerate(nearest)]))
+
+
+# (name, lower group, upper group) with groups as (label, domain): the AUC of the upper group's
+# scores above the lower's; a domain's AUC mixes the rows of its normals against both domains' anomalies
+GROUPS = (("source normal < source anomaly", (0, 0), (1, 0)), ("target normal < target anomaly", (0, 1), (1, 1)),
+          ("target normal < source anomaly", (0, 1), (1, 0)), ("source normal < target anomaly", (0, 0), (1, 1)),
+          ("source normal < target normal", (0, 0), (0, 1)))
+
+
+def group_aucs(sections_: list[dict], detector: str, machines: set[str] | None = None) -> dict[str, float]:
+    """AUC in % of each pair of test groups of :data:`GROUPS`, mean over the sections (of the machine
+    types ``machines`` only, when given)."""
+    out = {}
+    for name, lower, upper in GROUPS:
+        values = []
+        for s in sections_:
+            if machines is not None and s["machine"] not in machines:
+                continue
+            y, d, x = (np.asarray(s["anomaly"]), np.asarray(s["target"]), np.asarray(s["scores"][detector]))
+            lo, up = x[(y == lower[0]) & (d == lower[1])], x[(y == upper[0]) & (d == upper[1])]
+            if lo.size and up.size:
+                values.append(100 * roc_auc_score(np.r_[np.zeros(lo.size), np.ones(up.size)], np.r_[lo, up]))
+        out[name] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def measure_machine(clips: list[dict], ae_epochs: int, seed: int, untrained: bool, results: dict[str, list],

@@ -22,11 +22,17 @@ four kinds the generator draws as the only one; and section 00 alone at the real
 (600 source and 10 target training clips, 25 test clips per group), with ``demo``'s layout, with
 the real folder's 18 source and 8 target attribute classes, and with those and the loud worn gear;
 the car models and voltages moving the sound less (``ToyCar.attribute_effect``), and the tone
-lines 10 dB lower (``ToyCar.line_db``), at ``demo``'s size and the real folder's. A variant that
-changes the toy car's layout or settings is generated in this process (the worker processes would
-not see it); every variant under its own folder name. Besides the detectors, each section's
-attribute accuracy (``realism.attribute_accuracy``: how far the attributes move the floor's log-Mel
-statistics against the clip-to-clip spread). ``--real`` measures the real folder the same way, as
+lines 10 dB lower (``ToyCar.line_db``; the anomalies then stand that much further out of the
+quieter car), at ``demo``'s size and the tone lines at the real folder's as well; the worn gear's
+tone line at 300-800 Hz and 1-2 kHz (``ToyCar.worn_gear_hz``) and louder; an eccentric gear
+(``eccentric-gear``: every tone line swelling once per gear revolution) at ``demo``'s strengths
+and at full depth; and the eccentric gear with the 1-2 kHz tone line (``GEAR_WEAR``) at ``demo``'s
+size and the real folder's. A variant that changes the toy car's layout or settings is generated in
+this process (the worker processes would not see it), every variant under its own folder name,
+once (``generate_variant``). Besides the detectors, each section's attribute accuracy
+(``realism.attribute_accuracy``: how far the attributes move the floor's log-Mel statistics
+against the clip-to-clip spread) and each detector's AUCs within a domain (a domain's normals
+against its own anomalies; a second table). ``--real`` measures the real folder the same way, as
 the reference rows: as it is, and with ``demo``'s number of training clips (50 source and 5
 target) drawn from it once per data seed, the real sound at the synthetic preset's size.
 
@@ -52,8 +58,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import ranking  # noqa: E402  (benchmarks/ is on sys.path)
-import realism  # noqa: E402
+import realism  # noqa: E402  (benchmarks/ is on sys.path)
 from asd import metrics as M  # noqa: E402
 from common import commit_id, publish, write_rows  # noqa: E402
 from pipelines.synth.generate import PRESETS, REAL_SOUND, generate  # noqa: E402
@@ -74,14 +79,16 @@ REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
 REAL_RUN = (0.15, 0.25, 0.72, 0.12)
 WORN_GEAR = {"anomalies": ("worn-gear",)}  # the worn gear's tone line the only anomaly
+# the worn gear's tone line at 1-2 kHz, the only anomaly
+WORN_GEAR_1_2K = {**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}
 # an eccentric gear's swelling tone lines and a worn gear's tone line at 1-2 kHz, the two kinds
-GEAR_WEAR = {"anomalies": ("eccentric-gear", "worn-gear"), "worn_gear_hz": (1000.0, 2000.0)}
+GEAR_WEAR = {**WORN_GEAR_1_2K, "anomalies": ("eccentric-gear", "worn-gear")}
 
 
 class Variant(NamedTuple):
     """Preset overrides, the toy car's section 00 layout (None: the generator's own) and the toy
     car's own settings (``ToyCar``'s class attributes: ``run``, ``anomalies``, ``attribute_effect``,
-    ``line_db``)."""
+    ``line_db``, ``worn_gear_hz``)."""
 
     overrides: dict
     layout: tuple | None = None
@@ -122,8 +129,8 @@ VARIANTS = {
     "a worn gear's tone line at 300-800 Hz the only anomaly": Variant({}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
     "the same, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
     "a worn gear's tone line at 1-2 kHz, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)},
-                                                                car={**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}),
-    "the same, 20 dB louder": Variant({"anomaly_strength": (2.5, 10.0)}, car={**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}),
+                                                                car=WORN_GEAR_1_2K),
+    "the same, 20 dB louder": Variant({"anomaly_strength": (2.5, 10.0)}, car=WORN_GEAR_1_2K),
     "an eccentric gear's sidebands the only anomaly": Variant({}, car={"anomalies": ("eccentric-gear",)}),
     "the eccentric gear at full depth": Variant({"anomaly_strength": (2.0, 2.0)}, car={"anomalies": ("eccentric-gear",)}),
     "the eccentric gear and the 1-2 kHz tone line, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car=GEAR_WEAR),
@@ -134,9 +141,10 @@ DETECTORS = {"kNN floor": realism.knn_floor, "spectral kNN": realism.spectral_kn
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean"),
              "untrained network": lambda tr, te: realism.untrained_network(tr, te, 0)}
 COLUMNS = ("Overall", "Source AUC", "Target AUC")
-# each domain's normals against its own anomalies (ranking.py's group AUCs): what a domain's AUC
+# each domain's normals against its own anomalies (realism.GROUPS): what a domain's AUC
 # holds besides the domain shift
 WITHIN = ("source normal < source anomaly", "target normal < target anomaly")
+VARIANT_RECORD = "toycar_variant.txt"  # the toy car's settings a variant's tree was generated with
 REAL_ROW = "real ToyCar (the real folder, for reference)"
 # the real folder with demo's training clips per section (50 source, 5 target), drawn per data seed
 REAL_AT_DEMO_SIZE = "real ToyCar, demo's number of training clips drawn from it"
@@ -172,6 +180,22 @@ def training_draw(metas: list, source: int, target: int, seed: int) -> list:
     return kept
 
 
+def generate_variant(v: Variant, preset, root: Path, seed: int) -> None:
+    """The tree of ``v`` under ``root``, generated once. The toy car's settings are not in the
+    generator's own record (``synth.json``), so ``VARIANT_RECORD`` keeps them: a tree made for other
+    settings, or before they were recorded, stops the run with one line."""
+    record, settings = root / VARIANT_RECORD, repr((v.layout, sorted((v.car or {}).items())))
+    if (root / "dev_data").is_dir() and (not record.is_file() or record.read_text() != settings):
+        raise SystemExit(f"{root} was generated for other toy-car settings (or before they were recorded); "
+                         "remove the folder to generate it again")
+    try:
+        with toy_car(v):  # generated in this process: worker processes would not see the settings
+            generate(preset, root, seed=seed, workers=1 if v.layout is not None or v.car else None)
+    except ValueError as err:  # a tree of another seed or preset
+        raise SystemExit(str(err)) from None
+    record.write_text(settings)
+
+
 def measure(root: Path, draw: tuple[int, int, int] | None = None
             ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Each detector's official score and AUCs, and per section the source-to-target distance of
@@ -194,7 +218,7 @@ def measure(root: Path, draw: tuple[int, int, int] | None = None
                                     "kNN floor target AUC": 100 * results["kNN floor"][-1].auc_target,
                                     "attribute accuracy": 100 * realism.attribute_accuracy(train)}
     scores = {name: {**{k: 100 * float(M.paper_row(r, method=name)[k]) for k in COLUMNS},
-                     **{g: v for g, v in ranking.group_aucs(scored, name).items() if g in WITHIN}}
+                     **{g: v for g, v in realism.group_aucs(scored, name).items() if g in WITHIN}}
               for name, r in results.items()}
     return scores, per_section
 
@@ -218,23 +242,21 @@ def table(rows: dict[str, dict]) -> str:
                     if "attribute accuracy" in s]
         cells.append(f"{np.mean(accuracy):.0f} %" if accuracy else "—")
         lines.append("| " + " | ".join(cells) + " |")
-        within = [r for r in rs if WITHIN[0] in r["scores"][next(iter(DETECTORS))]]
-        if within:
+        if all(WITHIN[0] in r["scores"][d] for r in rs for d in DETECTORS):  # rows measured before it have none
             inner.append("| " + " | ".join([variant, *(" / ".join(
-                f"{np.mean([r['scores'][d][g] for r in within]):.0f}" for g in WITHIN) for d in DETECTORS)]) + " |")
+                f"{np.mean([r['scores'][d][g] for r in rs]):.0f}" for g in WITHIN) for d in DETECTORS)]) + " |")
     return "\n".join(lines) + "\n\nEach domain's normal test clips against its own anomalies (AUC in %, mean over " \
         "the sections and draws; source / target):\n\n" + "\n".join(inner) + "\n"
 
 
 def record(rows: dict, key: str, variant: str, seed: int | None, root: Path, t0: float,
-           draw: tuple[int, int, int] | None = None) -> dict[str, dict]:
+           draw: tuple[int, int, int] | None = None) -> None:
     """Measure ``root`` (``draw``: as ``measure``) into ``rows[key]`` and print its scores."""
     scores, per_section = measure(root, draw)
     rows[key] = {"variant": variant, "data_seed": seed, "scores": scores, "sections": per_section,
                  "seconds": round(time.perf_counter() - t0, 1), "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     print(f"{key}: " + "  ".join(f"{d} {s['Overall']:.1f} ({s['Source AUC']:.0f}/{s['Target AUC']:.0f})"
                                  for d, s in scores.items()), flush=True)
-    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/toycar-shift"), help="where trees are generated")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--data-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
-    p.add_argument("--redo", action="store_true", help="measure the draws of the variants named again, even when saved")
+    p.add_argument("--redo", action="store_true",
+                   help="measure the draws of the variants named (and with --real the real folder's rows) again, "
+                        "even when saved; a variant's tree is generated once")
     p.add_argument("--real", action="store_true",
                    help="measure the real folder as well (the reference rows: as it is, and with demo's number of "
                         "training clips drawn from it once per data seed; skipped when the folder is absent)")
@@ -261,9 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             root = a.work / f"{slug}-data-seed-{seed}"
-            in_process = v.layout is not None or bool(v.car)
-            with toy_car(v):
-                generate(preset, root, seed=seed, workers=1 if in_process else None)
+            generate_variant(v, preset, root, seed)
             record(rows, f"{variant}, data seed {seed}", variant, seed, root, t0)
             write_rows(saved, rows)  # after every draw: an interrupted run keeps what it measured
     root = realism.real_tree(a.work) if a.real else None

@@ -185,3 +185,20 @@ def test_an_eccentric_gear_swells_the_tone_lines_once_per_gear_revolution_and_is
     crossings = np.count_nonzero(np.diff(np.sign(smooth[strong])) != 0) / (n / SR)
     assert crossings == pytest.approx(2 * gear_hz, rel=0.05)
     assert "eccentric-gear" not in car.anomalies
+
+
+def test_a_tree_made_for_other_toy_car_settings_stops_the_run(tmp_path):
+    """A variant's tree records the toy car's settings; a tree made for others, or before they
+    were recorded, is not measured as if it were the variant's (the generator's own record does
+    not hold them)."""
+    preset = replace(PRESETS["demo"], machines=("ToyCar",), dev_sections=("00",), source_train=2, target_train=1,
+                     test_per_group=1, seconds=0.2)
+    lower = toycar_shift.Variant({}, car={"line_db": -10.0})
+    toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)
+    toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)  # the same settings: kept
+    with pytest.raises(SystemExit, match="other toy-car settings"):
+        toycar_shift.generate_variant(toycar_shift.Variant({}, car={"line_db": -20.0}), preset, tmp_path / "tree", 0)
+    (tmp_path / "tree" / toycar_shift.VARIANT_RECORD).unlink()
+    with pytest.raises(SystemExit, match="before they were recorded"):
+        toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)
+    assert MACHINES["ToyCar"].line_db == 0.0

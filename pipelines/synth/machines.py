@@ -705,8 +705,9 @@ class ToyCar(Machine):
 
     ``line_db``: the level of the motor's, the commutator's and the gear's tone lines against the
     rolling noise, dB (0, the default: as drawn). A line moves by more than a Mel bin between
-    the voltages of a section, so a smaller ``attribute_effect`` hardly brings them closer; lower
-    lines do. Measured, not adopted (the same section).
+    the voltages of a section, so a smaller ``attribute_effect`` did not bring them closer; lower
+    lines did, a little. The anomalies added to the sound keep their level, so against a car with
+    lower lines they stand further out. Measured, not adopted (the same section).
 
     Two kinds are not among ``anomalies`` (which the generator draws from); the same section
     measures them as the only ones, not adopted. ``worn-gear``: a worn gear squeals, a steady tone
@@ -774,7 +775,7 @@ class ToyCar(Machine):
         elif anomaly == "brush-spark":  # arcing brushes crackle
             t = c.poisson_times(60.0)
             x = x + 3.0 * s * resonate(c.impulses(t, c.rng.exponential(0.5, len(t))), u["spark"])
-        elif anomaly == "worn-gear":  # a squeal at a fixed, non-harmonic multiple of the motor's rate
+        elif anomaly == "worn-gear":  # a squeal at a fixed multiple of the motor's rate, drawn per car model
             squeal = keyed_rng("worn-gear", self.name, a.get("car", u["car"])).uniform(*self.worn_gear_hz) / fm0
             x = x + 0.2 * s * periodic(c, cyc * squeal, [1.0], squeal * fm0 * 1.05)
         return x * speed
