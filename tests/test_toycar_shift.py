@@ -98,7 +98,8 @@ def test_a_worn_gear_adds_one_steady_tone_line_and_is_not_drawn_by_default():
 def test_attribute_effect_moves_car_models_and_voltages_toward_the_sections_own_car():
     """At effect 0 two clips of different car models at different voltages render the same sound
     as the section's own car at its own speed, with the same random draws; at 1 (the default) they
-    differ. ``blend_model`` at 0.5 is the midpoint of every parameter of the two models, by a loop."""
+    differ; at 0.5 a voltage sounds as the one halfway from the car's own. ``blend_model`` at 0.5
+    is the midpoint of every parameter of the two models, by a loop."""
     car, n = MACHINES["ToyCar"], SR // 2
     unit = section_unit("ToyCar", "00")
     a, e = {"car": "A1", "spd": "28V"}, {"car": "E1", "spd": "40V"}
@@ -113,6 +114,12 @@ def test_attribute_effect_moves_car_models_and_voltages_toward_the_sections_own_
     assert car.attribute_effect == 1.0
     np.testing.assert_allclose(same_a, own, atol=1e-6)
     np.testing.assert_allclose(same_e, own, atol=1e-6)
+    # halfway: the section's own car at 40 V sounds as it does at the voltage halfway from its own
+    halfway = f"{unit['spd'] + 0.5 * (40 - unit['spd']):.10f}V"
+    with toycar_shift.toy_car(toycar_shift.Variant({}, car={"attribute_effect": 0.5})):
+        half = sound({"car": unit["car"], "spd": "40V"})
+    np.testing.assert_allclose(half, sound({"car": unit["car"], "spd": halfway}), atol=1e-5)
+    assert not np.allclose(half, sound({"car": unit["car"], "spd": "40V"}), atol=1e-3)
     ref, model = toy_car_model("ToyCar", "A1"), toy_car_model("ToyCar", "E1")
     mid = blend_model(ref, model, 0.5)
     for key in ("k", "comm", "ratio", "teeth", "roll_fc"):
