@@ -185,15 +185,18 @@ def generate_variant(v: Variant, preset, root: Path, seed: int) -> None:
     generator's own record (``synth.json``), so ``VARIANT_RECORD`` keeps them: a tree made for other
     settings, or before they were recorded, stops the run with one line."""
     record, settings = root / VARIANT_RECORD, repr((v.layout, sorted((v.car or {}).items())))
-    if (root / "dev_data").is_dir() and (not record.is_file() or record.read_text() != settings):
-        raise SystemExit(f"{root} was generated for other toy-car settings (or before they were recorded); "
-                         "remove the folder to generate it again")
+    if (root / "dev_data").is_dir():
+        if not record.is_file() or record.read_text() != settings:
+            raise SystemExit(f"{root} was generated for other toy-car settings (or before they were recorded); "
+                             "remove the folder to generate it again")
+    else:  # recorded first: an interrupted generation goes on where it stopped on the next run
+        root.mkdir(parents=True, exist_ok=True)
+        record.write_text(settings)
     try:
         with toy_car(v):  # generated in this process: worker processes would not see the settings
             generate(preset, root, seed=seed, workers=1 if v.layout is not None or v.car else None)
     except ValueError as err:  # a tree of another seed or preset
         raise SystemExit(str(err)) from None
-    record.write_text(settings)
 
 
 def measure(root: Path, draw: tuple[int, int, int] | None = None

@@ -205,7 +205,15 @@ def test_a_tree_made_for_other_toy_car_settings_stops_the_run(tmp_path):
     toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)  # the same settings: kept
     with pytest.raises(SystemExit, match="other toy-car settings"):
         toycar_shift.generate_variant(toycar_shift.Variant({}, car={"line_db": -20.0}), preset, tmp_path / "tree", 0)
+    recorded = (tmp_path / "tree" / toycar_shift.VARIANT_RECORD).read_text()
     (tmp_path / "tree" / toycar_shift.VARIANT_RECORD).unlink()
     with pytest.raises(SystemExit, match="before they were recorded"):
         toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)
+    # an interrupted generation (settings recorded, some clips missing) goes on where it stopped
+    (tmp_path / "tree" / toycar_shift.VARIANT_RECORD).write_text(recorded)
+    clips = sorted((tmp_path / "tree").rglob("*.wav"))
+    kept = clips[0].read_bytes()
+    clips[0].unlink()
+    toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)
+    assert clips[0].read_bytes() == kept
     assert MACHINES["ToyCar"].line_db == 0.0
