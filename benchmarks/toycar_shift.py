@@ -79,7 +79,8 @@ REAL_CARS = _spec("car model", ("car", "spd"), [["B1", "C1", "D1"], ["31V", "34V
 # slows from about 8.7 s and stops 1.5 s later (the clips' level over time), as fractions of a clip
 REAL_RUN = (0.15, 0.25, 0.72, 0.12)
 WORN_GEAR = {"anomalies": ("worn-gear",)}  # the worn gear's tone line the only anomaly
-# the worn gear's tone line at 1-2 kHz, the only anomaly
+# the worn gear's tone line at 300-800 Hz or 1-2 kHz, the only anomaly
+WORN_GEAR_LOW = {**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}
 WORN_GEAR_1_2K = {**WORN_GEAR, "worn_gear_hz": (1000.0, 2000.0)}
 # an eccentric gear's swelling tone lines and a worn gear's tone line at 1-2 kHz, the two kinds
 GEAR_WEAR = {**WORN_GEAR_1_2K, "anomalies": ("eccentric-gear", "worn-gear")}
@@ -126,8 +127,8 @@ VARIANTS = {
     "the tone lines 10 dB lower": Variant({}, car={"line_db": -10.0}),
     "section 00 laid out as the real folder, its 26 attribute classes and its size, the tone lines 10 dB lower":
         Variant(REAL_SIZE, REAL_CLASSES, {"line_db": -10.0}),
-    "a worn gear's tone line at 300-800 Hz the only anomaly": Variant({}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
-    "the same, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car={**WORN_GEAR, "worn_gear_hz": (300.0, 800.0)}),
+    "a worn gear's tone line at 300-800 Hz the only anomaly": Variant({}, car=WORN_GEAR_LOW),
+    "the same, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)}, car=WORN_GEAR_LOW),
     "a worn gear's tone line at 1-2 kHz, 10 dB louder": Variant({"anomaly_strength": (0.79, 3.16)},
                                                                 car=WORN_GEAR_1_2K),
     "the same, 20 dB louder": Variant({"anomaly_strength": (2.5, 10.0)}, car=WORN_GEAR_1_2K),
@@ -252,14 +253,16 @@ def table(rows: dict[str, dict]) -> str:
         "the sections and draws; source / target):\n\n" + "\n".join(inner) + "\n"
 
 
-def record(rows: dict, key: str, variant: str, seed: int | None, root: Path, t0: float,
+def record(rows: dict, saved: Path, key: str, variant: str, seed: int | None, root: Path, t0: float,
            draw: tuple[int, int, int] | None = None) -> None:
-    """Measure ``root`` (``draw``: as ``measure``) into ``rows[key]`` and print its scores."""
+    """Measure ``root`` (``draw``: as ``measure``) into ``rows[key]``, print its scores and write
+    the rows to ``saved`` (after every draw: an interrupted run keeps what it measured)."""
     scores, per_section = measure(root, draw)
     rows[key] = {"variant": variant, "data_seed": seed, "scores": scores, "sections": per_section,
                  "seconds": round(time.perf_counter() - t0, 1), "commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     print(f"{key}: " + "  ".join(f"{d} {s['Overall']:.1f} ({s['Source AUC']:.0f}/{s['Target AUC']:.0f})"
                                  for d, s in scores.items()), flush=True)
+    write_rows(saved, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,19 +292,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             root = a.work / f"{slug}-data-seed-{seed}"
             generate_variant(v, preset, root, seed)
-            record(rows, f"{variant}, data seed {seed}", variant, seed, root, t0)
-            write_rows(saved, rows)  # after every draw: an interrupted run keeps what it measured
+            record(rows, saved, f"{variant}, data seed {seed}", variant, seed, root, t0)
     root = realism.real_tree(a.work) if a.real else None
     if root is not None and (REAL_ROW not in rows or a.redo):
-        record(rows, REAL_ROW, REAL_ROW, None, root, time.perf_counter())
-        write_rows(saved, rows)
+        record(rows, saved, REAL_ROW, REAL_ROW, None, root, time.perf_counter())
     demo = PRESETS["demo"]
     for seed in a.data_seeds if root is not None else []:
         key = f"{REAL_AT_DEMO_SIZE}, data seed {seed}"
         if key not in rows or a.redo:
-            record(rows, key, REAL_AT_DEMO_SIZE, seed, root, time.perf_counter(),
+            record(rows, saved, key, REAL_AT_DEMO_SIZE, seed, root, time.perf_counter(),
                    (demo.source_train, demo.target_train, seed))
-            write_rows(saved, rows)
     publish(a.out / "toycar_shift.md", table(rows))
     return 0
 
