@@ -1,18 +1,23 @@
-"""How easy is each kind of synthetic anomaly? The kNN floor and the AE recipe, per anomaly kind, for
-one machine type of a synthetic preset or robustness regime, at several anomaly gains.
+"""How easy is each kind of synthetic anomaly? The kNN floor, the AE recipe and the untrained network,
+per anomaly kind, for one machine type of a synthetic preset or robustness regime, at several anomaly
+gains, over both domains' test clips or within one.
 
 The generator knows which anomaly each test clip holds (the files do not say), so this script renders
 the clips in memory (``plan_dataset`` + ``render_job``: the same clips a tree of those settings holds)
 and scores them with ``benchmarks/realism.py``'s detectors: the kNN floor (log-Mel mean + std, cosine
-distance to the nearest training clip) and the official AE (``--epochs``; 30 here, the recipe's 100 in
-realism.py). AUC in % of the normal test clips (both domains) against the anomalies of one kind, and
-against all of them, mean over the sections. It calibrates ``Difficulty.machine_anomaly_gain``: the
-synthetic fan's gain was picked with it (docs/synthetic-data.md, "Calibration").
+distance to the nearest training clip), the official AE (``--epochs``; 30 here, the recipe's 100 in
+realism.py) and the untrained network (the pipeline's embedding network at its initial weights with
+the pipeline's Mahalanobis scoring). AUC in % of the normal test clips against the anomalies of one
+kind, and against all of them, mean over the sections; ``--domain source`` or ``target`` keeps that
+domain's test clips alone (on the real toy car the untrained network is at chance within each domain
+where the floor is not: which synthetic kinds it sees that log-Mel statistics do not). It calibrates
+``Difficulty.machine_anomaly_gain``: the synthetic fan's gain was picked with it
+(docs/synthetic-data.md, "Calibration").
 
     .venv/bin/python benchmarks/anomaly_kinds.py --machine fan --dataset imbalanced --gains 1 0.5 0.3 0.2
 
 Every gain replaces the machine type's entry of the dataset's own ``machine_anomaly_gain`` (1 = the
-sound models' plain strength). ``--source-train`` / ``--test-per-group`` override the dataset's counts
+sound models' plain strength; default: the dataset's own gain for the type). ``--source-train`` / ``--test-per-group`` override the dataset's counts
 (default 100 / 30: enough test anomalies per kind to read an AUC). Writes
 ``<out>/anomaly_kinds.{json,md}``; rows of other (dataset, machine, gain, data seed) keys are kept.
 """
@@ -23,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+from itertools import product
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,9 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
 from common import commit_id, publish, write_rows  # noqa: E402
-from pipelines.synth.generate import plan_dataset, preset_settings, render_job  # noqa: E402
+from pipelines.synth.generate import attribute_string, plan_dataset, preset_settings, render_job  # noqa: E402
 
-DETECTORS = ("kNN floor", "AE recipe")
+DETECTORS = ("kNN floor", "AE recipe", "untrained network")
+DOMAINS = ("both", "source", "target")
 
 
 def dataset(name: str, machine: str, gain: float, source_train: int, test_per_group: int):
@@ -47,14 +54,17 @@ def dataset(name: str, machine: str, gain: float, source_train: int, test_per_gr
 
 
 def render_sections(preset, seed: int) -> dict[str, list[dict]]:
-    """Section -> its clips, rendered in memory, each with its split, label, anomaly kind and log-Mel."""
+    """Section -> its clips, rendered in memory, each with its split, domain, attribute class, label,
+    anomaly kind, log-Mel and inverted log-Mel (the network's input)."""
     out: dict[str, list[dict]] = {}
     for job in plan_dataset(preset, Path("/nonexistent"), seed, eval_data=False).jobs:
         wave = torch.from_numpy(render_job(job).astype(np.float32) / 32767.0)
-        split, label = job.key[3], job.key[5]
-        meta = SimpleNamespace(machine=job.machine, split=split, path=job.path)
+        split, domain, label = job.key[3], job.key[4], job.key[5]
+        meta = SimpleNamespace(machine=job.machine, split=split, domain=domain, path=job.path,
+                               attribute_class=(job.machine, job.section, domain, attribute_string(job.attrs)))
         out.setdefault(job.section, []).append(
-            dict(meta=meta, label=label, kind=job.anomaly, logmel=realism.log_mel(wave, realism.LOGMEL)))
+            dict(meta=meta, label=label, kind=job.anomaly, logmel=realism.log_mel(wave, realism.LOGMEL),
+                 inverted=realism.log_mel(wave, realism.INVERTED)))
     return out
 
 
@@ -68,18 +78,33 @@ def kind_aucs(test: list[dict], scores: np.ndarray) -> dict[str, float]:
     return out
 
 
-def measure(preset, seed: int, epochs: int, train_seed: int = 0) -> dict[str, dict[str, float]]:
-    """Detector -> 'all' or anomaly kind -> AUC (%), mean over the sections of data seed ``seed``."""
-    per_section: dict[str, list[dict[str, float]]] = {d: [] for d in DETECTORS}
+def domain_aucs(test: list[dict], scores: np.ndarray, domains) -> dict[str, dict[str, float]]:
+    """Domain -> :func:`kind_aucs` on that domain's test clips alone ('both': on all of them)."""
+    out = {}
+    for domain in domains:
+        keep = np.array([domain in ("both", c["meta"].domain) for c in test])
+        out[domain] = kind_aucs([c for c, k in zip(test, keep) if k], scores[keep])
+    return out
+
+
+def measure(preset, seed: int, epochs: int, domains=("both",), train_seed: int = 0) -> dict[str, dict]:
+    """Domain -> detector -> 'all' or anomaly kind -> AUC (%), mean over the sections of data seed
+    ``seed``, on the test clips of that domain ('both': all of them). Each detector scores a section's
+    test clips once; the domains are read from the same scores."""
+    per_section = {(m, d): [] for m in domains for d in DETECTORS}
     for clips in render_sections(preset, seed).values():
         train = [c for c in clips if c["meta"].split == "train"]
         test = [c for c in clips if c["meta"].split == "test"]
-        per_section["kNN floor"].append(kind_aucs(test, realism.knn_floor(train, test)))
         ae = realism.ae_scores(train + test, epochs, train_seed)
-        per_section["AE recipe"].append(kind_aucs(test, np.array([ae[c["meta"].path] for c in test])))
+        scores = {"kNN floor": realism.knn_floor(train, test),
+                  "AE recipe": np.array([ae[c["meta"].path] for c in test]),
+                  "untrained network": realism.untrained_network(train, test, train_seed)}
+        for d in DETECTORS:
+            for domain, aucs in domain_aucs(test, scores[d], domains).items():
+                per_section[domain, d].append(aucs)
     # a kind absent from a section's test clips (few clips per group) is averaged over the others
-    return {d: {k: float(np.mean([s[k] for s in rows if k in s])) for k in sorted({k for s in rows for k in s})}
-            for d, rows in per_section.items()}
+    return {m: {d: {k: float(np.mean([s[k] for s in rows if k in s])) for k in sorted({k for s in rows for k in s})}
+                for (m2, d), rows in per_section.items() if m2 == m} for m in domains}
 
 
 def current(key: str, row: dict) -> bool:
@@ -97,16 +122,21 @@ def current(key: str, row: dict) -> bool:
 
 
 def table(rows: dict[str, dict]) -> str:
-    """One markdown table per machine type, with that type's anomaly kinds as columns."""
+    """One markdown table per machine type, with that type's anomaly kinds as columns; a detector a
+    row was not measured with (rows from before the untrained network was added) has empty cells."""
     parts = []
     for machine in sorted({r["machine"] for r in rows.values()}):
         mine = [r for r in rows.values() if r["machine"] == machine]
-        kinds = ["all", *sorted({k for r in mine for d in DETECTORS for k in r[d] if k != "all"})]
-        head = ["dataset", "gain", "data seed", "AE epochs"] + [f"{d}: {k}" for d in DETECTORS for k in kinds]
+        kinds = ["all", *sorted({k for r in mine for d in DETECTORS for k in r.get(d, {}) if k != "all"})]
+        head = ["dataset", "gain", "data seed", "AE epochs", "source train / test per group", "test clips of"] + [
+            f"{d}: {k}" for d in DETECTORS for k in kinds]
         lines = [f"### {machine}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in sorted(mine, key=lambda r: (r["dataset"], r["epochs"], -r["gain"], r["data_seed"])):
-            cells = [r["dataset"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"])]
-            cells += [f"{r[d][k]:.1f}" if k in r[d] else "" for d in DETECTORS for k in kinds]
+        order = {d: i for i, d in enumerate(DOMAINS)}
+        for r in sorted(mine, key=lambda r: (r["dataset"], r["epochs"], -r["gain"], -r["source_train"],
+                                             r["data_seed"], order[r.get("domain", "both")])):
+            cells = [r["dataset"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"]),
+                     f"{r['source_train']} / {r['test_per_group']}", r.get("domain", "both")]
+            cells += [f"{r[d][k]:.1f}" if k in r.get(d, {}) else "" for d in DETECTORS for k in kinds]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
@@ -116,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--machine", required=True, help="machine type, e.g. fan")
     p.add_argument("--dataset", default="demo", help="a synthetic preset or robustness regime (default demo)")
-    p.add_argument("--gains", type=float, nargs="+", default=[1.0])
+    p.add_argument("--gains", type=float, nargs="+", default=None,
+                   help="anomaly gains of the machine type (default: the dataset's own for it)")
     p.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: the dataset's own")
     p.add_argument("--epochs", type=int, default=30, help="AE epochs (the recipe's 100 in realism.py)")
     p.add_argument("--source-train", type=int, default=100)
     p.add_argument("--test-per-group", type=int, default=30)
+    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=["both"],
+                   help="whose test clips: both domains' (default), or one domain's alone")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly-kinds")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -128,20 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / "anomaly_kinds.json"
     rows = {k: r for k, r in (json.loads(path.read_text())["rows"] if path.is_file() else {}).items() if current(k, r)}
     stamp = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
-    for gain in a.gains:
-        for seed in a.data_seeds or [None]:
-            preset, own_seed = dataset(a.dataset, a.machine, gain, a.source_train, a.test_per_group)
-            seed = own_seed if seed is None else seed
+    own = dict(realism.synthetic_preset(a.dataset, 0)[0].difficulty.machine_anomaly_gain).get(a.machine, 1.0)
+    for gain, seed in product(a.gains or [own], a.data_seeds or [None]):
+        preset, own_seed = dataset(a.dataset, a.machine, gain, a.source_train, a.test_per_group)
+        seed = own_seed if seed is None else seed
+        t0 = time.time()
+        found = measure(preset, seed, a.epochs, a.domains)
+        for domain, aucs in found.items():
             key = (f"{a.dataset}/{a.machine}/gain {gain:g}/data seed {seed}/epochs {a.epochs}"
-                   f"/clips {a.source_train} {a.test_per_group}")
-            t0 = time.time()
+                   f"/clips {a.source_train} {a.test_per_group}" + ("" if domain == "both" else f"/{domain}"))
             rows[key] = {"dataset": a.dataset, "machine": a.machine, "gain": gain, "data_seed": seed,
                          "epochs": a.epochs, "source_train": a.source_train, "test_per_group": a.test_per_group,
-                         **measure(preset, seed, a.epochs), "data": preset_settings(preset),
+                         "domain": domain, **aucs, "data": preset_settings(preset),
                          "seconds": round(time.time() - t0, 1), **stamp}
-            print(f"anomaly_kinds: {key}: " + ", ".join(f"{d} {rows[key][d]['all']:.1f}" for d in DETECTORS),
-                  flush=True)
-            write_rows(path, rows)
+            print(f"anomaly_kinds: {key}: " + ", ".join(f"{d} {aucs[d]['all']:.1f}" for d in DETECTORS), flush=True)
+        write_rows(path, rows)
     publish(a.out / "anomaly_kinds.md", table(rows))
     return 0
 

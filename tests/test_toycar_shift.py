@@ -217,3 +217,32 @@ def test_a_tree_made_for_other_toy_car_settings_stops_the_run(tmp_path):
     toycar_shift.generate_variant(lower, preset, tmp_path / "tree", seed=0)
     assert clips[0].read_bytes() == kept
     assert MACHINES["ToyCar"].line_db == 0.0
+
+
+def test_the_table_shows_each_variants_means_over_its_draws_and_the_within_domain_aucs_where_measured():
+    rng = np.random.default_rng(3)
+    groups = (*toycar_shift.COLUMNS, *toycar_shift.WITHIN)
+
+    def row(variant, seed, accuracy=None, within=True):
+        scores = {d: {g: float(rng.uniform(40, 90)) for g in groups if within or g not in toycar_shift.WITHIN}
+                  for d in toycar_shift.DETECTORS}
+        sections = {"ToyCar 00": {} if accuracy is None else {"attribute accuracy": accuracy}}
+        return {"variant": variant, "data_seed": seed, "scores": scores, "sections": sections}
+
+    first, second = list(toycar_shift.VARIANTS)[:2]
+    rows = {"a0": row(first, 0, 80.0), "a1": row(first, 1, 90.0), "b0": row(second, 0, within=False),
+            "r": row(toycar_shift.REAL_ROW, None, 76.0)}
+    main_table, within_table = toycar_shift.table(rows).split("Each domain's")
+    lines = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in main_table.splitlines()[2:] if line}
+    assert list(lines) == [first, second, toycar_shift.REAL_ROW]  # the variants' order, then the reference
+    for i, d in enumerate(toycar_shift.DETECTORS):
+        mean = {k: np.mean([rows[r]["scores"][d][k] for r in ("a0", "a1")]) for k in toycar_shift.COLUMNS}
+        assert lines[first][2 + i] == (f"{mean['Overall']:.1f} ({mean['Source AUC']:.0f} / "
+                                       f"{mean['Target AUC']:.0f})")
+    assert lines[first][1] == "0, 1" and lines[toycar_shift.REAL_ROW][1] == ""  # the real folder has no draw
+    assert lines[first][-1].rstrip(" |") == "85 %" and lines[second][-1].rstrip(" |") == "—"
+    inner = [line.split(" | ") for line in within_table.splitlines() if line.startswith("| ")][1:]  # past the head
+    assert [r[0].lstrip("| ") for r in inner] == [first, toycar_shift.REAL_ROW]  # the second has no within AUCs
+    d = next(iter(toycar_shift.DETECTORS))
+    source, target = (np.mean([rows[r]["scores"][d][g] for r in ("a0", "a1")]) for g in toycar_shift.WITHIN)
+    assert inner[0][1] == f"{source:.0f} / {target:.0f}"
