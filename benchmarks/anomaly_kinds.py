@@ -47,9 +47,12 @@ DETECTORS = ("kNN floor", "AE recipe", "untrained network")
 DOMAINS = ("both", "source", "target")
 
 
-def dataset(name: str, machine: str, gain: float, source_train: int, test_per_group: int):
-    """The preset or regime ``name`` cut to ``machine``, with that type's anomaly gain set to ``gain``."""
+def dataset(name: str, machine: str, gain: float, source_train: int, test_per_group: int, kinds=None):
+    """The preset or regime ``name`` cut to ``machine``, with that type's anomaly gain set to ``gain``
+    (and its anomalies drawn from ``kinds`` when given: ``Difficulty.anomaly_kinds``)."""
     preset, seed = realism.with_gain(name, [machine], gain, "anomaly_kinds")
+    if kinds:
+        preset = replace(preset, difficulty=replace(preset.difficulty, anomaly_kinds=((machine, tuple(kinds)),)))
     return replace(preset, source_train=source_train, test_per_group=test_per_group), seed
 
 
@@ -112,7 +115,7 @@ def current(key: str, row: dict) -> bool:
     another generator version is reported and left out."""
     try:
         now = preset_settings(dataset(row["dataset"], row["machine"], row["gain"], row["source_train"],
-                                      row["test_per_group"])[0])
+                                      row["test_per_group"], row.get("kinds"))[0])
     except (KeyError, SystemExit):  # an older row's layout, or a dataset that no longer exists
         now = None
     if row.get("data") == now:
@@ -134,7 +137,7 @@ def table(rows: dict[str, dict]) -> str:
         order = {d: i for i, d in enumerate(DOMAINS)}
         for r in sorted(mine, key=lambda r: (r["dataset"], r["epochs"], -r["gain"], -r["source_train"],
                                              r["data_seed"], order[r.get("domain", "both")])):
-            cells = [r["dataset"], f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"]),
+            cells = [r["dataset"] + (f" ({', '.join(r['kinds'])} drawn)" if r.get("kinds") else ""), f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"]),
                      f"{r['source_train']} / {r['test_per_group']}", r.get("domain", "both")]
             cells += [f"{r[d][k]:.1f}" if k in r.get(d, {}) else "" for d in DETECTORS for k in kinds]
             lines.append("| " + " | ".join(cells) + " |")
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30, help="AE epochs (the recipe's 100 in realism.py)")
     p.add_argument("--source-train", type=int, default=100)
     p.add_argument("--test-per-group", type=int, default=30)
+    p.add_argument("--kinds", nargs="+", default=None,
+                   help="anomaly kinds to draw instead of the type's own (its own or generic: tone-line)")
     p.add_argument("--domains", nargs="+", choices=DOMAINS, default=["both"],
                    help="whose test clips: both domains' (default), or one domain's alone")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly-kinds")
@@ -163,16 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     stamp = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     own = dict(realism.synthetic_preset(a.dataset, 0)[0].difficulty.machine_anomaly_gain).get(a.machine, 1.0)
     for gain, seed in product(a.gains or [own], a.data_seeds or [None]):
-        preset, own_seed = dataset(a.dataset, a.machine, gain, a.source_train, a.test_per_group)
+        preset, own_seed = dataset(a.dataset, a.machine, gain, a.source_train, a.test_per_group, a.kinds)
         seed = own_seed if seed is None else seed
         t0 = time.time()
         found = measure(preset, seed, a.epochs, a.domains)
         for domain, aucs in found.items():
             key = (f"{a.dataset}/{a.machine}/gain {gain:g}/data seed {seed}/epochs {a.epochs}"
-                   f"/clips {a.source_train} {a.test_per_group}" + ("" if domain == "both" else f"/{domain}"))
+                   f"/clips {a.source_train} {a.test_per_group}" + ("" if domain == "both" else f"/{domain}")
+                   + (f"/kinds {' '.join(a.kinds)}" if a.kinds else ""))
             rows[key] = {"dataset": a.dataset, "machine": a.machine, "gain": gain, "data_seed": seed,
                          "epochs": a.epochs, "source_train": a.source_train, "test_per_group": a.test_per_group,
-                         "domain": domain, **aucs, "data": preset_settings(preset),
+                         "domain": domain, "kinds": a.kinds, **aucs, "data": preset_settings(preset),
                          "seconds": round(time.time() - t0, 1), **stamp}
             print(f"anomaly_kinds: {key}: " + ", ".join(f"{d} {aucs[d]['all']:.1f}" for d in DETECTORS), flush=True)
         write_rows(path, rows)

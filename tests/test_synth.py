@@ -18,7 +18,8 @@ import soundfile as sf
 from asd.metadata import discover_clips, read_attributes_csv
 from asd.metrics import ground_truth_file_name, read_ground_truth
 from pipelines.synth.generate import DEFAULT_STRENGTH, PRESETS, REAL_SOUND, _clip_attrs, add_drop, generate, next_value
-from pipelines.synth.machines import MACHINE_TYPES, MACHINES, SR, Ctx, Difficulty, background_events, keyed_rng, render_clip, stretch
+from pipelines.synth.machines import (MACHINE_TYPES, MACHINES, SR, Ctx, Difficulty, background_events, keyed_rng,
+                                      render_clip, stretch, tone_line)
 
 TINY = PRESETS["tiny"]
 
@@ -541,3 +542,59 @@ def test_the_pipeline_refuses_a_synthetic_tree_of_other_settings(tmp_path):
     assert ensure_data(cfg) == root  # the same settings: used as it is
     with pytest.raises(UserError, match="generated with other settings"):
         ensure_data(load_config("tiny", [f"data.root={root}", "data.synth_seed=2"]))
+
+
+# ----------------------------------------------------------------------------- the generic tone-line anomaly
+
+
+def _line_peaks(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Strongest frequency of ``x`` (Hz), and the spectrum's magnitudes and frequencies."""
+    mag = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    f = np.fft.rfftfreq(len(x), 1 / SR)
+    return float(f[np.argmax(mag)]), mag, f
+
+
+def test_a_tone_line_is_one_steady_line_of_the_units_own_with_revolution_sidebands():
+    n = 4 * SR
+    lines = {k: tone_line(Ctx(n, np.random.default_rng(k)), "fan", "00", 0.5, 0.8, -12.0) for k in range(3)}
+    for x in lines.values():  # the level: db x strength against the rms given
+        assert np.sqrt(np.mean(np.square(x, dtype=np.float64))) == pytest.approx(0.5 * 0.8 * 10 ** (-12 / 20), rel=1e-3)
+    peaks = [_line_peaks(x)[0] for x in lines.values()]
+    assert 400 <= peaks[0] <= 4000 and max(peaks) - min(peaks) < 0.01 * peaks[0]  # one frequency per unit
+    other = _line_peaks(tone_line(Ctx(n, np.random.default_rng(0)), "fan", "01", 0.5, 0.8, -12.0))[0]
+    assert abs(other - peaks[0]) > 5.0  # another unit, another line
+    top, mag, f = _line_peaks(lines[0])
+    near = (np.abs(f - top) > 2.0) & (np.abs(f - top) < 15.0)  # the sidebands at the 4-12 Hz revolution
+    side = mag[near].max() / mag.max()
+    assert 10 ** (-18 / 20) < side < 10 ** (-8 / 20)  # 0.5 modulation depth: each sideband ~-12 dB
+    assert mag[np.abs(f - top) > 50.0].max() < 0.05 * mag.max()  # nothing else: narrow
+
+
+def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
+    from pipelines.synth.generate import plan_dataset, preset_from_settings, preset_settings
+
+    d = dataclasses.replace(REAL_SOUND, anomaly_kinds=(("fan", ("tone-line",)), ("gearbox", ("wear", "tone-line"))))
+    preset = _small(machines=("fan", "valve"), test_per_group=12, difficulty=d)
+    kinds = defaultdict(set)
+    for job in plan_dataset(preset, Path("/nonexistent"), 0, eval_data=True).jobs:  # dev and eval clips
+        if job.key[5] == "anomaly":
+            kinds[job.machine].add(job.anomaly)
+    assert kinds["fan"] == {"tone-line"}
+    assert kinds["valve"] == set(MACHINES["valve"].anomalies)
+    record = preset_settings(preset)["difficulty"]
+    assert record["anomaly_kinds"] == [["fan", ["tone-line"]]]  # the gearbox is not in the dataset
+    back = preset_from_settings(json.loads(json.dumps(preset_settings(preset))))
+    assert back.difficulty.anomaly_kinds == (("fan", ("tone-line",)),) and preset_settings(back) == preset_settings(preset)
+    assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
+    assert "tone_line_db" not in preset_settings(_small())["difficulty"]
+    with pytest.raises(ValueError, match="tone-line"):
+        render_clip("fan", "00", {}, anomaly="hum", strength=1.0, snr_db=6.0, rng=np.random.default_rng(0), n=SR)
+    # rendered: the line stands out of the machine's spectrum at the unit's frequency; not in a normal clip
+    at = _line_peaks(tone_line(Ctx(2 * SR, np.random.default_rng(0)), "fan", "00", 1.0, 1.0, 0.0))[0]
+    attrs = MACHINES["fan"].spec("00").values("source")[0]
+    for anomaly, stands_out in (("tone-line", True), (None, False)):
+        clip = render_clip("fan", "00", attrs, anomaly=anomaly, strength=1.0, snr_db=30.0,
+                           rng=np.random.default_rng(0), n=2 * SR)
+        _, mag, f = _line_peaks(clip)
+        local = mag[np.abs(f - at) < 3.0].max() / np.median(mag[np.abs(f - at) < 200.0])
+        assert (local > 8.0) == stands_out, local  # measured: 12-17 with the line, 2.5-3.3 without

@@ -250,9 +250,9 @@ class Plan:
             self.jobs.append(ClipJob(path=str(path), **job_args))
 
 
-def _kind(machine: str, label: str, i: int, n_combos: int) -> str | None:
+def _kind(machine: str, label: str, i: int, n_combos: int, difficulty: Difficulty) -> str | None:
     """Anomaly kind of test clip ``i``: every attribute combination cycles through all kinds."""
-    kinds = MACHINES[machine].anomalies
+    kinds = difficulty.kinds(machine)
     return kinds[(i // n_combos) % len(kinds)] if label == "anomaly" else None
 
 
@@ -263,7 +263,7 @@ def _labelled(plan: Plan, data: Path, dataset: str, machine: str, section: str, 
         attrs = tuple(combos[j % len(combos)].items())
         name = labelled_name(section, domain, split, label, i, attrs)
         plan.add(data / machine / split / name,
-                 dict(machine=machine, section=section, attrs=attrs, anomaly=_kind(machine, label, j, len(combos)),
+                 dict(machine=machine, section=section, attrs=attrs, anomaly=_kind(machine, label, j, len(combos), common["difficulty"]),
                       key=(dataset, machine, section, split, domain, label, str(i)), **common))
         plan.rows[data / machine / f"attributes_{section}.csv"].append((f"{machine}/{split}/{name}", attrs))
 
@@ -310,7 +310,7 @@ def _plan_eval_test(plan: Plan, root: Path, machine: str, section: str, spec, pe
         name = unlabelled_clip_name(section, int(file_index))
         plan.add(root / EVAL_DATA / machine / "test" / name,
                  dict(machine=machine, section=section, attrs=tuple(combos[i % len(combos)].items()),
-                      anomaly=_kind(machine, label, i, len(combos)),
+                      anomaly=_kind(machine, label, i, len(combos), by_domain[domain]["difficulty"]),
                       key=("eval", machine, section, "test", domain, label, str(i)), **by_domain[domain]))
         plan.truth[root / GROUND_TRUTH_DATA / gt_name].append(f"{name},{int(label == 'anomaly')}\n")
         plan.truth[root / GROUND_TRUTH_DOMAIN / gt_name].append(f"{name},{int(domain == 'target')}\n")
@@ -325,18 +325,23 @@ def _write_tables(plan: Plan) -> list[str]:
 GENERATION_RECORD = "synth.json"
 
 
-PER_MACHINE_TYPE = ("machine_snr_db", "machine_anomaly_gain")  # Difficulty's (machine type, value) settings
+# Difficulty's (machine type, value) settings
+PER_MACHINE_TYPE = ("machine_snr_db", "machine_anomaly_gain", "anomaly_kinds")
+# Difficulty's settings added after trees were recorded: left out of a record at their default
+ADDED_LATER = ("machine_anomaly_gain", "anomaly_kinds", "tone_line_db")
 
 
 def preset_settings(preset: SynthPreset) -> dict:
     """What makes a preset's clips, as JSON stores it: per-machine-type settings only for the
-    preset's own machine types (a valve setting does not change a valve-free dataset); an empty
-    anomaly gain is left out, so that records made before that setting existed still match."""
+    preset's own machine types (a valve setting does not change a valve-free dataset); a setting
+    of ``ADDED_LATER`` at its default is left out, so that records made before it existed still match."""
     d = preset.difficulty
     own = {k: tuple((m, v) for m, v in getattr(d, k) if m in preset.machines) for k in PER_MACHINE_TYPE}
     settings = json.loads(json.dumps(asdict(replace(preset, difficulty=replace(d, **own)))))
-    if not own["machine_anomaly_gain"]:  # records made before the setting existed lack the key
-        del settings["difficulty"]["machine_anomaly_gain"]
+    defaults = json.loads(json.dumps(asdict(Difficulty())))
+    for key in ADDED_LATER:
+        if settings["difficulty"][key] == defaults[key]:
+            del settings["difficulty"][key]
     return settings
 
 
@@ -344,7 +349,8 @@ def preset_from_settings(settings: dict) -> SynthPreset:
     """The preset a ``preset_settings`` dict describes (JSON lists back to tuples)."""
     d = settings["difficulty"]
     difficulty = Difficulty(**{**d, "anomaly_duty": tuple(d["anomaly_duty"]), "event_snr_db": tuple(d["event_snr_db"]),
-                               **{k: tuple((m, float(v)) for m, v in d.get(k, ())) for k in PER_MACHINE_TYPE}})
+                               **{k: tuple((m, float(v)) for m, v in d.get(k, ())) for k in PER_MACHINE_TYPE[:2]},
+                               "anomaly_kinds": tuple((m, tuple(v)) for m, v in d.get("anomaly_kinds", ()))})
     return SynthPreset(**{**settings, "difficulty": difficulty,
                           **{k: tuple(settings[k]) for k in ("machines", "dev_sections", "eval_sections",
                                                              "anomaly_strength", "snr_db")}})

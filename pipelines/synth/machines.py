@@ -877,6 +877,9 @@ class Difficulty:
     factory than the others, calibrated on real clips of it). ``machine_anomaly_gain``: (machine
     type, factor) pairs scaling that type's anomaly strength (a type whose anomalies the detectors
     found far easier than real ones, calibrated with ``benchmarks/anomaly_kinds.py``).
+    ``anomaly_kinds``: (machine type, kinds) pairs: the kinds that type's anomalous clips cycle
+    through instead of its own (its own or :data:`GENERIC_ANOMALIES`). ``tone_line_db``: the level
+    of the generic ``tone-line`` anomaly at strength 1 against the machine's sound.
     """
 
     hidden_states: int = 0
@@ -887,6 +890,28 @@ class Difficulty:
     event_snr_db: tuple[float, float] = (0.0, 10.0)
     machine_snr_db: tuple[tuple[str, float], ...] = ()
     machine_anomaly_gain: tuple[tuple[str, float], ...] = ()
+    anomaly_kinds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    tone_line_db: float = -12.0
+
+    def kinds(self, machine: str) -> tuple[str, ...]:
+        """The anomaly kinds ``machine``'s anomalous clips cycle through."""
+        return dict(self.anomaly_kinds).get(machine, MACHINES[machine].anomalies)
+
+
+# kinds any machine type can be given (``Difficulty.anomaly_kinds``); none is drawn by default
+GENERIC_ANOMALIES = ("tone-line",)
+
+
+def tone_line(c: Ctx, machine: str, section: str, rms: float, s: float, db: float) -> np.ndarray:
+    """A worn part's steady tone line: one sinusoid at a frequency of the unit's own (400-4000 Hz),
+    wandering by 0.2 %, swelling with a 4-12 Hz revolution (sidebands), at ``db`` x ``s`` against
+    ``rms``. On real normal sound a steady tone is what the kNN floor finds and the untrained
+    network does not (BENCHMARKS.md, "What the untrained network sees")."""
+    r = keyed_rng("tone-line", machine, section)
+    f0, fm = log_uniform(r, 400, 4000), r.uniform(4, 12)
+    line = np.sin(2 * np.pi * c.cycles(f0 * (1 + 0.002 * c.smooth(0.5))))
+    line *= 1 + 0.5 * np.cos(2 * np.pi * c.cycles(fm))
+    return unit_rms(line.astype(np.float32)) * np.float32(rms * s * 10 ** (db / 20))
 
 
 def colouring(n: int, rng: np.random.Generator, db: float) -> tuple:
@@ -948,12 +973,18 @@ def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: s
     """One clip as float32 in [-1, 1]: machine (+ anomaly) in its operating state through the mic
     path, plus background (and its events)."""
     model = MACHINES[machine]
-    if anomaly is not None and anomaly not in model.anomalies:
-        raise ValueError(f"{machine}: unknown anomaly {anomaly!r}; known: {model.anomalies}")
+    if anomaly is not None and anomaly not in model.anomalies + GENERIC_ANOMALIES:
+        raise ValueError(f"{machine}: unknown anomaly {anomaly!r}; known: {model.anomalies + GENERIC_ANOMALIES}")
     d = difficulty
     strength = float(strength) * dict(d.machine_anomaly_gain).get(machine, 1.0)
     unit = section_unit(machine, section)
-    if anomaly is not None and d.anomaly_duty[0] < 1.0:
+    if anomaly in GENERIC_ANOMALIES:  # added to the machine's normal sound (over a stretch, with a duty)
+        c = Ctx(n, rng)
+        x = model.sound(c, unit, attrs, None, 0.0)
+        on = stretch(c, d.anomaly_duty) if d.anomaly_duty[0] < 1.0 else np.float32(1.0)
+        x = x + on * tone_line(c, machine, section, float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))),
+                               strength, d.tone_line_db)
+    elif anomaly is not None and d.anomaly_duty[0] < 1.0:
         # the anomaly sounds over one stretch: the rest of the clip is the same machine rendered normal
         normal = model.sound(Ctx(n, np.random.default_rng(rng.integers(2**63))), unit, attrs, None, 0.0)
         c = Ctx(n, rng)
