@@ -904,13 +904,11 @@ GENERIC_ANOMALIES = ("tone-line",)
 
 def tone_line(c: Ctx, machine: str, section: str, rms: float, s: float, db: float) -> np.ndarray:
     """A worn part's steady tone line: one sinusoid at a frequency of the unit's own (400-4000 Hz),
-    wandering by 0.2 %, swelling with a 4-12 Hz revolution (sidebands), at ``db`` x ``s`` against
-    ``rms``. On real normal sound a steady tone is what the kNN floor finds and the untrained
-    network does not (BENCHMARKS.md, "What the untrained network sees")."""
-    r = keyed_rng("tone-line", machine, section)
-    f0, fm = log_uniform(r, 400, 4000), r.uniform(4, 12)
+    wandering by 0.2 %, at ``db`` x ``s`` against ``rms``. On real normal sound a steady tone is
+    what the kNN floor finds and the untrained network does not (BENCHMARKS.md, "What the untrained
+    network sees"); a swelling line (sidebands) or one that comes and goes, the network sees."""
+    f0 = log_uniform(keyed_rng("tone-line", machine, section), 400, 4000)
     line = np.sin(2 * np.pi * c.cycles(f0 * (1 + 0.002 * c.smooth(0.5))))
-    line *= 1 + 0.5 * np.cos(2 * np.pi * c.cycles(fm))
     return unit_rms(line.astype(np.float32)) * np.float32(rms * s * 10 ** (db / 20))
 
 
@@ -978,12 +976,11 @@ def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: s
     d = difficulty
     strength = float(strength) * dict(d.machine_anomaly_gain).get(machine, 1.0)
     unit = section_unit(machine, section)
-    if anomaly in GENERIC_ANOMALIES:  # added to the machine's normal sound (over a stretch, with a duty)
+    if anomaly in GENERIC_ANOMALIES:  # added to the machine's normal sound, all through the clip: worn
         c = Ctx(n, rng)
         x = model.sound(c, unit, attrs, None, 0.0)
-        on = stretch(c, d.anomaly_duty) if d.anomaly_duty[0] < 1.0 else np.float32(1.0)
-        x = x + on * tone_line(c, machine, section, float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))),
-                               strength, d.tone_line_db)
+        x = x + tone_line(c, machine, section, float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))),
+                          strength, d.tone_line_db)
     elif anomaly is not None and d.anomaly_duty[0] < 1.0:
         # the anomaly sounds over one stretch: the rest of the clip is the same machine rendered normal
         normal = model.sound(Ctx(n, np.random.default_rng(rng.integers(2**63))), unit, attrs, None, 0.0)
