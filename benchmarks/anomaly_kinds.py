@@ -25,7 +25,6 @@ sound models' plain strength; default: the dataset's own gain for the type). ``-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from itertools import product
@@ -40,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id, publish, write_rows  # noqa: E402
+from common import commit_id, publish, read_rows, write_rows  # noqa: E402
 from pipelines.synth.generate import attribute_string, plan_dataset, preset_settings, render_job  # noqa: E402
 
 DETECTORS = ("kNN floor", "AE recipe", "untrained network")
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "anomaly_kinds.json"
-    rows = {k: r for k, r in (json.loads(path.read_text())["rows"] if path.is_file() else {}).items() if current(k, r)}
+    rows = {k: r for k, r in read_rows(path).items() if current(k, r)}
     stamp = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d")}
     own = dict(realism.synthetic_preset(a.dataset, 0)[0].difficulty.machine_anomaly_gain).get(a.machine, 1.0)
     for gain, seed in product(a.gains or [own], a.data_seeds or [None]):

@@ -45,6 +45,11 @@ def write_rows(path: Path, rows: dict) -> None:
     path.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
 
 
+def read_rows(path: Path) -> dict:
+    """The rows ``write_rows`` saved at ``path``; none when it is absent."""
+    return json.loads(path.read_text())["rows"] if path.is_file() else {}
+
+
 def publish(path: Path, text: str) -> None:
     """A benchmark's markdown report: written beside its rows and printed."""
     path.write_text(text)

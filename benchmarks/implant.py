@@ -27,7 +27,6 @@ Writes ``<out>/implant.{json,md}``; rows of other (dataset, implant) keys are ke
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import zlib
@@ -41,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id, publish, write_rows  # noqa: E402
+from common import commit_id, publish, read_rows, write_rows  # noqa: E402
 from toycar_shift import training_draw  # noqa: E402
 
 from asd.knn import spectrum_shape  # noqa: E402
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     a.out.mkdir(parents=True, exist_ok=True)
     saved = a.out / "implant.json"
-    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}
+    rows = read_rows(saved)
     real = None if a.no_real else realism.real_tree(a.work)
     for seed in a.data_seeds:
         trees = {} if real is None else {"real ToyCar": (real, (*a.draw, seed))}

@@ -45,7 +45,6 @@ saved is not measured again (``--redo`` measures it again).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -60,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
 from asd import metrics as M  # noqa: E402
-from common import commit_id, publish, write_rows  # noqa: E402
+from common import commit_id, publish, read_rows, write_rows  # noqa: E402
 from pipelines.synth.generate import PRESETS, REAL_SOUND, generate  # noqa: E402
 from pipelines.synth.machines import MACHINES, _spec  # noqa: E402
 
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     saved = a.out / "toycar_shift.json"
-    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}
+    rows = read_rows(saved)
     a.out.mkdir(parents=True, exist_ok=True)
     for variant in a.variants:
         v = VARIANTS[variant]

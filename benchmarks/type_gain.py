@@ -18,7 +18,6 @@ are kept, rows of another generator version left out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import realism  # noqa: E402  (benchmarks/ is on sys.path)
-from common import commit_id, generate_recorded, publish, write_rows  # noqa: E402
+from common import commit_id, generate_recorded, publish, read_rows, write_rows  # noqa: E402
 from pipelines.synth.generate import preset_settings  # noqa: E402
 
 # The paper's Table 1, "AutoEncoder [3]": the official AE baseline per machine type on the real DCASE
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "type_gain.json"
-    saved = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    saved = read_rows(path)
     rows = {}
     for key, r in saved.items():
         try:
