@@ -584,6 +584,10 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
     assert back.difficulty.anomaly_kinds == (("fan", ("tone-line",)),) and preset_settings(back) == preset_settings(preset)
     assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
     assert "tone_line_db" not in preset_settings(_small())["difficulty"]
+    for wrong in ((), ("hum",)):  # planning stops on kinds a type cannot draw, naming the ones it can
+        bad = _small(machines=("fan",), difficulty=dataclasses.replace(REAL_SOUND, anomaly_kinds=(("fan", wrong),)))
+        with pytest.raises(ValueError, match="fan cannot draw.*blade-rub.*tone-line"):
+            plan_dataset(bad, Path("/nonexistent"), 0, eval_data=False)
     with pytest.raises(ValueError, match="tone-line"):
         render_clip("fan", "00", {}, anomaly="hum", strength=1.0, snr_db=6.0, rng=np.random.default_rng(0), n=SR)
     # rendered: the line stands out of the machine's spectrum at the unit's frequency; not in a normal clip

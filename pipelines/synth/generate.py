@@ -263,7 +263,8 @@ def _labelled(plan: Plan, data: Path, dataset: str, machine: str, section: str, 
         attrs = tuple(combos[j % len(combos)].items())
         name = labelled_name(section, domain, split, label, i, attrs)
         plan.add(data / machine / split / name,
-                 dict(machine=machine, section=section, attrs=attrs, anomaly=_kind(machine, label, j, len(combos), common["difficulty"]),
+                 dict(machine=machine, section=section, attrs=attrs,
+                      anomaly=_kind(machine, label, j, len(combos), common["difficulty"]),
                       key=(dataset, machine, section, split, domain, label, str(i)), **common))
         plan.rows[data / machine / f"attributes_{section}.csv"].append((f"{machine}/{split}/{name}", attrs))
 

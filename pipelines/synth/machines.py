@@ -894,8 +894,14 @@ class Difficulty:
     tone_line_db: float = -12.0
 
     def kinds(self, machine: str) -> tuple[str, ...]:
-        """The anomaly kinds ``machine``'s anomalous clips cycle through."""
-        return dict(self.anomaly_kinds).get(machine, MACHINES[machine].anomalies)
+        """The anomaly kinds ``machine``'s anomalous clips cycle through (checked when the dataset
+        is planned, not at the first clip rendered)."""
+        own = MACHINES[machine].anomalies
+        kinds = dict(self.anomaly_kinds).get(machine, own)
+        if not kinds or any(k not in own + GENERIC_ANOMALIES for k in kinds):
+            raise ValueError(f"Difficulty.anomaly_kinds: {machine} cannot draw {kinds!r}; "
+                             f"known: {', '.join(own + GENERIC_ANOMALIES)}")
+        return kinds
 
 
 # kinds any machine type can be given (``Difficulty.anomaly_kinds``); none is drawn by default
