@@ -2,7 +2,7 @@
 clips, scored within each domain.
 
 On the real toy car the untrained network is at chance within each domain (AUC 50 / 47 at `demo`'s
-size) where the kNN floor finds the anomalies (61 / 62), and on every synthetic machine type it sees
+size) where the kNN floor finds the anomalies (61 / 62), and on every synthetic type but the valve it sees
 them about as well as the floor (``anomaly_kinds.py --domains``). This script asks which kinds of
 change the detectors see on real normal clips: each normal test clip of a section gets an implanted
 copy, and each detector scores the originals against the copies within a domain (AUC in %, the
