@@ -8,7 +8,7 @@ and scores them with ``benchmarks/realism.py``'s detectors: the kNN floor (log-M
 distance to the nearest training clip), the official AE (``--epochs``; 30 here, the recipe's 100 in
 realism.py) and the untrained network (the pipeline's embedding network at its initial weights with
 the pipeline's Mahalanobis scoring). AUC in % of the normal test clips against the anomalies of one
-kind, and against all of them, mean over the sections; ``--domain source`` or ``target`` keeps that
+kind, and against all of them, mean over the sections; ``--domains source target`` keeps each
 domain's test clips alone (on the real toy car the untrained network is at chance within each domain
 where the floor is not: which synthetic kinds it sees that log-Mel statistics do not). It calibrates
 ``Difficulty.machine_anomaly_gain``: the synthetic fan's gain was picked with it
@@ -17,8 +17,9 @@ where the floor is not: which synthetic kinds it sees that log-Mel statistics do
     .venv/bin/python benchmarks/anomaly_kinds.py --machine fan --dataset imbalanced --gains 1 0.5 0.3 0.2
 
 Every gain replaces the machine type's entry of the dataset's own ``machine_anomaly_gain`` (1 = the
-sound models' plain strength; default: the dataset's own gain for the type). ``--source-train`` / ``--test-per-group`` override the dataset's counts
-(default 100 / 30: enough test anomalies per kind to read an AUC). Writes
+sound models' plain strength; default: the dataset's own gain for the type). ``--source-train`` /
+``--test-per-group`` override the dataset's counts (default 100 / 30: enough test anomalies per kind
+to read an AUC); ``--kinds`` draws other kinds than the type's own (``Difficulty.anomaly_kinds``). Writes
 ``<out>/anomaly_kinds.{json,md}``; rows of other (dataset, machine, gain, data seed) keys are kept.
 """
 
@@ -27,8 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from itertools import product
 from dataclasses import replace
+from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,7 +94,7 @@ def measure(preset, seed: int, epochs: int, domains=("both",), train_seed: int =
     """Domain -> detector -> 'all' or anomaly kind -> AUC (%), mean over the sections of data seed
     ``seed``, on the test clips of that domain ('both': all of them). Each detector scores a section's
     test clips once; the domains are read from the same scores."""
-    per_section = {(m, d): [] for m in domains for d in DETECTORS}
+    per_section = {(domain, d): [] for domain in domains for d in DETECTORS}
     for clips in render_sections(preset, seed).values():
         train = [c for c in clips if c["meta"].split == "train"]
         test = [c for c in clips if c["meta"].split == "test"]
@@ -105,8 +106,11 @@ def measure(preset, seed: int, epochs: int, domains=("both",), train_seed: int =
             for domain, aucs in domain_aucs(test, scores[d], domains).items():
                 per_section[domain, d].append(aucs)
     # a kind absent from a section's test clips (few clips per group) is averaged over the others
-    return {m: {d: {k: float(np.mean([s[k] for s in rows if k in s])) for k in sorted({k for s in rows for k in s})}
-                for (m2, d), rows in per_section.items() if m2 == m} for m in domains}
+    out: dict[str, dict] = {domain: {} for domain in domains}
+    for (domain, d), rows in per_section.items():
+        kinds = sorted({k for s in rows for k in s})
+        out[domain][d] = {k: float(np.mean([s[k] for s in rows if k in s])) for k in kinds}
+    return out
 
 
 def current(key: str, row: dict) -> bool:
@@ -136,7 +140,8 @@ def table(rows: dict[str, dict]) -> str:
         order = {d: i for i, d in enumerate(DOMAINS)}
         for r in sorted(mine, key=lambda r: (r["dataset"], r["epochs"], -r["gain"], -r["source_train"],
                                              r["data_seed"], order[r.get("domain", "both")])):
-            cells = [r["dataset"] + (f" ({', '.join(r['kinds'])} drawn)" if r.get("kinds") else ""), f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"]),
+            drawn = f" ({', '.join(r['kinds'])} drawn)" if r.get("kinds") else ""
+            cells = [r["dataset"] + drawn, f"{r['gain']:g}", str(r["data_seed"]), str(r["epochs"]),
                      f"{r['source_train']} / {r['test_per_group']}", r.get("domain", "both")]
             cells += [f"{r[d][k]:.1f}" if k in r.get(d, {}) else "" for d in DETECTORS for k in kinds]
             lines.append("| " + " | ".join(cells) + " |")

@@ -56,7 +56,8 @@ def implant(wave: np.ndarray, kind: str, level: float, rng: np.random.Generator)
     """``wave`` with one implanted anomaly of ``kind`` at ``level`` (see the module's docstring)."""
     n, t = len(wave), np.arange(len(wave)) / SR
     if kind == "am":
-        return (wave * (1 + 10 ** (level / 20) * np.cos(2 * np.pi * 3 * t + 2 * np.pi * rng.random()))).astype(np.float32)
+        swell = np.cos(2 * np.pi * (3 * t + rng.random()))
+        return (wave * (1 + 10 ** (level / 20) * swell)).astype(np.float32)
     if kind == "speed":  # read the clip at 1 + level/100 samples per sample, wrapping at its end
         return np.interp(np.arange(n) * (1 + level / 100), np.arange(n), wave, period=n).astype(np.float32)
     c = Ctx(n, rng)

@@ -581,7 +581,8 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
     record = preset_settings(preset)["difficulty"]
     assert record["anomaly_kinds"] == [["fan", ["tone-line"]]]  # the gearbox is not in the dataset
     back = preset_from_settings(json.loads(json.dumps(preset_settings(preset))))
-    assert back.difficulty.anomaly_kinds == (("fan", ("tone-line",)),) and preset_settings(back) == preset_settings(preset)
+    assert back.difficulty.anomaly_kinds == (("fan", ("tone-line",)),)
+    assert preset_settings(back) == preset_settings(preset)
     assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
     assert "tone_line_db" not in preset_settings(_small())["difficulty"]
     for wrong in ((), ("hum",)):  # planning stops on kinds a type cannot draw, naming the ones it can
