@@ -27,6 +27,13 @@ def _record(preset: SynthPreset) -> dict:
         record["difficulty"]["machine_anomaly_gain"] = gains
     else:
         del record["difficulty"]["machine_anomaly_gain"]
+    kinds = [[m, list(k)] for m, k in preset.difficulty.anomaly_kinds if m in preset.machines]
+    if kinds:  # the kinds drawn and the tone line's level: likewise left out at their defaults
+        record["difficulty"]["anomaly_kinds"] = kinds
+    else:
+        del record["difficulty"]["anomaly_kinds"]
+    if preset.difficulty.tone_line_db == -12.0:
+        del record["difficulty"]["tone_line_db"]
     return record
 
 
