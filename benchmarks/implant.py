@@ -12,10 +12,13 @@ section's training clips as reference, mean over sections and draws). The implan
 * ``tone``: one steady sinusoid at 1-2 kHz;
 * ``band``: steady noise at 3-7 kHz;
 * ``am``: the whole clip amplitude-modulated at 3 Hz;
-* ``speed``: the whole clip played faster (every tone line moves up).
+* ``speed``: the whole clip played faster (every tone line moves up);
+* ``resonance``: the whole clip through a peak filter at 0.5-4 kHz (Q 2): a resonance of the
+  machine's body or its transfer path changed, multiplicative where the others add a sound.
 
 Level: for the three added sounds, their RMS against the clip's in dB; for ``am`` the modulation
-depth in dB (-10: 0.32); for ``speed`` the speed-up in per cent. The same clips are implanted on the
+depth in dB (-10: 0.32); for ``speed`` the speed-up in per cent; for ``resonance`` the peak's gain
+in dB. The same clips are implanted on the
 real folder (its training clips drawn to `demo`'s 50 source / 5 target per draw, ``--draw``) and on
 ``demo``'s trees, so the two columns differ by their normal sound alone.
 
@@ -44,9 +47,9 @@ from common import commit_id, publish, read_rows, write_rows  # noqa: E402
 from toycar_shift import training_draw  # noqa: E402
 
 from asd.knn import spectrum_shape  # noqa: E402
-from pipelines.synth.machines import SR, Ctx, resonate, unit_rms  # noqa: E402
+from pipelines.synth.machines import SR, Ctx, peak, resonate, unit_rms  # noqa: E402
 
-KINDS = ("clicks", "tone", "band", "am", "speed")
+KINDS = ("clicks", "tone", "band", "am", "speed", "resonance")
 DETECTORS = {"kNN floor": realism.knn_floor, "untrained network": lambda tr, te: realism.untrained_network(tr, te, 0),
              "spectral kNN, standardised": lambda tr, te: realism.spectral_knn(tr, te, "standardised_euclidean")}
 DOMAINS = ("source", "target")
@@ -60,6 +63,9 @@ def implant(wave: np.ndarray, kind: str, level: float, rng: np.random.Generator)
         return (wave * (1 + 10 ** (level / 20) * swell)).astype(np.float32)
     if kind == "speed":  # read the clip at 1 + level/100 samples per sample, wrapping at its end
         return np.interp(np.arange(n) * (1 + level / 100), np.arange(n), wave, period=n).astype(np.float32)
+    if kind == "resonance":
+        f = np.fft.rfftfreq(n, 1 / SR)
+        return np.fft.irfft(np.fft.rfft(wave) * peak(f, float(rng.uniform(500, 4000)), 2.0, level), n).astype(np.float32)
     c = Ctx(n, rng)
     if kind == "clicks":
         starts = np.arange(0, n, SR // 8)

@@ -34,6 +34,8 @@ def _record(preset: SynthPreset) -> dict:
         del record["difficulty"]["anomaly_kinds"]
     if preset.difficulty.tone_line_db == -12.0:
         del record["difficulty"]["tone_line_db"]
+    if preset.difficulty.resonance_db == 3.0:
+        del record["difficulty"]["resonance_db"]
     return record
 
 

@@ -19,7 +19,7 @@ from asd.metadata import discover_clips, read_attributes_csv
 from asd.metrics import ground_truth_file_name, read_ground_truth
 from pipelines.synth.generate import DEFAULT_STRENGTH, PRESETS, REAL_SOUND, _clip_attrs, add_drop, generate, next_value
 from pipelines.synth.machines import (MACHINE_TYPES, MACHINES, SR, Ctx, Difficulty, background_events, keyed_rng,
-                                      render_clip, stretch, tone_line)
+                                      render_clip, resonance_change, stretch, tone_line)
 
 TINY = PRESETS["tiny"]
 
@@ -544,7 +544,7 @@ def test_the_pipeline_refuses_a_synthetic_tree_of_other_settings(tmp_path):
         ensure_data(load_config("tiny", [f"data.root={root}", "data.synth_seed=2"]))
 
 
-# ----------------------------------------------------------------------------- the generic tone-line anomaly
+# ----------------------------------------------------------------------------- the generic anomalies
 
 
 def _line_peaks(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -585,6 +585,7 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
     assert preset_settings(back) == preset_settings(preset)
     assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
     assert "tone_line_db" not in preset_settings(_small())["difficulty"]
+    assert "resonance_db" not in preset_settings(_small())["difficulty"]
     for wrong in ((), ("hum",)):  # planning stops on kinds a type cannot draw, naming the ones it can
         bad = _small(machines=("fan",), difficulty=dataclasses.replace(REAL_SOUND, anomaly_kinds=(("fan", wrong),)))
         with pytest.raises(ValueError, match="fan cannot draw.*blade-rub.*tone-line"):
@@ -600,3 +601,24 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
         _, mag, f = _line_peaks(clip)
         local = mag[np.abs(f - at) < 3.0].max() / np.median(mag[np.abs(f - at) < 200.0])
         assert (local > 8.0) == stands_out, local  # measured: 12-17 with the line, 2.5-3.3 without
+
+
+def test_a_resonance_change_is_one_peak_of_the_gain_asked_for():
+    n = 2 * SR
+    x = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    f = np.fft.rfftfreq(n, 1 / SR)
+    centres = []
+    for k in range(4):
+        y = resonance_change(Ctx(n, np.random.default_rng(k)), x, 0.5, 6.0)
+        ratio = np.abs(np.fft.rfft(y.astype(np.float64))) / np.abs(np.fft.rfft(x.astype(np.float64)))
+        fc = float(f[np.argmax(ratio)])
+        centres.append(fc)
+        assert 500 <= fc <= 4000
+        assert 20 * np.log10(ratio.max()) == pytest.approx(3.0, abs=0.01)  # db x strength at the centre
+        # Q 2: half the peak's excess (in amplitude) fc / 2 either side of the centre
+        for edge in (0.5 * fc, 1.5 * fc):
+            assert ratio[np.argmin(np.abs(f - edge))] - 1 == pytest.approx((10 ** (3 / 20) - 1) / 2, rel=0.02)
+    assert len({round(c) for c in centres}) == 4  # a centre per clip
+    clip = render_clip("fan", "00", MACHINES["fan"].spec("00").values("source")[0], anomaly="resonance",
+                       strength=1.0, snr_db=6.0, rng=np.random.default_rng(0), n=SR)
+    assert clip.dtype == np.float32 and np.isfinite(clip).all() and len(clip) == SR
