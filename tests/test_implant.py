@@ -60,6 +60,19 @@ def test_am_modulates_by_the_depth_set_and_speed_moves_a_tone_line():
     assert peak == pytest.approx(1020.0, abs=1.0)
 
 
+def test_resonance_lifts_one_band_by_the_gain_set():
+    wave = _clip(seed=6)
+    out = implant.implant(wave, "resonance", 4.0, np.random.default_rng(5))
+    gain_db = 20 * np.log10(np.abs(np.fft.rfft(out.astype(np.float64))) / np.abs(np.fft.rfft(wave.astype(np.float64))))
+    f = np.fft.rfftfreq(len(wave), 1 / SR)
+    fc = f[np.argmax(gain_db)]
+    assert gain_db.max() == pytest.approx(4.0, abs=0.01) and 500 <= fc <= 4000
+    assert gain_db.min() > -0.01  # a peak: nothing cut
+    for edge in (0.5 * fc, 1.5 * fc):  # Q 2: half the peak's excess in amplitude fc / 2 either side
+        excess = 10 ** (gain_db[np.argmin(np.abs(f - edge))] / 20) - 1
+        assert excess == pytest.approx((10 ** (4 / 20) - 1) / 2, rel=0.02)
+
+
 def test_within_domains_matches_a_pairwise_count():
     rng = np.random.default_rng(4)
     domains = ["source"] * 10 + ["target"] * 10 + ["source"] * 10 + ["target"] * 10
@@ -77,7 +90,7 @@ def test_within_domains_matches_a_pairwise_count():
 def test_parse_implant_names_the_kinds_on_a_bad_one():
     assert implant.parse_implant("tone:-20") == ("tone", -20.0)
     for bad in ("hum:-20", "tone", "tone:"):
-        with pytest.raises(argparse.ArgumentTypeError, match="clicks, tone, band, am, speed"):
+        with pytest.raises(argparse.ArgumentTypeError, match="clicks, tone, band, am, speed, resonance"):
             implant.parse_implant(bad)
 
 
