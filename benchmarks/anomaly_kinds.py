@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-train", type=int, default=100)
     p.add_argument("--test-per-group", type=int, default=30)
     p.add_argument("--kinds", nargs="+", default=None,
-                   help="anomaly kinds to draw instead of the type's own (its own or generic: tone-line)")
+                   help="anomaly kinds to draw instead of the type's own (its own or generic: tone-line, resonance)")
     p.add_argument("--domains", nargs="+", choices=DOMAINS, default=["both"],
                    help="whose test clips: both domains' (default), or one domain's alone")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly-kinds")
