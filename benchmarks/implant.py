@@ -18,9 +18,9 @@ section's training clips as reference, mean over sections and draws). The implan
 
 Level: for the three added sounds, their RMS against the clip's in dB; for ``am`` the modulation
 depth in dB (-10: 0.32); for ``speed`` the speed-up in per cent; for ``resonance`` the peak's gain
-in dB. The same clips are implanted on the
-real folder (its training clips drawn to `demo`'s 50 source / 5 target per draw, ``--draw``) and on
-``demo``'s trees, so the two columns differ by their normal sound alone.
+in dB. The same clips are implanted on the real folder (its training clips drawn to `demo`'s 50
+source / 5 target per draw, ``--draw``) and on ``demo``'s trees, so the two columns differ by their
+normal sound alone.
 
     .venv/bin/python benchmarks/implant.py --implants tone:-20 tone:-30 clicks:-16 am:-10
 

@@ -925,8 +925,8 @@ def resonance_change(c: Ctx, x: np.ndarray, s: float, db: float) -> np.ndarray:
     mount, a worn bearing seat): the machine's whole sound through a peak of ``db`` x ``s`` at
     0.5-4 kHz (log-uniform per clip, Q 2). Multiplicative, so it moves the log spectrum alike in
     every operating condition and domain. Implanted in real normal toy-car clips at 3 dB the three
-    detectors see it as they see the real anomalies (``benchmarks/implant.py``: kNN floor 66 / 66,
-    untrained network 54 / 47, spectral kNN 77 / 60; real anomalies 61 / 62, 50 / 47, 74 / 63)."""
+    detectors see it as they see the real anomalies (``benchmarks/implant.py``: kNN floor 65 / 64,
+    untrained network 54 / 48, spectral kNN 74 / 62; real anomalies 61 / 62, 50 / 47, 74 / 63)."""
     peak_op = ("peak", round(log_uniform(c.rng, 500, 4000), 1), 2.0, round(db * s, 3))
     return sfft.irfft(sfft.rfft(x) * spectrum(c.n, (peak_op,)), c.n).astype(np.float32)
 
