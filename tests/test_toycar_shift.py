@@ -246,3 +246,36 @@ def test_the_table_shows_each_variants_means_over_its_draws_and_the_within_domai
     d = next(iter(toycar_shift.DETECTORS))
     source, target = (np.mean([rows[r]["scores"][d][g] for r in ("a0", "a1")]) for g in toycar_shift.WITHIN)
     assert inner[0][1] == f"{source:.0f} / {target:.0f}"
+
+
+def test_main_measures_the_real_folders_rows_once_each_and_skips_them_when_it_is_absent(tmp_path, monkeypatch):
+    """``--real``: the real folder as it is and, per data seed, with demo's number of training clips
+    drawn (the draw passed to ``measure``); saved rows are kept unless ``--redo``; no folder, no rows.
+    ``measure`` (minutes on the real folder) is replaced by a recorder of what it is asked."""
+    asked = []
+
+    def fake_measure(root, draw=None):
+        asked.append((root, draw))
+        groups = (*toycar_shift.COLUMNS, *toycar_shift.WITHIN)
+        return {d: {g: 50.0 + len(asked) for g in groups} for d in toycar_shift.DETECTORS}, {"ToyCar 00": {}}
+
+    monkeypatch.setattr(toycar_shift, "measure", fake_measure)
+    real = tmp_path / "real"
+    monkeypatch.setattr(toycar_shift.realism, "real_tree", lambda work: real)
+    args = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--variants", "--real", "--data-seeds", "3", "4"]
+    demo = PRESETS["demo"]
+    assert toycar_shift.main(args) == 0
+    assert asked == [(real, None), (real, (demo.source_train, demo.target_train, 3)),
+                     (real, (demo.source_train, demo.target_train, 4))]
+    rows = toycar_shift.read_rows(tmp_path / "out" / "toycar_shift.json")
+    assert set(rows) == {toycar_shift.REAL_ROW, *(f"{toycar_shift.REAL_AT_DEMO_SIZE}, data seed {s}" for s in (3, 4))}
+    assert rows[f"{toycar_shift.REAL_AT_DEMO_SIZE}, data seed 4"]["data_seed"] == 4
+    assert toycar_shift.REAL_AT_DEMO_SIZE in (tmp_path / "out" / "toycar_shift.md").read_text()
+    toycar_shift.main(args)  # saved: not measured again
+    assert len(asked) == 3
+    toycar_shift.main([*args, "--redo"])
+    assert len(asked) == 6
+    monkeypatch.setattr(toycar_shift.realism, "real_tree", lambda work: None)  # the folder absent
+    toycar_shift.main([*args[:-3], "--data-seeds", "5"])
+    assert len(asked) == 6 and f"{toycar_shift.REAL_AT_DEMO_SIZE}, data seed 5" not in \
+        toycar_shift.read_rows(tmp_path / "out" / "toycar_shift.json")
