@@ -1,6 +1,6 @@
 """Node loss on a real two-node Ray cluster: a head and a second node started with `ray start` on
 this machine (tests/local_cluster.py), one pre-training worker on each (1 CPU per node, 1 per
-worker). Once the checkpoint of epoch 2 is registered, every process of the second node is
+worker). Once the checkpoint of epoch 1 is registered, every process of the second node is
 killed at once (SIGKILL, as if its machine died) and a replacement node joins. The run resumes
 from the last checkpoint, trains the configured epochs, and its losses and weights equal, bit for
 bit, those of an uninterrupted run on the same cluster.
@@ -35,8 +35,8 @@ from local_cluster import cluster_env, kill_node, start_head, start_worker_node,
 from pipelines.checkpoints import MODEL_FILE, load_meta
 
 ROOT = Path(__file__).resolve().parent.parent
-EPOCHS = 6
-KILL_AFTER_EPOCH = 2  # the second node dies once the checkpoint of this epoch is registered
+EPOCHS = 4
+KILL_AFTER_EPOCH = 1  # the second node dies once the checkpoint of this epoch is registered
 # GCS health checks of the raylets: a killed raylet refuses the check at once, so the node is
 # declared dead after failure_threshold periods (~5 s; Ray's defaults: 5 x 3 s); a live but busy
 # raylet (2 loaded cores) must miss 5 checks of 2 s in a row to be declared dead by mistake
