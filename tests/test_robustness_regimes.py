@@ -36,6 +36,8 @@ def _record(preset: SynthPreset) -> dict:
         del record["difficulty"]["tone_line_db"]
     if preset.difficulty.resonance_db == 3.0:
         del record["difficulty"]["resonance_db"]
+    if preset.difficulty.resonance_q == 2.0:
+        del record["difficulty"]["resonance_q"]
     return record
 
 

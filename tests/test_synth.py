@@ -586,6 +586,7 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
     assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
     assert "tone_line_db" not in preset_settings(_small())["difficulty"]
     assert "resonance_db" not in preset_settings(_small())["difficulty"]
+    assert "resonance_q" not in preset_settings(_small())["difficulty"]
     for wrong in ((), ("hum",)):  # planning stops on kinds a type cannot draw, naming the ones it can
         bad = _small(machines=("fan",), difficulty=dataclasses.replace(REAL_SOUND, anomaly_kinds=(("fan", wrong),)))
         with pytest.raises(ValueError, match="fan cannot draw.*blade-rub.*tone-line"):
@@ -619,6 +620,12 @@ def test_a_resonance_change_is_one_peak_of_the_gain_asked_for():
         for edge in (0.5 * fc, 1.5 * fc):
             assert ratio[np.argmin(np.abs(f - edge))] - 1 == pytest.approx((10 ** (3 / 20) - 1) / 2, rel=0.02)
     assert len({round(c) for c in centres}) == 4  # a centre per clip
+    # another quality: the same centre (the same draw), half the excess fc / 8 either side
+    y = resonance_change(Ctx(n, np.random.default_rng(0)), x, 0.5, 6.0, 8.0)
+    ratio = np.abs(np.fft.rfft(y.astype(np.float64))) / np.abs(np.fft.rfft(x.astype(np.float64)))
+    assert float(f[np.argmax(ratio)]) == pytest.approx(centres[0], abs=1.0)  # 0.5 Hz bins
+    for edge in (centres[0] * (1 - 1 / 8), centres[0] * (1 + 1 / 8)):
+        assert ratio[np.argmin(np.abs(f - edge))] - 1 == pytest.approx((10 ** (3 / 20) - 1) / 2, rel=0.02)
     clip = render_clip("fan", "00", MACHINES["fan"].spec("00").values("source")[0], anomaly="resonance",
                        strength=1.0, snr_db=6.0, rng=np.random.default_rng(0), n=SR)
     assert clip.dtype == np.float32 and np.isfinite(clip).all() and len(clip) == SR

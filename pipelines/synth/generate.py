@@ -329,7 +329,7 @@ GENERATION_RECORD = "synth.json"
 # Difficulty's (machine type, value) settings
 PER_MACHINE_TYPE = ("machine_snr_db", "machine_anomaly_gain", "anomaly_kinds")
 # Difficulty's settings added after trees were recorded: left out of a record at their default
-ADDED_LATER = ("machine_anomaly_gain", "anomaly_kinds", "tone_line_db", "resonance_db")
+ADDED_LATER = ("machine_anomaly_gain", "anomaly_kinds", "tone_line_db", "resonance_db", "resonance_q")
 
 
 def preset_settings(preset: SynthPreset) -> dict:

@@ -880,7 +880,8 @@ class Difficulty:
     ``anomaly_kinds``: (machine type, kinds) pairs: the kinds that type's anomalous clips cycle
     through instead of its own (its own or :data:`GENERIC_ANOMALIES`). ``tone_line_db``: the level
     of the generic ``tone-line`` anomaly at strength 1 against the machine's sound.
-    ``resonance_db``: the gain of the generic ``resonance`` anomaly's peak at strength 1.
+    ``resonance_db``: the gain of the generic ``resonance`` anomaly's peak at strength 1;
+    ``resonance_q``: its quality (2: an octave wide at half its excess; 8: a quarter of an octave).
     """
 
     hidden_states: int = 0
@@ -894,6 +895,7 @@ class Difficulty:
     anomaly_kinds: tuple[tuple[str, tuple[str, ...]], ...] = ()
     tone_line_db: float = -12.0
     resonance_db: float = 3.0
+    resonance_q: float = 2.0
 
     def kinds(self, machine: str) -> tuple[str, ...]:
         """The anomaly kinds ``machine``'s anomalous clips cycle through (checked when the dataset
@@ -920,14 +922,15 @@ def tone_line(c: Ctx, machine: str, section: str, rms: float, s: float, db: floa
     return unit_rms(line.astype(np.float32)) * np.float32(rms * s * 10 ** (db / 20))
 
 
-def resonance_change(c: Ctx, x: np.ndarray, s: float, db: float) -> np.ndarray:
+def resonance_change(c: Ctx, x: np.ndarray, s: float, db: float, q: float = 2.0) -> np.ndarray:
     """A changed resonance of the machine's body or its transfer path (a loose panel, a cracked
     mount, a worn bearing seat): the machine's whole sound through a peak of ``db`` x ``s`` at
-    0.5-4 kHz (log-uniform per clip, Q 2). Multiplicative, so it moves the log spectrum alike in
+    0.5-4 kHz (log-uniform per clip) of quality ``q`` (half its amplitude excess fc / q either side
+    of its centre fc). Multiplicative, so it moves the log spectrum alike in
     every operating condition and domain. Implanted in real normal toy-car clips at 3 dB the three
     detectors see it as they see the real anomalies (``benchmarks/implant.py``: kNN floor 65 / 64,
     untrained network 54 / 48, spectral kNN 74 / 62; real anomalies 61 / 62, 50 / 47, 74 / 63)."""
-    peak_op = ("peak", round(log_uniform(c.rng, 500, 4000), 1), 2.0, round(db * s, 3))
+    peak_op = ("peak", round(log_uniform(c.rng, 500, 4000), 1), float(q), round(db * s, 3))
     return sfft.irfft(sfft.rfft(x) * spectrum(c.n, (peak_op,)), c.n).astype(np.float32)
 
 
@@ -999,7 +1002,7 @@ def render_clip(machine: str, section: str, attrs: dict[str, str], *, anomaly: s
         c = Ctx(n, rng)
         x = model.sound(c, unit, attrs, None, 0.0)
         if anomaly == "resonance":
-            x = resonance_change(c, x, strength, d.resonance_db)
+            x = resonance_change(c, x, strength, d.resonance_db, d.resonance_q)
         else:
             x = x + tone_line(c, machine, section, float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))),
                               strength, d.tone_line_db)
