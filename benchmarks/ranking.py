@@ -17,8 +17,11 @@ extraction into a feature store under ``--work``.
 
 Each resample draws, in every section, the test clips of each (domain, label) group with
 replacement, as many as the group holds; the same clips for every detector (paired), so a
-difference between two detectors is measured on the same resampled test set. Official score =
-``asd.metrics.official_score`` of ``asd.metrics.section_metrics`` on the resampled clips.
+difference between two detectors is measured on the same resampled test set. Official score = the
+harmonic mean of every section's AUC(source), AUC(target) and pAUC as ``asd.metrics`` computes them,
+for all resamples at once (:func:`resampled_metrics`; tests/test_ranking.py checks it against
+``asd.metrics`` resample by resample): seconds for 1,000 resamples of 21 sections, where a loop over
+``asd.metrics.section_metrics`` took 20 minutes.
 
 A domain's AUC sets that domain's normals against the anomalies of both domains; the report also
 splits it, on the sections of the real folder's machine types, into the AUC of each pair of test
@@ -154,16 +157,69 @@ def official(sections_: list[dict], detector: str, picks: list[np.ndarray] | Non
     return 100 * M.official_score(results)
 
 
+def _order_counts(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and negative (``[B, N]`` against ``[B, P]``): how many positives score above it, and how
+    many equal it."""
+    above = (pos[:, None, :] > neg[:, :, None]).sum(-1)
+    equal = (pos[:, None, :] == neg[:, :, None]).sum(-1)
+    return above, equal
+
+
+def resampled_metrics(anomaly: np.ndarray, target: np.ndarray, rows: np.ndarray, max_fpr: float = M.MAX_FPR) -> np.ndarray:
+    """``[B, 3]``: AUC(source), AUC(target) and pAUC of each row of scores ``rows`` ``[B, n]`` (one
+    resample each, its clips' labels ``anomaly`` and ``target``), as ``asd.metrics.section_metrics``
+    computes them (NaN where it skips one), for all rows at once.
+
+    AUC: the share of (normal, anomaly) pairs the anomaly scores above, ties half (Mann-Whitney).
+    pAUC: without a normal tied to an anomaly the ROC is a staircase, and its area up to ``max_fpr``
+    is the sum over the normals, highest first, of the true positive rate above each times the
+    normal's share of the false positive range ``[j / N, (j + 1) / N]`` below ``max_fpr``; then
+    McClish's standardisation. A row with such a tie is handed to ``asd.metrics.partial_auc``."""
+    out = np.full((rows.shape[0], 3), np.nan)
+    pos = rows[:, anomaly == 1]
+    if not pos.shape[1]:
+        return out
+    for col, domain in ((0, 0), (1, 1)):
+        neg = rows[:, (anomaly == 0) & (target == domain)]
+        if neg.shape[1]:
+            above, equal = _order_counts(neg, pos)
+            out[:, col] = (above + 0.5 * equal).mean(-1) / pos.shape[1]
+    neg = rows[:, anomaly == 0]
+    if neg.shape[1]:
+        above, equal = _order_counts(neg, pos)
+        n = neg.shape[1]
+        start = np.arange(n) / n
+        width = np.clip(np.minimum(start + 1 / n, max_fpr) - start, 0, None)
+        highest_first = np.argsort(-neg, axis=1, kind="stable")
+        tpr = np.take_along_axis(above, highest_first, axis=1) / pos.shape[1]
+        area = tpr @ width
+        min_area, max_area = 0.5 * max_fpr**2, max_fpr
+        out[:, 2] = 0.5 * (1 + (area - min_area) / (max_area - min_area))
+        labels = (anomaly[anomaly == 1].tolist(), anomaly[anomaly == 0].tolist())
+        for b in np.flatnonzero(equal.any(-1)):
+            out[b, 2] = M.partial_auc(np.r_[labels[0], labels[1]], np.r_[pos[b], neg[b]], max_fpr)
+    return out
+
+
 def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed: int) -> np.ndarray:
-    """``[resamples, len(detectors)]`` official scores, every detector on the same resampled clips."""
+    """``[resamples, len(detectors)]`` official scores, every detector on the same resampled clips.
+
+    The resamples are drawn one by one (:func:`stratified_resample`, section after section), and each
+    detector's metrics computed for all of them at once (:func:`resampled_metrics`); the official
+    score is the harmonic mean of every section's defined metrics, each floored at machine epsilon."""
     rng = np.random.default_rng(seed)
-    # the saved lists as arrays once, not once per resample and detector
-    arrays = [{**s, "anomaly": np.asarray(s["anomaly"]), "target": np.asarray(s["target"]),
-               "scores": {k: np.asarray(v) for k, v in s["scores"].items()}} for s in sections_]
+    arrays = [{"anomaly": np.asarray(s["anomaly"]), "target": np.asarray(s["target"]),
+               "scores": {k: np.asarray(s["scores"][k], dtype=np.float64) for k in detectors}} for s in sections_]
+    picks = [[stratified_resample(s["anomaly"], s["target"], rng) for s in arrays] for _ in range(resamples)]
     out = np.empty((resamples, len(detectors)))
-    for b in range(resamples):
-        picks = [stratified_resample(s["anomaly"], s["target"], rng) for s in arrays]
-        out[b] = [official(arrays, k, picks) for k in detectors]
+    for i, k in enumerate(detectors):
+        values = []
+        for j, s in enumerate(arrays):
+            idx = np.stack([p[j] for p in picks])  # [resamples, n]: the groups in one order, so labels per column
+            values.append(resampled_metrics(s["anomaly"][idx[0]], s["target"][idx[0]], s["scores"][k][idx]))
+        v = np.concatenate(values, axis=1)
+        defined = ~np.isnan(v)
+        out[:, i] = 100 * defined.sum(1) / np.where(defined, 1 / np.maximum(np.nan_to_num(v, nan=1.0), M.EPS), 0).sum(1)
     return out
 
 

@@ -144,3 +144,27 @@ def test_a_tree_that_is_not_name_equals_a_dcase_tree_stops_with_one_line(tree, t
     assert stop.value.code == 2
     assert f"--tree {tree!r}: expected NAME=PATH" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_bootstrap_at_once_is_the_evaluator_on_each_resample():
+    """The batched metrics against ``official`` (sklearn's AUC and pAUC) on the very same resampled
+    clips: scores tied across labels (the pAUC's fallback), a section without target normals (its
+    AUC skipped), groups of uneven sizes."""
+    rng = np.random.default_rng(4)
+    tied = _section(rng, 8, 1.0)
+    tied["scores"]["good"] = np.round(np.asarray(tied["scores"]["good"]), 0).tolist()  # many ties
+    no_target = {**_section(rng, 6, 2.0)}
+    keep = [i for i, (a, t) in enumerate(zip(no_target["anomaly"], no_target["target"])) if a or not t]
+    no_target = {**no_target, "anomaly": [no_target["anomaly"][i] for i in keep],
+                 "target": [no_target["target"][i] for i in keep],
+                 "scores": {k: [v[i] for i in keep] for k, v in no_target["scores"].items()}}
+    uneven = _section(rng, 30, 0.3)
+    uneven = {**uneven, **{k: uneven[k][:97] for k in ("anomaly", "target")},
+              "scores": {k: v[:97] for k, v in uneven["scores"].items()}}
+    sections = [tied, no_target, uneven]
+    detectors = ["good", "noise"]
+    boot = ranking.bootstrap(sections, detectors, 60, seed=5)
+    draws = np.random.default_rng(5)
+    for b in range(60):
+        picks = [ranking.stratified_resample(np.asarray(s["anomaly"]), np.asarray(s["target"]), draws) for s in sections]
+        assert boot[b] == pytest.approx([ranking.official(sections, k, picks) for k in detectors], abs=1e-9), b
