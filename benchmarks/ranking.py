@@ -73,17 +73,19 @@ DETECTORS = ["spectral kNN, standardised", "spectral kNN", "kNN floor", "AE reci
 
 
 def section_scores(root: Path, ae_epochs: int, seed: int) -> list[dict]:
-    """Per (machine type, section): the test clips' labels, domains and every detector's scores."""
+    """Per (machine type, section): the test clips' labels, domains and every detector's scores (the
+    AE's only when ``ae_epochs`` > 0)."""
     out = []
     for metas in labelled_by_machine(root).values():
         clips = load_clips(root, metas)
-        ae = ae_scores(clips, ae_epochs, seed)
+        ae = ae_scores(clips, ae_epochs, seed) if ae_epochs > 0 else None
         for (machine, section), group in sections(clips).items():
             train, test = parts(group)
             scores = {"spectral kNN, standardised": spectral_knn(train, test, "standardised_euclidean"),
                       "spectral kNN": spectral_knn(train, test), "kNN floor": knn_floor(train, test),
-                      "AE recipe": [ae[c["meta"].path] for c in test],
                       "untrained network": untrained_network(train, test, seed)}
+            if ae is not None:
+                scores["AE recipe"] = [ae[c["meta"].path] for c in test]
             out.append({"machine": machine, "section": section,
                         "anomaly": [int(c["meta"].label == "anomaly") for c in test],
                         "target": [int(c["meta"].domain == "target") for c in test],
