@@ -197,9 +197,9 @@ def resampled_metrics(anomaly: np.ndarray, target: np.ndarray, rows: np.ndarray,
         area = tpr @ width
         min_area, max_area = 0.5 * max_fpr**2, max_fpr
         out[:, 2] = 0.5 * (1 + (area - min_area) / (max_area - min_area))
-        labels = (anomaly[anomaly == 1].tolist(), anomaly[anomaly == 0].tolist())
+        labels = np.r_[np.ones(pos.shape[1]), np.zeros(n)]
         for b in np.flatnonzero(equal.any(-1)):
-            out[b, 2] = M.partial_auc(np.r_[labels[0], labels[1]], np.r_[pos[b], neg[b]], max_fpr)
+            out[b, 2] = M.partial_auc(labels, np.r_[pos[b], neg[b]], max_fpr)
     return out
 
 
