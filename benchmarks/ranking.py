@@ -213,13 +213,12 @@ def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed:
     arrays = [{"anomaly": np.asarray(s["anomaly"]), "target": np.asarray(s["target"]),
                "scores": {k: np.asarray(s["scores"][k], dtype=np.float64) for k in detectors}} for s in sections_]
     picks = [[stratified_resample(s["anomaly"], s["target"], rng) for s in arrays] for _ in range(resamples)]
+    # per section [resamples, n]: the groups come in one order, so each column has one label
+    idx = [np.stack([p[j] for p in picks]) for j in range(len(arrays))]
     out = np.empty((resamples, len(detectors)))
     for i, k in enumerate(detectors):
-        values = []
-        for j, s in enumerate(arrays):
-            idx = np.stack([p[j] for p in picks])  # [resamples, n]: the groups in one order, so labels per column
-            values.append(resampled_metrics(s["anomaly"][idx[0]], s["target"][idx[0]], s["scores"][k][idx]))
-        v = np.concatenate(values, axis=1)
+        v = np.concatenate([resampled_metrics(s["anomaly"][ix[0]], s["target"][ix[0]], s["scores"][k][ix])
+                            for s, ix in zip(arrays, idx)], axis=1)
         defined = ~np.isnan(v)
         out[:, i] = 100 * defined.sum(1) / np.where(defined, 1 / np.maximum(np.nan_to_num(v, nan=1.0), M.EPS), 0).sum(1)
     return out
