@@ -159,14 +159,6 @@ def official(sections_: list[dict], detector: str, picks: list[np.ndarray] | Non
     return 100 * M.official_score(results)
 
 
-def _order_counts(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row and negative (``[B, N]`` against ``[B, P]``): how many positives score above it, and how
-    many equal it."""
-    above = (pos[:, None, :] > neg[:, :, None]).sum(-1)
-    equal = (pos[:, None, :] == neg[:, :, None]).sum(-1)
-    return above, equal
-
-
 def resampled_metrics(anomaly: np.ndarray, target: np.ndarray, rows: np.ndarray, max_fpr: float = M.MAX_FPR) -> np.ndarray:
     """``[B, 3]``: AUC(source), AUC(target) and pAUC of each row of scores ``rows`` ``[B, n]`` (one
     resample each, its clips' labels ``anomaly`` and ``target``), as ``asd.metrics.section_metrics``
@@ -178,28 +170,26 @@ def resampled_metrics(anomaly: np.ndarray, target: np.ndarray, rows: np.ndarray,
     normal's share of the false positive range ``[j / N, (j + 1) / N]`` below ``max_fpr``; then
     McClish's standardisation. A row with such a tie is handed to ``asd.metrics.partial_auc``."""
     out = np.full((rows.shape[0], 3), np.nan)
-    pos = rows[:, anomaly == 1]
-    if not pos.shape[1]:
+    pos, neg = rows[:, anomaly == 1], rows[:, anomaly == 0]
+    if not pos.shape[1] or not neg.shape[1]:
         return out
+    # per row and normal: how many anomalies score above it, and how many equal it
+    above = (pos[:, None, :] > neg[:, :, None]).sum(-1)
+    equal = (pos[:, None, :] == neg[:, :, None]).sum(-1)
+    wins = (above + 0.5 * equal) / pos.shape[1]
     for col, domain in ((0, 0), (1, 1)):
-        neg = rows[:, (anomaly == 0) & (target == domain)]
-        if neg.shape[1]:
-            above, equal = _order_counts(neg, pos)
-            out[:, col] = (above + 0.5 * equal).mean(-1) / pos.shape[1]
-    neg = rows[:, anomaly == 0]
-    if neg.shape[1]:
-        above, equal = _order_counts(neg, pos)
-        n = neg.shape[1]
-        start = np.arange(n) / n
-        width = np.clip(np.minimum(start + 1 / n, max_fpr) - start, 0, None)
-        highest_first = np.argsort(-neg, axis=1, kind="stable")
-        tpr = np.take_along_axis(above, highest_first, axis=1) / pos.shape[1]
-        area = tpr @ width
-        min_area, max_area = 0.5 * max_fpr**2, max_fpr
-        out[:, 2] = 0.5 * (1 + (area - min_area) / (max_area - min_area))
-        labels = np.r_[np.ones(pos.shape[1]), np.zeros(n)]
-        for b in np.flatnonzero(equal.any(-1)):
-            out[b, 2] = M.partial_auc(labels, np.r_[pos[b], neg[b]], max_fpr)
+        of_domain = target[anomaly == 0] == domain
+        if of_domain.any():
+            out[:, col] = wins[:, of_domain].mean(-1)
+    n = neg.shape[1]
+    start = np.arange(n) / n
+    width = np.clip(np.minimum(start + 1 / n, max_fpr) - start, 0, None)
+    tpr = np.take_along_axis(above, np.argsort(-neg, axis=1, kind="stable"), axis=1) / pos.shape[1]
+    min_area, max_area = 0.5 * max_fpr**2, max_fpr
+    out[:, 2] = 0.5 * (1 + (tpr @ width - min_area) / (max_area - min_area))
+    labels = np.r_[np.ones(pos.shape[1]), np.zeros(n)]
+    for b in np.flatnonzero(equal.any(-1)):
+        out[b, 2] = M.partial_auc(labels, np.r_[pos[b], neg[b]], max_fpr)
     return out
 
 
@@ -208,7 +198,7 @@ def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed:
 
     The resamples are drawn one by one (:func:`stratified_resample`, section after section), and each
     detector's metrics computed for all of them at once (:func:`resampled_metrics`); the official
-    score is the harmonic mean of every section's defined metrics, each floored at machine epsilon."""
+    score is ``asd.metrics.hmean_eps`` of every section's defined metrics."""
     rng = np.random.default_rng(seed)
     arrays = [{"anomaly": np.asarray(s["anomaly"]), "target": np.asarray(s["target"]),
                "scores": {k: np.asarray(s["scores"][k], dtype=np.float64) for k in detectors}} for s in sections_]
@@ -219,8 +209,7 @@ def bootstrap(sections_: list[dict], detectors: list[str], resamples: int, seed:
     for i, k in enumerate(detectors):
         v = np.concatenate([resampled_metrics(s["anomaly"][ix[0]], s["target"][ix[0]], s["scores"][k][ix])
                             for s, ix in zip(arrays, idx)], axis=1)
-        defined = ~np.isnan(v)
-        out[:, i] = 100 * defined.sum(1) / np.where(defined, 1 / np.maximum(np.nan_to_num(v, nan=1.0), M.EPS), 0).sum(1)
+        out[:, i] = [100 * M.hmean_eps(row[~np.isnan(row)]) for row in v]
     return out
 
 
