@@ -19,7 +19,9 @@ where the floor is not: which synthetic kinds it sees that log-Mel statistics do
 Every gain replaces the machine type's entry of the dataset's own ``machine_anomaly_gain`` (1 = the
 sound models' plain strength; default: the dataset's own gain for the type). ``--source-train`` /
 ``--test-per-group`` override the dataset's counts (default 100 / 30: enough test anomalies per kind
-to read an AUC); ``--kinds`` draws other kinds than the type's own (``Difficulty.anomaly_kinds``). Writes
+to read an AUC); ``--kinds`` draws other kinds than the dataset's (``Difficulty.anomaly_kinds``; since
+2026-12-07 every type draws the generic ``resonance`` by default, so a type's own kinds are named
+here, e.g. ``--kinds imbalance blade-rub stall bearing`` for the fan). Writes
 ``<out>/anomaly_kinds.{json,md}``; rows of other (dataset, machine, gain, data seed) keys are kept.
 """
 
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-train", type=int, default=100)
     p.add_argument("--test-per-group", type=int, default=30)
     p.add_argument("--kinds", nargs="+", default=None,
-                   help="anomaly kinds to draw instead of the type's own (its own or generic: tone-line, resonance)")
+                   help="anomaly kinds to draw instead of the dataset's (the type's own or generic: tone-line, resonance)")
     p.add_argument("--domains", nargs="+", choices=DOMAINS, default=["both"],
                    help="whose test clips: both domains' (default), or one domain's alone")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly-kinds")

@@ -1,11 +1,13 @@
-"""Trees of the ``demo`` preset whose anomalies are one generic narrow resonance, and how the detectors
-that need no training rank on them (BENCHMARKS.md, "A changed resonance as the anomaly").
+"""Trees of the ``demo`` preset whose anomalies are one generic narrow resonance of another quality or
+peak, and how the detectors that need no training rank on them (BENCHMARKS.md, "A changed resonance
+as the anomaly").
 
-Every machine type's anomaly kinds are replaced by the generic ``resonance`` kind (a peak of
-``--db`` dB at quality ``--q`` at a random centre, ``Difficulty.resonance_q`` / ``resonance_db``), at
-the sound models' plain strength (``machine_anomaly_gain`` emptied); ``--keep-valve`` keeps the
-valve's own kinds (calibrated on real valve clips). Everything else is ``demo``'s: the same normal
-clips and domains as ``demo``'s draw of that seed.
+Every machine type's anomalous clips get the generic ``resonance`` kind (a peak of ``--db`` dB at
+quality ``--q`` at a random centre, ``Difficulty.resonance_q`` / ``resonance_db``); ``--keep-valve``
+gives the valve its own kinds (calibrated on real valve clips) instead. Everything else is
+``demo``'s: the same normal clips and domains as ``demo``'s draw of that seed. Since 2026-12-07 the
+resonance at Q 16, 6 dB is the generator's default (``REAL_SOUND``), so that tree is ``demo`` itself;
+before, each type drew its own kinds (this script emptied the per-type gains they had then).
 
     .venv/bin/python benchmarks/resonance_trees.py --data-seeds 1 --q 8 16 --db 6
 
@@ -40,11 +42,11 @@ FAST = ["spectral kNN, standardised", "spectral kNN", "kNN floor", "untrained ne
 
 
 def resonance_preset(q: float, db: float, keep_valve: bool):
-    """``demo`` with every type's anomaly kinds (the valve's too unless ``keep_valve``) replaced by
-    the generic resonance of quality ``q`` and ``db`` dB, at gain 1 for every type."""
+    """``demo`` with every type's anomalies (the valve's too unless ``keep_valve``) the generic
+    resonance of quality ``q`` and ``db`` dB."""
     demo = PRESETS["demo"]
     replaced = tuple(m for m in MACHINE_TYPES if not (keep_valve and m == "valve"))
-    difficulty = replace(demo.difficulty, machine_anomaly_gain=(), resonance_q=q, resonance_db=db,
+    difficulty = replace(demo.difficulty, resonance_q=q, resonance_db=db,
                          anomaly_kinds=tuple((m, ("resonance",)) for m in replaced))
     return replace(demo, difficulty=difficulty)
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines.synth.generate import PRESETS, plan_dataset
-from pipelines.synth.machines import MACHINE_TYPES
+from pipelines.synth.machines import MACHINE_TYPES, MACHINES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import resonance_trees  # noqa: E402  (benchmarks/ is not a package)
@@ -28,17 +28,16 @@ def test_every_anomaly_is_the_generic_resonance_and_nothing_else_changes():
     demo = PRESETS["demo"]
     preset = resonance_trees.resonance_preset(16, 6, keep_valve=False)
     assert _anomaly_kinds(preset) == {m: {"resonance"} for m in demo.machines}
-    d = preset.difficulty
-    assert (d.resonance_q, d.resonance_db, d.machine_anomaly_gain) == (16, 6, ())
-    assert replace(d, anomaly_kinds=demo.difficulty.anomaly_kinds, resonance_q=demo.difficulty.resonance_q,
-                   resonance_db=demo.difficulty.resonance_db,
-                   machine_anomaly_gain=demo.difficulty.machine_anomaly_gain) == demo.difficulty
-    assert replace(preset, difficulty=demo.difficulty) == demo
+    assert preset == demo  # the default since 2026-12-07: `demo` is the Q 16, 6 dB tree
+    other = resonance_trees.resonance_preset(8, 3, keep_valve=False)
+    assert _anomaly_kinds(other) == {m: {"resonance"} for m in demo.machines}
+    assert (other.difficulty.resonance_q, other.difficulty.resonance_db) == (8, 3)
+    assert replace(other.difficulty, resonance_q=16, resonance_db=6) == demo.difficulty
+    assert replace(other, difficulty=demo.difficulty) == demo
 
 
 def test_the_valve_keeps_its_own_kinds_when_asked():
     kept = _anomaly_kinds(resonance_trees.resonance_preset(8, 3, keep_valve=True))
-    demo = _anomaly_kinds(PRESETS["demo"])
-    assert kept["valve"] == demo["valve"] and "resonance" not in demo["valve"]
+    assert kept["valve"] == set(MACHINES["valve"].anomalies) and "resonance" not in kept["valve"]
     assert all(kept[m] == {"resonance"} for m in MACHINE_TYPES if m != "valve")
     assert resonance_trees.tree_name(1, 16, 6, True) == "demo-seed-1-q16-db6-valve-own"

@@ -525,7 +525,9 @@ def test_a_record_holds_only_the_datasets_own_machine_types():
         REAL_SOUND, machine_anomaly_gain=(("fan", 0.3),))))["difficulty"]
     assert preset_settings(_small(difficulty=gained))["difficulty"]["machine_anomaly_gain"] == [["valve", 0.5]]
     for gains, offset in (((), -5.0), ((("valve", 0.5),), 0.0)):  # a preset whose settings are all its own types'
-        preset = _small(target_snr_offset_db=offset, difficulty=dataclasses.replace(REAL_SOUND, machine_anomaly_gain=gains))
+        own_kinds = (("valve", ("resonance",)),)
+        preset = _small(target_snr_offset_db=offset, difficulty=dataclasses.replace(
+            REAL_SOUND, machine_anomaly_gain=gains, anomaly_kinds=own_kinds))
         assert preset_from_settings(json.loads(json.dumps(preset_settings(preset)))) == preset
 
 
@@ -583,10 +585,11 @@ def test_anomaly_kinds_replace_one_types_kinds_and_reach_the_record():
     back = preset_from_settings(json.loads(json.dumps(preset_settings(preset))))
     assert back.difficulty.anomaly_kinds == (("fan", ("tone-line",)),)
     assert preset_settings(back) == preset_settings(preset)
-    assert "anomaly_kinds" not in preset_settings(_small())["difficulty"]  # at the default: as before it existed
-    assert "tone_line_db" not in preset_settings(_small())["difficulty"]
-    assert "resonance_db" not in preset_settings(_small())["difficulty"]
-    assert "resonance_q" not in preset_settings(_small())["difficulty"]
+    plain = preset_settings(_small(difficulty=Difficulty()))["difficulty"]
+    for key in ("anomaly_kinds", "tone_line_db", "resonance_db", "resonance_q"):
+        assert key not in plain  # at Difficulty's defaults: as before the setting existed
+    default = preset_settings(_small())["difficulty"]  # the real-sound default: the valve's one resonance
+    assert (default["anomaly_kinds"], default["resonance_q"], default["resonance_db"]) == ([["valve", ["resonance"]]], 16, 6)
     for wrong in ((), ("hum",)):  # planning stops on kinds a type cannot draw, naming the ones it can
         bad = _small(machines=("fan",), difficulty=dataclasses.replace(REAL_SOUND, anomaly_kinds=(("fan", wrong),)))
         with pytest.raises(ValueError, match="fan cannot draw.*blade-rub.*tone-line"):

@@ -45,7 +45,9 @@ def register(subparsers) -> None:
                         f"(default {DEFAULT_SNR_DB[0]:g} {DEFAULT_SNR_DB[1]:g}; a drop: the tree's own)")
     g.add_argument("--easy", action="store_true",
                    help="without the real-sound factors (hidden operating states, time-limited anomalies, background "
-                        "events; docs/synthetic-data.md, 'Difficulty'): the generator before it was calibrated")
+                        "events, the valve under its background, the changed resonance as every type's anomaly "
+                        "instead of its own kinds; docs/synthetic-data.md, 'Difficulty'): the generator before "
+                        "it was calibrated")
     d = p.add_argument_group("data drop (adds clips to an existing dev_data tree instead of generating)")
     d.add_argument("--drop", choices=DROP_KINDS,
                    help="target: more target train clips per section; attribute: a new target attribute value "
