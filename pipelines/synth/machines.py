@@ -908,7 +908,8 @@ class Difficulty:
         return kinds
 
 
-# kinds any machine type can be given (``Difficulty.anomaly_kinds``); none is drawn by default
+# kinds any machine type can be given (``Difficulty.anomaly_kinds``); ``Difficulty()`` draws none, the
+# real-sound default (``generate.REAL_SOUND``) ``resonance`` for every type
 GENERIC_ANOMALIES = ("tone-line", "resonance")
 
 
