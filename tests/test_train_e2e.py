@@ -99,8 +99,8 @@ class FailOnce:
 
 
 def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, tmp_path):
-    """A worker fails at epoch 2 of a 4-epoch run; the restarted group resumes from the epoch-1
-    checkpoint, and every epoch's loss equals the uninterrupted run's (same seed and schedule):
+    """A worker fails at epoch 2 of a 4-epoch run; the restarted group resumes from the last
+    checkpoint registered (epoch 1's, or 0's if epoch 1's report was not yet), and every epoch's loss equals the uninterrupted run's (same seed and schedule):
     the weights, optimizer, scheduler and random streams all came back, and two runs of one
     config train the same model."""
     from pipelines.detectors.prototype import run_training
@@ -113,10 +113,15 @@ def test_worker_failure_resumes_from_checkpoint_exactly(tiny_store, pretrained, 
                        callbacks=[FailOnce(epoch=2, rank=1, marker=str(marker))])
     assert marker.is_file(), "the injected failure did not happen"
     hist = _history(out)
-    # the restarted worker group resumed at epoch 2 (checkpoint of epoch 1), not at 0
+    # the restarted worker group resumed from the last checkpoint registered before the failure:
+    # epoch 1's (resuming at 2), or epoch 0's when the controller saw the failure before it had
+    # registered epoch 1's report (a race on 2 loaded cores, seen in CI); never from scratch
     after = hist[hist["resumed_from_epoch"] >= 0]
-    assert not after.empty and set(after["resumed_from_epoch"]) == {2}
-    assert after["epoch"].tolist() == [2, 3]
+    assert not after.empty, hist
+    start = int(after["epoch"].iloc[0])
+    assert start in (1, 2) and set(after["resumed_from_epoch"]) == {start}, hist
+    assert after["epoch"].tolist() == list(range(start, 4))
+    assert hist["epoch"].tolist() == list(range(4)) and (hist["resumed_from_epoch"].iloc[:start] == -1).all(), hist
     _, meta = load_model(out)
     assert meta["epochs"] == cfg.pretrain.epochs
     uninterrupted = _history(pretrained)["loss"].iloc[:4].tolist()
